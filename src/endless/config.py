@@ -1,0 +1,257 @@
+"""Attention policies: frozen, validated configurations and their one compact spec syntax.
+
+Every policy is named the same way in the Python API, the CLI, JSON results and plots:
+
+    dense                  keep every key/value (the reference; degrades past the trained context)
+    window:W               the query and the W tokens before it (PAPERS.md section 1)
+    recompute:W            re-run the model on the last W tokens + the new one, for every token
+    sinks:S+W              StreamingLLM: the first S tokens + the W before the query (section 2)
+    sinks:S+W,sink=#ID     ... with the sinks' content replaced by S copies of token ID
+    bswa:BxM               block sliding window: own block (causal) + M previous blocks
+
+Positions (PAPERS.md section 2): ``window``, ``sinks`` and ``bswa`` count positions inside the
+cache. For ``sinks:4+1020`` the 1024 cached tokens sit at positions 0..1023 and the new token at
+1024, forever. With RoPE only position differences matter, so a window key keeps its true
+distance to the query and only the sinks' distances are re-counted; ``window:W`` therefore has
+the same scores under the cache scheme and under absolute positions (its ``positions`` field
+names the scheme). No policy remembers an evicted token: that is what TransformerFAM is for.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Union
+
+import torch
+
+from endless import masks
+from endless.errors import EndlessError
+
+SPEC_HELP = (
+    "valid policies: dense | window:W | recompute:W | sinks:S+W[,sink=#TOKEN_ID] | bswa:BxM "
+    "(e.g. sinks:4+1020, window:1024, bswa:64x3)"
+)
+
+
+@dataclass(frozen=True)
+class Dense:
+    """Keep everything. Memory grows with the stream: the reference, not a streaming policy."""
+
+    kind = "dense"
+    n_sinks = 0
+
+    @property
+    def spec(self) -> str:
+        return "dense"
+
+    def mask(self) -> masks.MaskFn:
+        return masks.causal
+
+    def ring_size(self, chunk: int) -> int | None:
+        return None  # unbounded
+
+    def span(self) -> int | None:
+        """Largest number of keys one query attends to (None: unbounded)."""
+        return None
+
+
+@dataclass(frozen=True)
+class Window:
+    """Window attention: the query and the ``window`` tokens before it; the oldest is evicted."""
+
+    window: int
+    positions: str = "cache"
+    kind = "window"
+    n_sinks = 0
+
+    def __post_init__(self) -> None:
+        _positive("window", self.window)
+        if self.positions != "cache":
+            raise EndlessError(f"window positions must be 'cache', got {self.positions!r}")
+
+    @property
+    def spec(self) -> str:
+        return f"window:{self.window}"
+
+    def mask(self) -> masks.MaskFn:
+        return masks.all_of(masks.causal, masks.recent(self.window))
+
+    def ring_size(self, chunk: int) -> int:
+        return self.window + chunk
+
+    def span(self) -> int:
+        return self.window + 1
+
+
+@dataclass(frozen=True)
+class Recompute:
+    """Sliding window with re-computation: every token re-runs the model on its last ``window``
+    tokens at positions 0..window (PAPERS.md section 1). O(window^2) per token, by design."""
+
+    window: int
+    kind = "recompute"
+    n_sinks = 0
+
+    def __post_init__(self) -> None:
+        _positive("window", self.window)
+
+    @property
+    def spec(self) -> str:
+        return f"recompute:{self.window}"
+
+    def span(self) -> int:
+        return self.window + 1
+
+
+@dataclass(frozen=True)
+class Sinks:
+    """StreamingLLM (PAPERS.md section 2): the first ``sinks`` tokens plus the ``window`` tokens
+    before the query, positions counted inside the cache.
+
+    With ``sink_token`` set, the sinks are S copies of that token placed before the stream (the
+    paper's 4"\\n"+1020 experiment): the stream's own first tokens then go through the window
+    like any other and are evicted.
+    """
+
+    sinks: int
+    window: int
+    sink_token: int | None = None
+    kind = "sinks"
+
+    def __post_init__(self) -> None:
+        if self.sinks < 0:
+            raise EndlessError(f"sinks must be >= 0, got {self.sinks}")
+        _positive("window", self.window)
+        if self.sinks >= self.window:
+            raise EndlessError(f"sinks ({self.sinks}) must be smaller than the window ({self.window})")
+        if self.sink_token is not None and self.sink_token < 0:
+            raise EndlessError(f"sink token id must be >= 0, got {self.sink_token}")
+
+    @property
+    def n_sinks(self) -> int:
+        return self.sinks
+
+    @property
+    def spec(self) -> str:
+        tail = f",sink=#{self.sink_token}" if self.sink_token is not None else ""
+        return f"sinks:{self.sinks}+{self.window}{tail}"
+
+    def mask(self) -> masks.MaskFn:
+        return masks.all_of(masks.causal, masks.any_of(masks.first(self.sinks), masks.recent(self.window)))
+
+    def ring_size(self, chunk: int) -> int:
+        return self.window + chunk
+
+    def span(self) -> int:
+        return self.sinks + self.window + 1
+
+    def sink_query_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """In-cache position of each query as seen by the sinks: it never exceeds S+W."""
+        return positions.clamp(max=self.sinks + self.window)
+
+
+@dataclass(frozen=True)
+class BSWA:
+    """Block Sliding Window Attention (PAPERS.md section 1): blocks of ``block`` tokens; a query
+    sees its own block causally and the ``memory`` previous blocks fully."""
+
+    block: int
+    memory: int
+    kind = "bswa"
+    n_sinks = 0
+
+    def __post_init__(self) -> None:
+        _positive("block", self.block)
+        if self.memory < 0:
+            raise EndlessError(f"memory blocks must be >= 0, got {self.memory}")
+
+    @property
+    def spec(self) -> str:
+        return f"bswa:{self.block}x{self.memory}"
+
+    def mask(self) -> masks.MaskFn:
+        return masks.all_of(masks.causal, masks.block_window(self.block, self.memory))
+
+    def ring_size(self, chunk: int) -> int:
+        return (self.memory + 1) * self.block + chunk
+
+    def span(self) -> int:
+        return (self.memory + 1) * self.block
+
+
+Policy = Union[Dense, Window, Recompute, Sinks, BSWA]
+
+
+def _positive(name: str, value: int) -> None:
+    if value < 1:
+        raise EndlessError(f"{name} must be >= 1, got {value}")
+
+
+def _parse_window(args: str, kind: str) -> Policy:
+    if "+" in args:
+        raise EndlessError(f"{kind} has no sinks: use sinks:S+W for attention sinks ({SPEC_HELP})")
+    return (Window if kind == "window" else Recompute)(int(args))
+
+
+def _parse_sinks(args: str, kind: str) -> Policy:
+    head, _, opts = args.partition(",")
+    m = re.fullmatch(r"(\d+)\+(\d+)", head)
+    if not m:
+        raise ValueError(head)
+    token = None
+    if opts:
+        key, _, value = opts.partition("=")
+        if key != "sink" or not re.fullmatch(r"#\d+", value):
+            raise EndlessError(f"unknown sinks option {opts!r}; the only one is sink=#TOKEN_ID")
+        token = int(value[1:])
+    return Sinks(int(m.group(1)), int(m.group(2)), sink_token=token)
+
+
+def _parse_bswa(args: str, kind: str) -> Policy:
+    m = re.fullmatch(r"(\d+)x(\d+)", args)
+    if not m:
+        raise ValueError(args)
+    return BSWA(int(m.group(1)), int(m.group(2)))
+
+
+_PARSERS: dict[str, Callable[[str, str], Policy]] = {
+    "window": _parse_window,
+    "recompute": _parse_window,
+    "sinks": _parse_sinks,
+    "bswa": _parse_bswa,
+}
+
+
+def register(kind: str, parser: Callable[[str, str], Policy]) -> None:
+    """Add a policy kind to the spec syntax (used by the FAM package)."""
+    _PARSERS[kind] = parser
+
+
+def parse_policy(spec: "str | Policy") -> Policy:
+    """Parse a spec such as ``sinks:4+1020``; a policy object is returned unchanged."""
+    if not isinstance(spec, str):
+        return spec
+    text = spec.strip()
+    if text == "dense":
+        return Dense()
+    kind, sep, args = text.partition(":")
+    if kind not in _PARSERS or not sep:
+        raise EndlessError(f"unknown policy {spec!r}; {SPEC_HELP}")
+    try:
+        return _PARSERS[kind](args, kind)
+    except ValueError:
+        raise EndlessError(f"cannot parse policy {spec!r}; {SPEC_HELP}") from None
+
+
+def check_fits(policy: Policy, trained_context: int) -> None:
+    """Refuse windows the model was never trained for (positions beyond its context)."""
+    span = policy.span()
+    if span is not None and span > trained_context:
+        raise EndlessError(
+            f"policy {policy.spec} attends to {span} positions but the model was trained on "
+            f"{trained_context}; choose a smaller window"
+        )
+
+
+__all__ = ["Dense", "Window", "Recompute", "Sinks", "BSWA", "Policy", "parse_policy", "check_fits", "SPEC_HELP"]

@@ -1,0 +1,140 @@
+"""Our one forward path over Llama-family weights (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM).
+
+Contract (DESIGN.md section 2): the weights and the per-layer modules are the ones transformers
+loaded (norms, projections, MLP, embeddings, LM head), so LoRA adapters from peft apply to this
+path unchanged; what is ours is everything between the projections: RoPE with float64 angles
+(``endless.rope``), GQA attention, and where the keys/values live (an ``Attention`` backend, one
+per policy). With the dense backend the logits equal ``hf_model(ids).logits`` (float32, max abs
+diff <= 1e-4) -- ``endless verify`` and tests/test_model.py check it per family.
+
+A backend is any object with ``attend(layer, q, k, v) -> out`` taking un-rotated ``q`` (B, H, C, D)
+and ``k, v`` (B, KV, C, D) for the C new tokens, and returning (B, H, C, D). Layer 0 is called
+first, then 1, ...; the backend knows the new tokens' positions (it was told before the call).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from endless.rope import Rope
+
+
+class Attention(Protocol):
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Sizes of a model that the runtime needs."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    hidden: int
+    vocab: int
+    context: int  # trained context length (max_position_embeddings)
+
+
+class Transformer:
+    """A Llama-family causal LM seen as embed -> layers (qkv, attention, rest) -> logits."""
+
+    def __init__(self, hf_model: torch.nn.Module) -> None:
+        from endless.models import check_supported, model_identity
+
+        check_supported(hf_model.config)
+        cfg = hf_model.config
+        self.hf = hf_model
+        base = hf_model.model
+        self.embed_tokens = base.embed_tokens
+        self.layers = list(base.layers)
+        self.norm = base.norm
+        self.lm_head = hf_model.lm_head
+        self.rope = Rope.from_hf(hf_model)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.dims = Dims(
+            n_layers=cfg.num_hidden_layers,
+            n_heads=cfg.num_attention_heads,
+            n_kv_heads=cfg.num_key_value_heads,
+            head_dim=head_dim,
+            hidden=cfg.hidden_size,
+            vocab=cfg.vocab_size,
+            context=cfg.max_position_embeddings,
+        )
+        self.scale = head_dim**-0.5
+        self.identity = model_identity(hf_model)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    # -- the pieces of one layer, shared by every policy and by FAM ---------------------------
+
+    def qkv(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Pre-norm and project hidden states (B, C, d) to un-rotated q (B, H, C, D), k, v (B, KV, C, D)."""
+        layer = self.layers[i]
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        b, c, _ = h.shape
+        d = self.dims.head_dim
+        q = attn.q_proj(h).view(b, c, -1, d)
+        k = attn.k_proj(h).view(b, c, -1, d)
+        v = attn.v_proj(h).view(b, c, -1, d)
+        if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm per head before RoPE
+            q = attn.q_norm(q)
+            k = attn.k_norm(k)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def finish(self, i: int, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """Output projection, residual, post-norm MLP, residual. attn_out is (B, H, C, D)."""
+        layer = self.layers[i]
+        b, _, c, _ = attn_out.shape
+        o = attn_out.transpose(1, 2).reshape(b, c, -1)
+        x = x + layer.self_attn.o_proj(o)
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(x))
+
+    def forward(self, ids: torch.Tensor, backend: Attention, *, last_only: bool = False) -> torch.Tensor:
+        """Run ids (B, C) through every layer with ``backend`` holding the keys/values.
+
+        Returns logits (B, C, V), or (B, 1, V) with ``last_only`` (what decoding needs; the LM
+        head over a 49k vocabulary is as costly as several layers).
+        """
+        x = self.embed_tokens(ids)
+        for i in range(self.dims.n_layers):
+            q, k, v = self.qkv(i, x)
+            x = self.finish(i, x, backend.attend(i, q, k, v))
+        if last_only:
+            x = x[:, -1:]
+        return self.logits(x)
+
+
+def gqa_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Scores of q (B, H, C, D) against k (B, KV, N, D) without repeating k: (B, KV, G, C, N)."""
+    b, h, c, d = q.shape
+    kv = k.shape[1]
+    g = h // kv
+    s = torch.matmul(q.reshape(b, kv, g * c, d), k.transpose(-1, -2))  # (B, KV, G*C, N)
+    return s.view(b, kv, g, c, k.shape[2])
+
+
+def gqa_mix(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Weights p (B, KV, G, C, N) times v (B, KV, N, D) -> (B, H, C, D)."""
+    b, kv, g, c, n = p.shape
+    out = torch.matmul(p.reshape(b, kv, g * c, n), v)  # (B, KV, G*C, D)
+    return out.view(b, kv * g, c, v.shape[-1])
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Softmax over the last axis in float32 where ``mask`` (broadcastable) is True."""
+    scores = scores.float().masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1).to(dtype)

@@ -1,0 +1,50 @@
+"""Rotary position embedding (RoPE) with exact angles.
+
+Contract (PAPERS.md section 2, "positions counted inside the cache"):
+
+- Angles are computed in float64 from int64 positions and only then cast to the compute dtype.
+  float32 angles at position ~10^6 are off by ~0.06 rad; float64 ones by ~1e-10 rad, so the
+  attention scores at token 1,000,000 are as exact as at token 1,000. No angle is ever formed
+  from a float32 position.
+- Keys are rotated once, when they enter a cache, at their absolute index. RoPE scores depend
+  only on ``query_pos - key_pos``, so the sinks policy never re-rotates a cached key: it rotates
+  the *query* a second time, at its in-cache position, for the few sink columns (see
+  ``endless.policies.ring``). That is O(heads x dim) per token instead of O(cache).
+- The inverse frequencies (including Llama-3 / YaRN style scaling) and the attention scaling are
+  taken from the transformers model itself, so every rope type it precomputes is supported.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class Rope:
+    """Cos/sin tables for arbitrary integer positions, computed in float64."""
+
+    def __init__(self, inv_freq: torch.Tensor, attention_scaling: float = 1.0) -> None:
+        self.inv_freq = inv_freq.detach().to(torch.float64).cpu()  # (D/2,)
+        self.attention_scaling = float(attention_scaling)
+        self.head_dim = 2 * self.inv_freq.numel()
+
+    @classmethod
+    def from_hf(cls, hf_model: torch.nn.Module) -> "Rope":
+        """Read inv_freq and attention scaling from a transformers model's rotary module."""
+        rotary = hf_model.model.rotary_emb
+        return cls(rotary.inv_freq, getattr(rotary, "attention_scaling", 1.0))
+
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape (len(positions), D) for int64 ``positions``."""
+        angles = positions.to(torch.float64)[:, None] * self.inv_freq[None, :]  # (C, D/2)
+        angles = torch.cat((angles, angles), dim=-1)  # (C, D), the rotate_half layout
+        cos = (angles.cos() * self.attention_scaling).to(dtype)
+        sin = (angles.sin() * self.attention_scaling).to(dtype)
+        return cos, sin
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Apply RoPE to ``x`` (..., C, D) with tables (C, D) in the rotate_half convention."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos + rotated * sin

@@ -1,0 +1,110 @@
+"""Saving and restoring a stream's state: atomic, checksummed, refusing mismatches.
+
+Format: one safetensors file. Tensors: the policy state (KV buffers and slot indices, or token
+history for recompute) and the last logits. Metadata (strings): format version, policy spec,
+model identity, position, batch, chunk, and a sha256 over every tensor's bytes in name order.
+
+Atomic: written to a temporary file in the same folder, fsync'ed, then renamed over the target,
+so a crash leaves either the old file or the new one, never half of one. Verified on load: a
+truncated, corrupt or tampered file, another model, or another policy is an ``EndlessError``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from endless.config import parse_policy
+from endless.errors import EndlessError
+
+FORMAT = "endless-stream/1"
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then move the finished file over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_stream(stream, path: Path) -> None:
+    tensors = {f"state.{k}": v.detach().cpu().contiguous() for k, v in stream.state.state_tensors().items()}
+    if stream.last_logits is not None:
+        tensors["last_logits"] = stream.last_logits.contiguous()
+    meta = {
+        "format": FORMAT,
+        "policy": stream.policy.spec,
+        "model": stream.model.identity,
+        "t": str(stream.state.t),
+        "fed": str(stream.fed),
+        "batch": str(stream.batch),
+        "chunk": str(stream.chunk),
+        "sha256": _digest(tensors),
+    }
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load and verify a state file (format, checksum); raises EndlessError on any damage."""
+    if not path.is_file():
+        raise EndlessError(f"no saved stream at {path}")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors reports truncation/corruption in several ways
+        raise EndlessError(f"{path} is not a readable stream state ({type(e).__name__}: {str(e)[:80]})") from None
+    if meta.get("format") != FORMAT:
+        raise EndlessError(f"{path} is not an endless stream state (format {meta.get('format')!r})")
+    if _digest(tensors) != meta.get("sha256"):
+        raise EndlessError(f"{path} is corrupt: checksum mismatch")
+    return tensors, meta
+
+
+def load_stream(cls, path: Path, model, policy):
+    tensors, meta = read_state(path)
+    if meta["model"] != model.identity:
+        raise EndlessError(
+            f"{path} was saved with another model ({meta['model'][:40]}...), not {model.identity[:40]}..."
+        )
+    saved = parse_policy(meta["policy"])
+    if policy is not None and parse_policy(policy) != saved:
+        raise EndlessError(f"{path} holds a {saved.spec} stream, not {parse_policy(policy).spec}")
+    stream = cls(model, saved, batch=int(meta["batch"]), chunk=int(meta["chunk"]), check_context=False)
+    state = {k.removeprefix("state."): v for k, v in tensors.items() if k.startswith("state.")}
+    try:
+        stream.state.load_tensors(state, int(meta["t"]))
+    except (KeyError, ValueError) as e:
+        raise EndlessError(f"{path} does not match its recorded policy: {e}") from None
+    stream.last_logits = tensors.get("last_logits")
+    stream.fed = int(meta["fed"])
+    return stream
+
+
+__all__ = ["save_stream", "load_stream", "read_state", "atomic_write"]

@@ -1,0 +1,148 @@
+"""``Stream``: a language model reading an endless input under one attention policy.
+
+Contract (issue "streaming engine"):
+
+- ``feed(ids)`` takes any number of tokens (a prompt far longer than the window included), runs
+  them in chunks of at most ``chunk`` tokens, and returns each token's log-probability given
+  everything before it under the policy. Chunked processing is exact: the numbers equal
+  feeding the same tokens one at a time (tests/test_stream.py).
+- ``generate()`` decodes token by token from the current state.
+- Several independent streams advance together with ``batch > 1`` (ids of shape (B, C)).
+- Memory is constant for every policy but ``dense``: buffers are allocated at construction.
+- ``save(path)`` / ``Stream.load(path, model)`` round-trip the whole state (see
+  ``endless.state_io``): resuming gives exactly the log-probs of an uninterrupted stream.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from endless.config import Policy, Sinks, check_fits, parse_policy
+from endless.model import Transformer
+from endless.policies import make_state
+
+log = logging.getLogger(__name__)
+
+
+def as_transformer(model) -> Transformer:
+    return model if isinstance(model, Transformer) else Transformer(model)
+
+
+class Stream:
+    """Streaming state of ``batch`` sequences under ``policy`` over one model."""
+
+    def __init__(
+        self,
+        model,
+        policy: "Policy | str" = "sinks:4+1020",
+        *,
+        batch: int = 1,
+        chunk: int = 128,
+        check_context: bool = True,
+    ) -> None:
+        self.model = as_transformer(model)
+        self.policy = parse_policy(policy)
+        if check_context:
+            check_fits(self.policy, self.model.dims.context)
+        if chunk < 1:
+            raise ValueError("chunk must be >= 1")
+        self.batch = batch
+        self.chunk = chunk
+        self.state = make_state(self.model, self.policy, batch=batch, chunk=chunk)
+        self.last_logits: torch.Tensor | None = None  # (B, V) float32, after the last token fed
+        self.fed = 0  # tokens fed by the user (the sink-token prefix excluded)
+
+    @property
+    def position(self) -> int:
+        """Number of tokens this stream has read."""
+        return self.fed
+
+    def _prefix(self) -> None:
+        """For ``sinks:S+W,sink=#ID``: the S sink copies go in before the first real token."""
+        if isinstance(self.policy, Sinks) and self.policy.sink_token is not None and self.state.t == 0:
+            ids = torch.full((self.batch, self.policy.sinks), self.policy.sink_token, dtype=torch.long)
+            self._run(ids, logprobs=False)
+
+    def _as_ids(self, ids) -> torch.Tensor:
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        if ids.dim() == 1:
+            ids = ids[None, :]
+        if ids.dim() != 2 or ids.shape[0] != self.batch:
+            raise ValueError(f"expected ids of shape ({self.batch}, C), got {tuple(ids.shape)}")
+        return ids.to(self.model.device)
+
+    @torch.inference_mode()
+    def _run(self, ids: torch.Tensor, *, logprobs: bool) -> torch.Tensor | None:
+        out = [] if logprobs else None
+        for lo in range(0, ids.shape[1], self.chunk):
+            part = ids[:, lo : lo + self.chunk]
+            logits = self.state.forward(part, last_only=not logprobs).float()
+            if logprobs:
+                lp = torch.log_softmax(logits, dim=-1)  # (B, C, V)
+                prev = torch.full((self.batch, 1), float("nan"))
+                if self.last_logits is not None:
+                    prev = torch.log_softmax(self.last_logits, dim=-1).gather(1, part[:, :1])
+                inner = lp[:, :-1].gather(2, part[:, 1:, None])[..., 0]  # token c given <= c-1
+                out.append(torch.cat([prev, inner], dim=1))
+            self.last_logits = logits[:, -1]
+        return torch.cat(out, dim=1) if logprobs else None
+
+    def feed(self, ids, *, logprobs: bool = True) -> torch.Tensor | None:
+        """Read ``ids`` ((C,) or (B, C)). Returns (B, C) float32 log-probs of each token given
+        the stream before it (NaN for the very first token of a stream), or None with
+        ``logprobs=False`` (faster: the LM head runs on the last position only)."""
+        ids = self._as_ids(ids)
+        if ids.shape[1] == 0:
+            raise ValueError("nothing to feed: empty token sequence")
+        self._prefix()
+        out = self._run(ids, logprobs=logprobs)
+        self.fed += ids.shape[1]
+        return out
+
+    def next_token(self, *, temperature: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Pick the next token of every stream (B,): greedy, or sampled at ``temperature``."""
+        if self.last_logits is None:
+            raise ValueError("feed a prompt before generating")
+        if temperature <= 0:
+            return self.last_logits.argmax(dim=-1)
+        probs = torch.softmax(self.last_logits / temperature, dim=-1)
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+    def generate(
+        self,
+        max_new_tokens: int,
+        *,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        stop: Sequence[int] = (),
+    ) -> Iterator[int]:
+        """Decode up to ``max_new_tokens`` tokens of a single stream, yielding each token id as
+        soon as it is chosen (and fed back). Stops after yielding a token in ``stop``."""
+        if self.batch != 1:
+            raise ValueError("generate() drives one stream; use next_token() and feed() for batches")
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        for _ in range(max_new_tokens):
+            tok = self.next_token(temperature=temperature, generator=gen)
+            self.feed(tok[:, None], logprobs=False)
+            yield int(tok[0])
+            if int(tok[0]) in stop:
+                return
+
+    # -- persistence --------------------------------------------------------------------------
+
+    def save(self, path: "str | Path") -> None:
+        """Write the whole state atomically, with a checksum, model identity and policy."""
+        from endless.state_io import save_stream
+
+        save_stream(self, Path(path))
+
+    @classmethod
+    def load(cls, path: "str | Path", model, *, policy: "Policy | str | None" = None) -> "Stream":
+        """Restore a saved stream onto ``model``; refuses a different model or policy."""
+        from endless.state_io import load_stream
+
+        return load_stream(cls, Path(path), as_transformer(model), policy)
