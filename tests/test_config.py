@@ -1,0 +1,47 @@
+"""Policy specs parse, round-trip and refuse bad input with one clear message."""
+
+import pytest
+
+from endless.config import BSWA, Dense, Recompute, Sinks, Window, check_fits, parse_policy
+from endless.errors import EndlessError
+
+
+@pytest.mark.parametrize(
+    "spec,obj",
+    [
+        ("dense", Dense()),
+        ("window:1024", Window(1024)),
+        ("recompute:256", Recompute(256)),
+        ("sinks:4+1020", Sinks(4, 1020)),
+        ("sinks:4+1020,sink=#198", Sinks(4, 1020, sink_token=198)),
+        ("bswa:64x3", BSWA(64, 3)),
+    ],
+)
+def test_parse_and_round_trip(spec, obj):
+    assert parse_policy(spec) == obj
+    assert parse_policy(spec).spec == spec
+
+
+@pytest.mark.parametrize(
+    "spec,words",
+    [
+        ("sinks:1020+4", "smaller than the window"),
+        ("sinks:4+4", "smaller than the window"),
+        ("window:0", ">= 1"),
+        ("window:4+1020", "has no sinks"),
+        ("recompute:4+1020", "has no sinks"),
+        ("sinks:4", "cannot parse"),
+        ("fancy:3", "valid policies"),
+        ("sinks:4+100,foo=1", "unknown sinks option"),
+    ],
+)
+def test_bad_specs(spec, words):
+    with pytest.raises(EndlessError, match=words):
+        parse_policy(spec)
+
+
+def test_window_larger_than_trained_context_is_refused():
+    with pytest.raises(EndlessError, match="trained on 8192"):
+        check_fits(parse_policy("sinks:4+9000"), 8192)
+    check_fits(parse_policy("sinks:4+1020"), 8192)
+    check_fits(Dense(), 8192)
