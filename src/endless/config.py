@@ -8,6 +8,7 @@ Every policy is named the same way in the Python API, the CLI, JSON results and 
     sinks:S+W              StreamingLLM: the first S tokens + the W before the query (section 2)
     sinks:S+W,sink=#ID     ... with the sinks' content replaced by S copies of token ID
     bswa:BxM               block sliding window: own block (causal) + M previous blocks
+    fam:BxM+F              TransformerFAM: BSWA plus F feedback-memory rows per layer (section 3)
 
 Positions (PAPERS.md section 2): ``window``, ``sinks`` and ``bswa`` count positions inside the
 cache. For ``sinks:4+1020`` the 1024 cached tokens sit at positions 0..1023 and the new token at
@@ -29,8 +30,8 @@ from endless import masks
 from endless.errors import EndlessError
 
 SPEC_HELP = (
-    "valid policies: dense | window:W | recompute:W | sinks:S+W[,sink=#TOKEN_ID] | bswa:BxM "
-    "(e.g. sinks:4+1020, window:1024, bswa:64x3)"
+    "valid policies: dense | window:W | recompute:W | sinks:S+W[,sink=#TOKEN_ID] | bswa:BxM | fam:BxM+F "
+    "(e.g. sinks:4+1020, window:1024, bswa:64x3, fam:64x1+16)"
 )
 
 
@@ -180,7 +181,44 @@ class BSWA:
         return (self.memory + 1) * self.block
 
 
-Policy = Union[Dense, Window, Recompute, Sinks, BSWA]
+@dataclass(frozen=True)
+class FAM:
+    """TransformerFAM (PAPERS.md section 3): BSWA with blocks of ``block`` tokens and ``memory``
+    previous blocks, plus a per-layer working memory of ``fam`` rows updated after every block.
+
+    ``fam=0`` is BSWA exactly. The ablation switches are the paper's negative results and only
+    make sense for experiments: ``update_ffn=False`` drops the FFN on the FAM update,
+    ``static_query=True`` queries with the initial FAM instead of the previous one, and
+    ``detach=True`` stops gradients between updates.
+    """
+
+    block: int
+    memory: int
+    fam: int
+    update_ffn: bool = True
+    static_query: bool = False
+    detach: bool = False
+    kind = "fam"
+    n_sinks = 0
+
+    def __post_init__(self) -> None:
+        _positive("block", self.block)
+        if self.memory < 0 or self.fam < 0:
+            raise EndlessError(f"memory blocks and FAM rows must be >= 0, got {self.memory} and {self.fam}")
+
+    @property
+    def spec(self) -> str:
+        flags = [n for n, on in (("noffn", not self.update_ffn), ("static", self.static_query), ("detach", self.detach)) if on]
+        return f"fam:{self.block}x{self.memory}+{self.fam}" + "".join(f",{f}" for f in flags)
+
+    def as_bswa(self) -> BSWA:
+        return BSWA(self.block, self.memory)
+
+    def span(self) -> int:
+        return (self.memory + 1) * self.block + self.fam
+
+
+Policy = Union[Dense, Window, Recompute, Sinks, BSWA, FAM]
 
 
 def _positive(name: str, value: int) -> None:
@@ -215,11 +253,25 @@ def _parse_bswa(args: str, kind: str) -> Policy:
     return BSWA(int(m.group(1)), int(m.group(2)))
 
 
+def _parse_fam(args: str, kind: str) -> Policy:
+    head, *flags = args.split(",")
+    m = re.fullmatch(r"(\d+)x(\d+)\+(\d+)", head)
+    if not m:
+        raise ValueError(args)
+    known = {"noffn": "update_ffn", "static": "static_query", "detach": "detach"}
+    unknown = [f for f in flags if f not in known]
+    if unknown:
+        raise EndlessError(f"unknown fam option {unknown[0]!r}; options: noffn, static, detach")
+    opts = {known[f]: f != "noffn" for f in flags}
+    return FAM(int(m.group(1)), int(m.group(2)), int(m.group(3)), **opts)
+
+
 _PARSERS: dict[str, Callable[[str, str], Policy]] = {
     "window": _parse_window,
     "recompute": _parse_window,
     "sinks": _parse_sinks,
     "bswa": _parse_bswa,
+    "fam": _parse_fam,
 }
 
 
@@ -254,4 +306,4 @@ def check_fits(policy: Policy, trained_context: int) -> None:
         )
 
 
-__all__ = ["Dense", "Window", "Recompute", "Sinks", "BSWA", "Policy", "parse_policy", "check_fits", "SPEC_HELP"]
+__all__ = ["Dense", "Window", "Recompute", "Sinks", "BSWA", "FAM", "Policy", "parse_policy", "check_fits", "SPEC_HELP"]

@@ -1,0 +1,109 @@
+"""The FAM's own computations (PAPERS.md section 3, "One layer, one block").
+
+- ``FamPrompt``: F learned embeddings at the token-embedding level: the only new weights.
+  *Ours*: initialised from the embeddings of a short word's tokens (cycled to F rows).
+- ``initial_fam``: the prompt passed up the stack, attending among itself only (positions
+  -F..-1, just before the first block); layer l's initial FAM is the prompt's hidden state at the
+  input of layer l. It depends only on the weights, so inference computes it once.
+- ``fam_update``: FAM rows (queries from the previous FAM, positions of the previous FAM)
+  attend to the previous FAM and the whole current block (no memory blocks), residual from the
+  previous FAM (zero on the very first update), then the layer's own FFN. The new FAM takes the
+  positions of the block's last F tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from endless.config import FAM
+from endless.model import Transformer, gqa_mix, gqa_scores
+from endless.rope import rotate
+
+
+class FamPrompt(nn.Module):
+    """F x d learned embeddings: the initial working memory before any block was read."""
+
+    def __init__(self, rows: torch.Tensor) -> None:
+        super().__init__()
+        self.embeddings = nn.Parameter(rows.detach().clone())
+
+    @classmethod
+    def from_tokens(cls, model: Transformer, token_ids: list[int], n: int) -> "FamPrompt":
+        """Initialise from the embeddings of ``token_ids`` (e.g. the word " summary"), cycled to n."""
+        if n == 0:
+            return cls(model.embed_tokens.weight.new_zeros(0, model.dims.hidden))
+        ids = torch.tensor([token_ids[i % len(token_ids)] for i in range(n)])
+        return cls(model.embed_tokens.weight[ids].float())
+
+    @classmethod
+    def neutral(cls, model: Transformer, n: int) -> "FamPrompt":
+        """An untrained prompt: the mean token embedding, n times (what a FAM stream uses when no
+        trained checkpoint gives one)."""
+        mean = model.embed_tokens.weight.float().mean(dim=0, keepdim=True)
+        return cls(mean.expand(n, -1))
+
+    @property
+    def rows(self) -> int:
+        return self.embeddings.shape[0]
+
+
+def fam_positions(block_index: int | torch.Tensor, policy: FAM) -> torch.Tensor:
+    """Positions of the FAM that block ``block_index`` reads: the previous block's last F
+    positions (for block 0: -F..-1, where the prompt sits)."""
+    return int(block_index) * policy.block - policy.fam + torch.arange(policy.fam)
+
+
+def full_attention(model: Transformer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Unmasked GQA attention: q (B, H, C, D) over k, v (B, KV, N, D), softmax in float32."""
+    p = torch.softmax(gqa_scores(q * model.scale, k).float(), dim=-1).to(v.dtype)
+    return gqa_mix(p, v)
+
+
+def initial_fam(model: Transformer, prompt: FamPrompt) -> list[torch.Tensor]:
+    """Per layer, the initial FAM (F, d): the prompt's input to that layer."""
+    f = prompt.rows
+    x = prompt.embeddings.to(model.dtype)[None]  # (1, F, d)
+    cos, sin = model.rope.tables(torch.arange(-f, 0), model.dtype)
+    out = []
+    for i in range(model.dims.n_layers):
+        out.append(x[0])
+        q, k, v = model.qkv(i, x)
+        o = full_attention(model, rotate(q, cos, sin), rotate(k, cos, sin), v)
+        x = model.finish(i, x, o)
+    return out
+
+
+def fam_qkv(model: Transformer, i: int, fam: torch.Tensor, positions: torch.Tensor):
+    """Rotated q (B, H, F, D) and k, v (B, KV, F, D) of FAM rows ``fam`` (B, F, d) at ``positions``."""
+    q, k, v = model.qkv(i, fam)
+    cos, sin = model.rope.tables(positions, model.dtype)
+    return rotate(q, cos, sin), rotate(k, cos, sin), v
+
+
+def fam_update(
+    model: Transformer,
+    i: int,
+    fam: torch.Tensor,
+    fq: torch.Tensor,
+    fk: torch.Tensor,
+    fv: torch.Tensor,
+    block_k: torch.Tensor,
+    block_v: torch.Tensor,
+    *,
+    first: bool,
+    policy: FAM,
+) -> torch.Tensor:
+    """New FAM (B, F, d) of layer ``i`` from the previous one and the block's rotated keys/values.
+
+    ``fq, fk, fv`` are the previous FAM's projections at its positions; ``block_k, block_v``
+    (B, KV, Bl, D) the whole current block's keys/values of this layer.
+    """
+    o = full_attention(model, fq, torch.cat([fk, block_k], dim=2), torch.cat([fv, block_v], dim=2))
+    b, _, c, _ = o.shape
+    attn = model.layers[i].self_attn.o_proj(o.transpose(1, 2).reshape(b, c, -1))
+    a = attn if first else fam + attn  # zero residual on the very first update
+    if not policy.update_ffn:
+        return a
+    layer = model.layers[i]
+    return a + layer.mlp(layer.post_attention_layernorm(a))

@@ -1,0 +1,126 @@
+"""Streaming TransformerFAM: constant memory, token by token or chunked (PAPERS.md section 3).
+
+Per layer: a ring of (M+1)*B keys/values (the M memory blocks and the current block; the slots
+of the block that fell out of the window are overwritten as the new block fills), F extra slots
+holding the current FAM's keys/values, and the FAM hidden state (F, d). A token attends to the
+memory blocks, the FAM slots and its own block up to itself. When a block completes, every layer
+updates its FAM from its own previous FAM and the block's keys/values (``fam_update``), and the
+new FAM's keys/values replace the old ones in the FAM slots.
+
+Input is cut at block boundaries so a piece never spans two blocks: chunked feeding is then the
+same computation as token by token, and equals ``parallel_forward``. Positions are absolute
+stream indices with float64 RoPE angles (exact at any length, see ``endless.rope``); only
+distances up to (M+1)*B + F ever occur, all inside the trained context.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from endless.config import FAM
+from endless.fam.memory import FamPrompt, fam_positions, fam_qkv, fam_update, initial_fam
+from endless.model import Transformer, gqa_mix, gqa_scores, masked_softmax
+from endless.rope import rotate
+
+
+class FamState:
+    """Streaming state of ``batch`` streams under a FAM policy (F=0: BSWA)."""
+
+    def __init__(self, model: Transformer, policy: FAM, *, batch: int = 1, chunk: int = 128,
+                 prompt: FamPrompt | None = None) -> None:
+        self.model = model
+        self.policy = policy
+        self.batch = batch
+        self.chunk = chunk
+        d = model.dims
+        bl, m, f = policy.block, policy.memory, policy.fam
+        self.ring = (m + 1) * bl
+        shape = (d.n_layers, batch, d.n_kv_heads, self.ring + f, d.head_dim)
+        self.k = torch.zeros(shape, dtype=model.dtype, device=model.device)
+        self.v = torch.zeros(shape, dtype=model.dtype, device=model.device)
+        self.slot_pos = torch.full((self.ring,), -1, dtype=torch.long)
+        self.fam = torch.zeros(d.n_layers, batch, f, d.hidden, dtype=model.dtype, device=model.device)
+        self.updates = torch.zeros((), dtype=torch.long)  # FAM updates so far (0: next has no residual)
+        self.t = 0
+        if f:
+            if prompt is None:
+                prompt = getattr(model, "fam_prompt", None)
+            if prompt is None:
+                prompt = FamPrompt.neutral(model, f)
+            if prompt.rows != f:
+                raise ValueError(f"the FAM prompt has {prompt.rows} rows, the policy {f}")
+            with torch.no_grad():
+                for i, rows in enumerate(initial_fam(model, prompt)):
+                    self.fam[i] = rows
+                self._load_fam_kv(0)
+        self._step = None
+
+    @torch.no_grad()
+    def _load_fam_kv(self, block: int) -> None:
+        pos = fam_positions(block, self.policy)
+        for i in range(self.model.dims.n_layers):
+            _, k, v = fam_qkv(self.model, i, self.fam[i], pos)
+            self.k[i, :, :, self.ring :] = k
+            self.v[i, :, :, self.ring :] = v
+
+    @torch.no_grad()
+    def _update(self, block: int) -> None:
+        """Block ``block`` is complete: every layer updates its FAM (section 3)."""
+        bl = self.policy.block
+        pos = fam_positions(block, self.policy)
+        start = (block * bl) % self.ring
+        for i in range(self.model.dims.n_layers):
+            fq, fk, fv = fam_qkv(self.model, i, self.fam[i], pos)
+            if self.policy.static_query:
+                raise NotImplementedError("the static-query ablation is a training experiment only")
+            self.fam[i] = fam_update(
+                self.model, i, self.fam[i], fq, fk, fv,
+                self.k[i, :, :, start : start + bl], self.v[i, :, :, start : start + bl],
+                first=int(self.updates) == 0, policy=self.policy,
+            )
+        self.updates += 1
+        self._load_fam_kv(block + 1)
+
+    def begin(self, n: int) -> None:
+        bl, m = self.policy.block, self.policy.memory
+        pos = torch.arange(self.t, self.t + n)
+        slots = pos % self.ring
+        self.slot_pos[slots] = pos
+        kp = self.slot_pos[None, :]
+        q = pos[:, None]
+        win = (kp >= 0) & (kp <= q) & (kp // bl >= q // bl - m)
+        mask = torch.cat([win, torch.ones(n, self.policy.fam, dtype=torch.bool)], dim=1)
+        cos, sin = self.model.rope.tables(pos, self.model.dtype)
+        self._step = (slots, mask, cos, sin)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        slots, mask, cos, sin = self._step
+        kbuf, vbuf = self.k[layer], self.v[layer]
+        kbuf.index_copy_(2, slots, rotate(k, cos, sin))
+        vbuf.index_copy_(2, slots, v)
+        scores = gqa_scores(rotate(q, cos, sin) * self.model.scale, kbuf)
+        return gqa_mix(masked_softmax(scores, mask, vbuf.dtype), vbuf)
+
+    def forward(self, ids: torch.Tensor, *, last_only: bool = False) -> torch.Tensor:
+        """Feed ids (B, C); pieces never cross a block boundary. Returns logits (B, C or 1, V)."""
+        bl = self.policy.block
+        outs, lo = [], 0
+        while lo < ids.shape[1]:
+            n = min(ids.shape[1] - lo, bl - self.t % bl)
+            self.begin(n)
+            outs.append(self.model.forward(ids[:, lo : lo + n], self, last_only=last_only))
+            self.t += n
+            lo += n
+            if self.t % bl == 0 and self.policy.fam:
+                self._update(self.t // bl - 1)
+        return outs[-1] if last_only else torch.cat(outs, dim=1)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"k": self.k, "v": self.v, "slot_pos": self.slot_pos, "fam": self.fam, "updates": self.updates}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor], t: int) -> None:
+        for name, buf in self.state_tensors().items():
+            if tuple(tensors[name].shape) != tuple(buf.shape):
+                raise ValueError(f"{name}: shape {tuple(tensors[name].shape)} != {tuple(buf.shape)}")
+            buf.copy_(tensors[name])
+        self.t = t
