@@ -25,8 +25,10 @@ from endless.errors import EndlessError
 FORMAT = "endless-stream/1"
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
+def _digest(tensors: dict[str, torch.Tensor], extra: dict[str, str] | None = None) -> str:
     h = hashlib.sha256()
+    for key in sorted(extra or {}):
+        h.update(f"{key}={extra[key]}".encode())
     for name in sorted(tensors):
         t = tensors[name].contiguous()
         h.update(name.encode())
@@ -51,7 +53,7 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
-def save_stream(stream, path: Path) -> None:
+def save_stream(stream, path: Path, extra: dict[str, str] | None = None) -> None:
     tensors = {f"state.{k}": v.detach().cpu().contiguous() for k, v in stream.state.state_tensors().items()}
     if stream.last_logits is not None:
         tensors["last_logits"] = stream.last_logits.contiguous()
@@ -63,8 +65,10 @@ def save_stream(stream, path: Path) -> None:
         "fed": str(stream.fed),
         "batch": str(stream.batch),
         "chunk": str(stream.chunk),
-        "sha256": _digest(tensors),
+        "sha256": _digest(tensors, extra),
     }
+    for key, value in (extra or {}).items():
+        meta[f"extra.{key}"] = value
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
@@ -82,7 +86,8 @@ def read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise EndlessError(f"{path} is not a readable stream state ({type(e).__name__}: {str(e)[:80]})") from None
     if meta.get("format") != FORMAT:
         raise EndlessError(f"{path} is not an endless stream state (format {meta.get('format')!r})")
-    if _digest(tensors) != meta.get("sha256"):
+    extra = {k.removeprefix("extra."): v for k, v in meta.items() if k.startswith("extra.")}
+    if _digest(tensors, extra) != meta.get("sha256"):
         raise EndlessError(f"{path} is corrupt: checksum mismatch")
     return tensors, meta
 
@@ -104,6 +109,7 @@ def load_stream(cls, path: Path, model, policy):
         raise EndlessError(f"{path} does not match its recorded policy: {e}") from None
     stream.last_logits = tensors.get("last_logits")
     stream.fed = int(meta["fed"])
+    stream.saved_extra = {k.removeprefix("extra."): v for k, v in meta.items() if k.startswith("extra.")}
     return stream
 
 

@@ -55,6 +55,7 @@ class Stream:
         self.state = make_state(self.model, self.policy, batch=batch, chunk=chunk)
         self.last_logits: torch.Tensor | None = None  # (B, V) float32, after the last token fed
         self.fed = 0  # tokens fed by the user (the sink-token prefix excluded)
+        self.saved_extra: dict[str, str] = {}
 
     @property
     def position(self) -> int:
@@ -134,11 +135,13 @@ class Stream:
 
     # -- persistence --------------------------------------------------------------------------
 
-    def save(self, path: "str | Path") -> None:
-        """Write the whole state atomically, with a checksum, model identity and policy."""
+    def save(self, path: "str | Path", *, extra: dict[str, str] | None = None) -> None:
+        """Write the whole state atomically, with a checksum, model identity and policy;
+        ``extra`` strings (e.g. a chat transcript) are stored and checksummed with it and come
+        back as ``saved_extra`` on load."""
         from endless.state_io import save_stream
 
-        save_stream(self, Path(path))
+        save_stream(self, Path(path), extra)
 
     @classmethod
     def load(cls, path: "str | Path", model, *, policy: "Policy | str | None" = None) -> "Stream":

@@ -1,0 +1,96 @@
+"""``endless verify``: check our runtime against its oracles on a given model.
+
+- Forward path: our dense logits against transformers' own forward on the same input
+  (DESIGN.md section 2: float32 max abs diff <= 1e-4).
+- A policy over N tokens: the streaming runtime (chunked, as users run it) against its reference:
+  dense while the stream fits the policy's span; for sinks, window and BSWA the naive reference
+  that re-rotates the cache contents at in-cache positions every step (``endless.reference``);
+  for FAM the exact parallel schedule; for recompute transformers' forward on every window.
+Users run this on a new model before trusting it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from endless.config import FAM, Dense, Policy, Recompute, parse_policy
+from endless.model import Transformer
+from endless.stream import Stream
+
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.25}
+
+
+@dataclass
+class Verdict:
+    check: str
+    policy: str
+    tokens: int
+    reference: str
+    max_abs_diff: float
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_diff <= self.tolerance
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "ok": self.ok}
+
+
+def _stream_logits(model: Transformer, policy: Policy, ids: torch.Tensor, chunk: int) -> torch.Tensor:
+    stream = Stream(model, policy, chunk=chunk, check_context=False)
+    with torch.inference_mode():
+        stream._prefix()  # the sink-token copies of sinks:S+W,sink=#ID
+        step = stream.state.chunk if not isinstance(policy, FAM) else ids.shape[1]
+        return torch.cat([stream.state.forward(ids[:, i : i + step]) for i in range(0, ids.shape[1], step)], dim=1)
+
+
+@torch.inference_mode()
+def _recompute_reference(model: Transformer, policy: Recompute, ids: torch.Tensor) -> torch.Tensor:
+    out = []
+    for t in range(ids.shape[1]):
+        window = ids[:, max(0, t - policy.window) : t + 1]
+        out.append(model.hf(window).logits[:, -1:])
+    return torch.cat(out, dim=1)
+
+
+def reference_logits(model: Transformer, policy: Policy, ids: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """The oracle for ``policy`` on ``ids`` (1, N), and its name."""
+    from endless.fam import FamPrompt, parallel_forward
+    from endless.reference import naive_stream_logits
+
+    span = policy.span()
+    n = ids.shape[1]
+    plain = not isinstance(policy, FAM) and getattr(policy, "sink_token", None) is None
+    if isinstance(policy, Dense) or (plain and span is not None and n <= span):
+        with torch.inference_mode():
+            return model.hf(ids).logits, "transformers forward (dense)"
+    if isinstance(policy, Recompute):
+        return _recompute_reference(model, policy, ids), "transformers forward on every window"
+    if isinstance(policy, FAM):
+        prompt = getattr(model, "fam_prompt", None)
+        if policy.fam and prompt is None:
+            prompt = FamPrompt.neutral(model, policy.fam)
+        with torch.inference_mode():
+            return parallel_forward(model, ids, policy, prompt), "parallel (layer-major) schedule"
+    return naive_stream_logits(model, ids, policy), "naive re-rotating reference"
+
+
+def verify_forward(model: Transformer, ids: torch.Tensor) -> Verdict:
+    """Our dense forward against transformers' on ``ids`` (1, N)."""
+    ours = _stream_logits(model, Dense(), ids, chunk=ids.shape[1])
+    with torch.inference_mode():
+        ref = model.hf(ids).logits
+    diff = (ours.float() - ref.float()).abs().max().item()
+    return Verdict("forward", "dense", ids.shape[1], "transformers forward", diff, TOLERANCE.get(model.dtype, 1e-4))
+
+
+def verify_policy(model: Transformer, policy: "Policy | str", ids: torch.Tensor, *, chunk: int = 128) -> Verdict:
+    """The streaming runtime under ``policy`` (fed in chunks) against its reference."""
+    policy = parse_policy(policy)
+    ours = _stream_logits(model, policy, ids, chunk)
+    ref, name = reference_logits(model, policy, ids)
+    diff = (ours.float() - ref.float()).abs().max().item()
+    return Verdict("policy", policy.spec, ids.shape[1], name, diff, TOLERANCE.get(model.dtype, 1e-4))
