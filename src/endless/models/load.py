@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_model
 
 from endless.errors import EndlessError
 from endless.models.arch import check_supported
@@ -71,11 +72,15 @@ def _convert_gguf(path: Path, target: Path) -> None:
         raise EndlessError(f"cannot read {path} as a model: {type(e).__name__}: {str(e).splitlines()[0][:120]}") from None
     check_supported(model.config)
     if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config  # the saved folder holds plain float weights
+        # The weights are dequantised floats now; transformers refuses save_pretrained on a
+        # model loaded from GGUF, so the folder is written with safetensors directly.
+        del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        model.config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "SOURCE").write_text(f"{path}\n")
         if target.exists():

@@ -1,0 +1,1 @@
+"""The ``endless`` command line: one module per subcommand (see ``main.COMMANDS``)."""

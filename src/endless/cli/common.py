@@ -1,0 +1,37 @@
+"""Options shared by every command that runs a model."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+DTYPES = ("float32", "bfloat16")
+
+
+def add_model_args(parser: argparse.ArgumentParser, *, dtype_default: str = "float32") -> None:
+    """--model, --dtype and --threads."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default="smollm2-135m",
+                   help="embedded name (smollm2-135m), a transformers folder or a .gguf file (default: %(default)s)")
+    g.add_argument("--dtype", choices=DTYPES, default=dtype_default,
+                   help="compute dtype; float32 is the reference for comparisons (default: %(default)s)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: all cores); set it when running several jobs at once")
+
+
+def set_threads(args: argparse.Namespace) -> None:
+    import torch
+
+    n = getattr(args, "threads", None) or os.cpu_count() or 1
+    torch.set_num_threads(max(1, n))
+
+
+def load_from_args(args: argparse.Namespace):
+    """(hf_model, tokenizer) for the model options of ``args``."""
+    from transformers.utils import logging as hf_logging
+
+    from endless.models import load
+
+    set_threads(args)
+    hf_logging.disable_progress_bar()  # weight-loading bars are noise on every start
+    return load(args.model, dtype=args.dtype)

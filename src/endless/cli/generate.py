@@ -1,0 +1,62 @@
+"""``endless generate``: stream a continuation of a prompt to stdout, under any policy."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from endless.cli.common import add_model_args, load_from_args
+from endless.errors import EndlessError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate text from a prompt, streaming tokens as they are produced",
+        description=(
+            "Generate a continuation of PROMPT and print it token by token. With --policy "
+            "sinks:S+W (StreamingLLM) generation goes on far past the model's trained context "
+            "with constant memory; tokens that left the window are forgotten."
+        ),
+    )
+    p.add_argument("prompt", help="the prompt text (use - to read it from stdin)")
+    add_model_args(p, dtype_default="bfloat16")
+    p.add_argument("--policy", default="sinks:4+1020", help="attention policy spec (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: %(default)s)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-sequence token")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from endless.config import parse_policy
+    from endless.stream import Stream
+
+    policy = parse_policy(args.policy)  # a bad spec fails before the model loads
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt.strip():
+        raise EndlessError("empty prompt")
+    if args.max_new_tokens < 1:
+        raise EndlessError("--max-new-tokens must be >= 1")
+    model, tok = load_from_args(args)
+    stream = Stream(model, policy)
+    if args.chat:
+        if getattr(tok, "chat_template", None) is None:
+            raise EndlessError("this model's tokenizer has no chat template; drop --chat")
+        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    ids = tok(prompt, return_tensors="pt").input_ids[0]
+    stream.feed(ids, logprobs=False)
+    stop = () if args.no_stop or tok.eos_token_id is None else (tok.eos_token_id,)
+    out: list[int] = []
+    shown = ""
+    for t in stream.generate(args.max_new_tokens, temperature=args.temperature, seed=args.seed, stop=stop):
+        out.append(t)
+        text = tok.decode(out, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(shown) :])
+            sys.stdout.flush()
+            shown = text
+    sys.stdout.write("\n")
+    return 0

