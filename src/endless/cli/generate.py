@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
+import time
 
 from endless.cli.common import add_model_args, load_from_args
 from endless.errors import EndlessError
@@ -27,6 +29,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-sequence token")
+    p.add_argument("--stats", type=int, default=0, metavar="N",
+                   help="every N tokens, report position, ms/token and peak RSS on stderr")
     p.set_defaults(func=run)
 
 
@@ -51,8 +55,15 @@ def run(args: argparse.Namespace) -> int:
     stop = () if args.no_stop or tok.eos_token_id is None else (tok.eos_token_id,)
     out: list[int] = []
     shown = ""
+    clock = time.perf_counter()
     for t in stream.generate(args.max_new_tokens, temperature=args.temperature, seed=args.seed, stop=stop):
         out.append(t)
+        if args.stats and len(out) % args.stats == 0:
+            now = time.perf_counter()
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            print(f"\n[generated {len(out)} (stream at {stream.position}): "
+                  f"{1000 * (now - clock) / args.stats:.1f} ms/token, peak RSS {peak:.1f} MB]", file=sys.stderr)
+            clock = now
         text = tok.decode(out, skip_special_tokens=True)
         if not text.endswith("\ufffd"):
             sys.stdout.write(text[len(shown) :])
