@@ -38,7 +38,7 @@ def test_bad_input_is_one_line_exit_2(args, words):
     code, out, err = run_cli(*args)
     assert code == 2
     assert "Traceback" not in err
-    lines = [l for l in err.splitlines() if l.strip()]
+    lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and words in lines[0], err
 
 

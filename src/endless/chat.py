@@ -12,9 +12,8 @@ The session (stream state + messages) is saved after every turn and resumed on t
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
-
 
 from endless.errors import EndlessError
 from endless.stream import Stream

@@ -21,8 +21,9 @@ names the scheme). No policy remembers an evicted token: that is what Transforme
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Union
 
 import torch
 
@@ -218,7 +219,7 @@ class FAM:
         return (self.memory + 1) * self.block + self.fam
 
 
-Policy = Union[Dense, Window, Recompute, Sinks, BSWA, FAM]
+Policy = Union[Dense, Window, Recompute, Sinks, BSWA, FAM]  # noqa: UP007 (a runtime alias)
 
 
 def _positive(name: str, value: int) -> None:

@@ -9,7 +9,7 @@ keeps "policy equals dense while the stream fits" a statement about one definiti
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -16,8 +16,8 @@ Contract (issue "streaming engine"):
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 
