@@ -175,3 +175,23 @@ def test_mistakes_are_refused():
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     with pytest.raises(EndlessError, match="unpadded"):
         m.generate(padded, attention_mask=mask, past_key_values=hf.streaming(m, SPEC), max_new_tokens=2)
+
+
+@pytest.mark.real
+def test_generate_on_the_embedded_model_equals_stream(real_model):
+    """SmolLM2, a prompt longer than the window: transformers' generate == our runtime."""
+    from endless import hf as endless_hf
+
+    model, tok = real_model
+    ids = tok("In the beginning God created the heaven and the earth. And the earth was without "
+              "form, and void; and darkness was upon the face of the deep.", return_tensors="pt").input_ids
+    stream = Stream(model, "sinks:4+20")
+    stream.feed(ids, logprobs=False)
+    ours = list(stream.generate(20))
+    cache = endless_hf.streaming(model, "sinks:4+20")
+    try:
+        out = model.generate(ids, past_key_values=cache, do_sample=False, max_new_tokens=20,
+                             attention_mask=torch.ones_like(ids))
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert out[0, ids.shape[1]:].tolist() == ours
