@@ -42,6 +42,12 @@ def test_bad_input_is_one_line_exit_2(args, words):
     assert len(lines) == 1 and words in lines[0], err
 
 
+def test_non_utf8_prompt_on_stdin():
+    p = subprocess.run([sys.executable, "-m", "endless.cli.main", "generate", "-"], input=b"\xff\xfe oops",
+                       capture_output=True, timeout=120)
+    assert p.returncode == 2 and b"not UTF-8" in p.stderr and b"Traceback" not in p.stderr
+
+
 def test_chat_help_says_evicted_text_is_forgotten(capsys):
     with pytest.raises(SystemExit):
         main(["chat", "--help"])

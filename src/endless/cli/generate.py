@@ -39,7 +39,13 @@ def run(args: argparse.Namespace) -> int:
     from endless.stream import Stream
 
     policy = parse_policy(args.policy)  # a bad spec fails before the model loads
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.prompt == "-":
+        try:
+            prompt = sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise EndlessError(f"the prompt on stdin is not UTF-8 text (byte {e.start})") from None
+    else:
+        prompt = args.prompt
     if not prompt.strip():
         raise EndlessError("empty prompt")
     if args.max_new_tokens < 1:
