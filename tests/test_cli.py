@@ -59,7 +59,7 @@ def test_verify_and_generate_on_the_embedded_model(tmp_path):
     code, out, err = run_cli("verify", "--policy", "sinks:4+28", "--tokens", "80", "--threads", "1", "--json", str(tmp_path / "v.json"))
     assert code == 0, err
     result = json.loads((tmp_path / "v.json").read_text())
-    assert result["ok"] and result["max_abs_diff"] <= 1e-4 and result["tolerance"] == 1e-4
+    assert result["ok"] and result["max_abs_diff"] <= 2e-4 and result["checks"][0]["max_abs_diff"] <= 1e-4
     code, out, err = run_cli("generate", "The capital of France is", "--policy", "sinks:4+12",
                              "--max-new-tokens", "40", "--no-stop", "--threads", "1")
     assert code == 0, err

@@ -35,3 +35,14 @@ def load_from_args(args: argparse.Namespace):
     set_threads(args)
     hf_logging.disable_progress_bar()  # weight-loading bars are noise on every start
     return load(args.model, dtype=args.dtype)
+
+
+def write_json(path, payload) -> None:
+    """Write ``payload`` as JSON to ``path`` atomically, creating its folder."""
+    import json
+    from pathlib import Path
+
+    from endless.state_io import atomic_write
+
+    path = Path(path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2) + "\n"))

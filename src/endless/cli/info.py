@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from endless.cli.common import add_model_args, load_from_args
+from endless.cli.common import add_model_args, load_from_args, write_json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -54,5 +53,5 @@ def run(args: argparse.Namespace) -> int:
         shown = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else value
         print(f"{key:<{width}}  {shown}")
     if args.json:
-        args.json.write_text(json.dumps(fields, indent=2))
+        write_json(args.json, fields)
     return 0

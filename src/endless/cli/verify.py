@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from endless.cli.common import add_model_args, load_from_args
+from endless.cli.common import add_model_args, load_from_args, write_json
 from endless.errors import EndlessError
 
 SAMPLE = (
@@ -69,5 +68,5 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         first = verdicts[-1] if policies else verdicts[0]
         payload = {**first.to_json(), "ok": ok, "checks": [v.to_json() for v in verdicts]}
-        args.json.write_text(json.dumps(payload, indent=2))
+        write_json(args.json, payload)
     return 0 if ok else 1
