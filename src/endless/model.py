@@ -7,6 +7,12 @@ path unchanged; what is ours is everything between the projections: RoPE with fl
 per policy). With the dense backend the logits equal ``hf_model(ids).logits`` (float32, max abs
 diff <= 1e-4) -- ``endless verify`` and tests/test_model.py check it per family.
 
+``Transformer(hf_model, pack=True)`` (or ``.pack()``) adds packed copies of the weights for
+inference (``endless.packed``: fused q/k/v and gate/up in the layout the CPU kernels stream
+fastest, fused RMSNorm): 1.4-1.7x faster per decoded token, at the cost of one more copy of
+the weights. They are used only without autograd and only while the modules are the ones
+packed, so training and LoRA always run transformers' modules.
+
 A backend is any object with ``attend(layer, q, k, v) -> out`` taking un-rotated ``q`` (B, H, C, D)
 and ``k, v`` (B, KV, C, D) for the C new tokens, and returning (B, H, C, D). Layer 0 is called
 first, then 1, ...; the backend knows the new tokens' positions (it was told before the call).
@@ -19,6 +25,7 @@ from typing import Protocol
 
 import torch
 
+from endless.packed import Packed, PackedLayer
 from endless.rope import Rope
 
 
@@ -42,7 +49,7 @@ class Dims:
 class Transformer:
     """A Llama-family causal LM seen as embed -> layers (qkv, attention, rest) -> logits."""
 
-    def __init__(self, hf_model: torch.nn.Module) -> None:
+    def __init__(self, hf_model: torch.nn.Module, *, pack: bool = False) -> None:
         from endless.models import check_supported, model_identity
 
         check_supported(hf_model.config)
@@ -66,6 +73,23 @@ class Transformer:
         )
         self.scale = head_dim**-0.5
         self.identity = model_identity(hf_model)
+        self.packed: Packed | None = None
+        self._act = getattr(cfg, "hidden_act", None)
+        if pack:
+            self.pack()
+
+    def pack(self) -> "Transformer":
+        """Build (or rebuild, after changing weights) the packed inference weights; returns self."""
+        self.packed = Packed(self.layers, self.lm_head, self._act)
+        return self
+
+    def _fast(self, i: int) -> PackedLayer | None:
+        """The packed layer ``i`` if it may serve this call (no autograd, modules unchanged)."""
+        p = self.packed
+        if p is None or torch.is_grad_enabled():
+            return None
+        layer = p.layers[i]
+        return layer if layer.valid(self.layers[i]) else None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -81,12 +105,17 @@ class Transformer:
         """Pre-norm and project hidden states (B, C, d) to un-rotated q (B, H, C, D), k, v (B, KV, C, D)."""
         layer = self.layers[i]
         attn = layer.self_attn
-        h = layer.input_layernorm(x)
-        b, c, _ = h.shape
+        b, c, _ = x.shape
         d = self.dims.head_dim
-        q = attn.q_proj(h).view(b, c, -1, d)
-        k = attn.k_proj(h).view(b, c, -1, d)
-        v = attn.v_proj(h).view(b, c, -1, d)
+        fast = self._fast(i)
+        if fast is not None:
+            qkv = fast.qkv(fast.norm_in(x))  # (B, C, (H + 2 KV) * D)
+            q, k, v = (t.view(b, c, -1, d) for t in qkv.split(fast.split, dim=-1))
+        else:
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(b, c, -1, d)
+            k = attn.k_proj(h).view(b, c, -1, d)
+            v = attn.v_proj(h).view(b, c, -1, d)
         if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm per head before RoPE
             q = attn.q_norm(q)
             k = attn.k_norm(k)
@@ -97,10 +126,19 @@ class Transformer:
         layer = self.layers[i]
         b, _, c, _ = attn_out.shape
         o = attn_out.transpose(1, 2).reshape(b, c, -1)
+        fast = self._fast(i)
+        if fast is not None:
+            x = x + fast.o(o)
+            g, u = fast.gate_up(fast.norm_post(x)).chunk(2, dim=-1)
+            return x + fast.down(fast.act(g) * u)
         x = x + layer.self_attn.o_proj(o)
         return x + layer.mlp(layer.post_attention_layernorm(x))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head: (B, C, d) -> (B, C, V)."""
+        p = self.packed
+        if p is not None and not torch.is_grad_enabled() and p.head_valid():
+            return p.head(self.norm(x))
         return self.lm_head(self.norm(x))
 
     def forward(self, ids: torch.Tensor, backend: Attention, *, last_only: bool = False) -> torch.Tensor:

@@ -1,0 +1,63 @@
+"""Packed inference weights (endless.packed) against transformers' own modules."""
+
+import pytest
+import torch
+
+from endless.model import Transformer
+from endless.models.tiny import FAMILIES, tiny_model
+from endless.stream import Stream
+
+
+def ids_of(n, seed=0):
+    return torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_logprobs_equal_unpacked(family):
+    hf = tiny_model(family, seed=1, initializer_range=0.2)
+    ids = ids_of(60)
+    want = Stream(Transformer(hf), "sinks:4+20", chunk=7).feed(ids)
+    packed = Transformer(hf, pack=True)
+    assert packed.packed is not None
+    got = Stream(packed, "sinks:4+20", chunk=7).feed(ids)
+    assert torch.allclose(got, want, atol=1e-5, equal_nan=True)
+
+
+def test_packed_bfloat16_close_to_unpacked():
+    hf = tiny_model("llama", seed=2).to(torch.bfloat16)
+    ids = ids_of(40, seed=1)
+    want = Stream(Transformer(hf), "sinks:4+20").feed(ids)
+    got = Stream(Transformer(hf, pack=True), "sinks:4+20").feed(ids)
+    assert (got - want)[:, 1:].abs().max().item() < 0.1
+
+
+def test_decode_equals_chunked_when_packed():
+    model = Transformer(tiny_model("llama", seed=3, initializer_range=0.2), pack=True)
+    ids = ids_of(50, seed=2)
+    chunked = Stream(model, "sinks:4+20", chunk=16).feed(ids)
+    s = Stream(model, "sinks:4+20", chunk=16)
+    one = torch.cat([s.feed(ids[:, i : i + 1]) for i in range(ids.shape[1])], dim=1)
+    assert torch.allclose(chunked, one, atol=1e-5, equal_nan=True)
+
+
+def test_edited_weights_fall_back_to_the_modules():
+    hf = tiny_model("llama", seed=4)
+    model = Transformer(hf, pack=True)
+    with torch.no_grad():
+        hf.model.layers[1].mlp.down_proj.weight.mul_(2.0)  # in place: the packed copy is stale now
+    with torch.inference_mode():
+        assert model._fast(0) is not None and model._fast(1) is None
+    ids = ids_of(30, seed=3)
+    got = Stream(model, "dense").feed(ids)
+    want = Stream(Transformer(hf), "dense").feed(ids)
+    assert torch.allclose(got, want, atol=1e-5, equal_nan=True)
+
+
+def test_replaced_module_and_autograd_use_the_modules():
+    hf = tiny_model("llama", seed=5)
+    model = Transformer(hf, pack=True)
+    old = hf.model.layers[0].self_attn.q_proj
+    hf.model.layers[0].self_attn.q_proj = torch.nn.Linear(old.in_features, old.out_features, bias=False)
+    with torch.inference_mode():
+        assert model._fast(0) is None and model._fast(1) is not None
+    assert model._fast(1) is None  # autograd on: training and LoRA see transformers' modules
