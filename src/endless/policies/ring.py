@@ -20,6 +20,11 @@ a second time at ``min(t, S+W)``. That costs S columns per token instead of re-r
 
 Constant memory: after construction nothing is allocated that grows with the stream; per step
 the temporaries are O(chunk x (S+R)).
+
+Per-token cost (issue 5): everything that depends only on the step -- the additive mask, the
+RoPE tables with the attention scale folded into the query's, the sinks' tables (constant once
+the stream is past S+W, so cached) -- is built once in ``begin`` and shared by all layers;
+``attend`` is then a dozen tensor ops per layer.
 """
 
 from __future__ import annotations
@@ -27,8 +32,7 @@ from __future__ import annotations
 import torch
 
 from endless.config import Policy, Sinks
-from endless.model import Transformer, gqa_mix, gqa_scores, masked_softmax
-from endless.rope import rotate
+from endless.model import Transformer, gqa_mix, gqa_scores
 
 DENSE_INITIAL = 1024
 
@@ -53,6 +57,7 @@ class RingKV:
         self.slot_pos = torch.full((self.n_sinks + self.ring,), -1, dtype=torch.long)
         self.t = 0  # stream indices seen so far
         self._step: _Step | None = None
+        self._sink_tables: tuple | None = None  # (n, cos, sin) of the steady-state sink query
 
     # -- bookkeeping -------------------------------------------------------------------------
 
@@ -84,27 +89,44 @@ class RingKV:
         slots = self.slots(pos)
         self.slot_pos[slots] = pos
         kpos = self.slot_pos
-        mask = (kpos[None, :] >= 0) & self.mask_fn(pos[:, None], kpos[None, :])  # (C, N)
-        rope, dtype = self.model.rope, self.model.dtype
-        cos, sin = rope.tables(pos, dtype)
+        visible = (kpos[None, :] >= 0) & self.mask_fn(pos[:, None], kpos[None, :])  # (C, N)
+        bias = torch.zeros(visible.shape, dtype=torch.float32).masked_fill_(~visible, float("-inf"))
+        dtype, scale = self.model.dtype, self.model.scale
+        cos, sin = _signed_tables(self.model.rope, pos)
         sink = None
         if isinstance(self.policy, Sinks) and self.n_sinks and int(pos[-1]) > self.policy.sinks + self.policy.window:
-            sink = rope.tables(self.policy.sink_query_positions(pos), dtype)
-        self._step = _Step(pos, slots, mask, cos, sin, sink)
+            sink = self._sink_query_tables(pos, dtype, scale)
+        kc, ks, qc, qs = (t.to(dtype) for t in (cos, sin, cos * scale, sin * scale))
+        self._step = _Step(pos, slots, bias, kc, ks, qc, qs, sink)
+
+    def _sink_query_tables(self, pos: torch.Tensor, dtype: torch.dtype, scale: float) -> tuple:
+        """Query tables at the sinks' in-cache positions, scale folded in. Past S+W every query
+        sits at S+W, so the tables of a steady-state step are computed once and reused."""
+        spos = self.policy.sink_query_positions(pos)
+        steady = int(pos[0]) >= self.policy.sinks + self.policy.window
+        cached = self._sink_tables
+        if steady and cached is not None and cached[0] == len(pos):
+            return cached[1:]
+        cos, sin = _signed_tables(self.model.rope, spos)
+        tables = ((cos * scale).to(dtype), (sin * scale).to(dtype))
+        if steady:
+            self._sink_tables = (len(pos), *tables)
+        return tables
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         st = self._step
-        k = rotate(k, st.cos, st.sin)
         kbuf, vbuf = self.k[layer], self.v[layer]  # (B, KV, N, D)
-        kbuf.index_copy_(2, st.slots, k)
+        kbuf.index_copy_(2, st.slots, _rotate(k, st.cos, st.sin))
         vbuf.index_copy_(2, st.slots, v)
-        scale = self.model.scale
-        scores = gqa_scores(rotate(q, st.cos, st.sin) * scale, kbuf)  # (B, KV, G, C, N)
+        scores = gqa_scores(_rotate(q, st.qcos, st.qsin), kbuf)  # (B, KV, G, C, N), scaled
         if st.sink is not None:
             # Sinks sit at in-cache positions 0..S-1 and the query at min(t, S+W).
-            qs = rotate(q, *st.sink) * scale
-            scores[..., : self.n_sinks] = gqa_scores(qs, kbuf[:, :, : self.n_sinks])
-        p = masked_softmax(scores, st.mask, vbuf.dtype)
+            s = self.n_sinks
+            scores[..., :s] = gqa_scores(_rotate(q, *st.sink), kbuf[:, :, :s])
+        if scores.dtype == torch.float32:
+            p = torch.softmax(scores.add_(st.bias), dim=-1)
+        else:  # softmax in float32 (the bias promotes), probabilities back in the KV dtype
+            p = torch.softmax(scores + st.bias, dim=-1).to(vbuf.dtype)
         return gqa_mix(p, vbuf)
 
     def end(self) -> None:
@@ -139,10 +161,29 @@ class RingKV:
 
 
 class _Step:
-    __slots__ = ("pos", "slots", "mask", "cos", "sin", "sink")
+    """What ``begin`` prepares for all layers: positions, slots, additive mask (0 / -inf, float32),
+    key tables (cos, signed sin), query tables with the attention scale folded in, sink tables."""
 
-    def __init__(self, pos, slots, mask, cos, sin, sink):
-        self.pos, self.slots, self.mask, self.cos, self.sin, self.sink = pos, slots, mask, cos, sin, sink
+    __slots__ = ("pos", "slots", "bias", "cos", "sin", "qcos", "qsin", "sink")
+
+    def __init__(self, pos, slots, bias, cos, sin, qcos, qsin, sink):
+        self.pos, self.slots, self.bias = pos, slots, bias
+        self.cos, self.sin, self.qcos, self.qsin, self.sink = cos, sin, qcos, qsin, sink
+
+
+def _signed_tables(rope, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 cos and sin (C, D) with the first half of sin negated, for ``_rotate``; the
+    caller folds in the query scale before the one cast to the compute dtype."""
+    cos, sin = rope.tables(positions, torch.float64)
+    half = sin.shape[-1] // 2
+    sin[:, :half].neg_()
+    return cos, sin
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """``endless.rope.rotate`` in three ops: rotate_half(x) = roll(x, D/2) * [-1.., +1..], and the
+    sign is in ``signed_sin`` already (negation is exact, so the values are the same)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), signed_sin)
 
 
 __all__ = ["RingKV"]
