@@ -20,6 +20,7 @@ COMMANDS = [
     "verify",
     "info",
     "demo",
+    "bench",
 ]
 
 

@@ -1,0 +1,58 @@
+"""The benchmark's figure: latency against cache size, and against stream position."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+STYLE = {"float32": "-", "bfloat16": "--"}
+COLORS = {"sinks": "C0", "dense": "C1", "recompute": "C3", "transformers": "C2", "llama.cpp": "C4"}
+
+
+def plot(result: dict, path: "str | Path") -> None:
+    """Two panels, written atomically to ``path`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.6))
+    for dtype, run in result["runs"].items():
+        caches = [c["cache"] for c in run["decode"]]
+        for name, color in COLORS.items():
+            ys = [c["impls"][name]["median_ms"] if name in c["impls"] else None for c in run["decode"]]
+            pts = [(x, y) for x, y in zip(caches, ys, strict=True) if y is not None]
+            if pts:
+                a.plot(*zip(*pts, strict=True), STYLE.get(dtype, ":"), marker="o", color=color, label=f"{name} {dtype}")
+        rows = run["positions"]["checkpoints"]
+        xs = [r["position"] for r in rows]
+        b.errorbar(xs, [r["decode"]["median_ms"] for r in rows],
+                   yerr=[[r["decode"]["median_ms"] - r["decode"]["p10_ms"] for r in rows],
+                         [r["decode"]["p90_ms"] - r["decode"]["median_ms"] for r in rows]],
+                   fmt=STYLE.get(dtype, ":") + "o", color="C0" if dtype == "float32" else "C9", capsize=3,
+                   label=f"sinks {dtype} ({run['positions']['policy']})")
+        b.plot(xs, [r["control"]["median_ms"] for r in rows], STYLE.get(dtype, ":"), color="grey",
+               label=f"control stream near {run['positions']['control_position']}, {dtype} (same moments)")
+    a.set(xscale="log", yscale="log", xlabel="cache length (tokens attended)", ylabel="ms per decoded token",
+          title="Decode latency vs cache size")
+    first = next(iter(result["runs"].values()))
+    for axis, ticks in ((a, [c["cache"] for c in first["decode"]]),
+                        (b, [r["position"] for r in first["positions"]["checkpoints"]])):
+        axis.set_xticks(ticks)
+        axis.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    a.legend(fontsize=7, ncol=2)
+    a.grid(True, which="both", alpha=0.3)
+    b.set(xscale="log", xlabel="stream position (tokens read)", ylabel="ms per decoded token",
+          title="Sinks decode latency vs stream position")
+    b.set_ylim(bottom=0)
+    b.legend(fontsize=7)
+    b.grid(True, alpha=0.3)
+    mach = result["machine"]
+    fig.suptitle(f"endless bench: {result['config']['model']}, {mach['cpu']}, {mach['threads']} thread(s)", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)

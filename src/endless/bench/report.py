@@ -1,0 +1,133 @@
+"""The issue's targets as pass/fail lines, and the human-readable tables of a benchmark result.
+
+Targets (issue 5), all ratios measured in one run:
+
+- sinks per-token latency at the last stream position / at ~1k: <= 1.05; peak RSS equal within 1%;
+- recompute / sinks at cache 1024: >= 30; at cache 4096: >= 100;
+- transformers / sinks at the same cache length: >= 1.5 (stretch: bfloat16 sinks <= llama.cpp);
+- chunked / token-by-token streaming perplexity: >= 20x faster, max |dlogprob| <= 1e-4 (float32);
+- decode GB/s, reported against the measured copy bandwidth (no threshold).
+"""
+
+from __future__ import annotations
+
+
+def _t(name: str, dtype: str, measured: float | None, goal: str, met: bool | None, how: str = "") -> dict:
+    return {"target": name, "dtype": dtype, "measured": measured, "goal": goal, "met": met, "how": how}
+
+
+def targets(result: dict) -> list[dict]:
+    """One line per target and dtype (``met`` None where there is no threshold or no data)."""
+    out = []
+    read_bw = result["bandwidth"]["read_gbs"]
+    for dtype, run in result["runs"].items():
+        pos = run["positions"]
+        first, last = pos["checkpoints"][0], pos["checkpoints"][-1]
+        r = last["ratio_to_control"]
+        out.append(_t(f"sinks latency at position {last['position']} / at ~{pos['control_position']}", dtype, r,
+                      "<= 1.05", r <= 1.05,
+                      f"interleaved with a control stream of {pos['policy']} kept near position {pos['control_position']}; "
+                      f"against its own first checkpoint ({first['position']}): {pos['last_over_first']:.3f}"))
+        ch = pos["peak_rss_change"]
+        out.append(_t(f"peak RSS at {last['position']} vs at {first['position']}", dtype, ch, "abs change <= 1%",
+                      abs(ch) <= 0.01, f"{first['peak_rss_mb']:.1f} -> {last['peak_rss_mb']:.1f} MB"))
+        cells = {c["cache"]: c for c in run["decode"]}
+        for cache, goal in ((1024, 30.0), (4096, 100.0)):
+            ratio = cells.get(cache, {}).get("ratios", {}).get("recompute/sinks")
+            out.append(_t(f"recompute / sinks at cache {cache}", dtype, ratio, f">= {goal:g}",
+                          None if ratio is None else ratio >= goal, "" if ratio is not None else "not measured"))
+        for cache, c in cells.items():
+            ratio = c["ratios"].get("transformers/sinks")
+            if ratio is not None:
+                out.append(_t(f"transformers / sinks at cache {cache}", dtype, ratio, ">= 1.5", ratio >= 1.5))
+            cpp = c["impls"].get("llama.cpp")
+            if cpp is not None:
+                ratio = c["impls"]["sinks"]["median_ms"] / cpp["median_ms"]
+                out.append(_t(f"stretch: sinks / llama.cpp at cache {cache}", dtype, ratio, "<= 1.0", ratio <= 1.0,
+                              "llama.cpp runs the Q4_1 GGUF (4.5 bits per weight)"))
+        ppl = run["ppl"]
+        out.append(_t("chunked / token-by-token perplexity speed", dtype, ppl["speedup"], ">= 20",
+                      ppl["speedup"] >= 20, f"{ppl['tokens']} tokens, {ppl['policy']}, chunk {ppl['chunk']}"))
+        diff = ppl["max_abs_logprob_diff"]
+        exact = diff <= 1e-4 if dtype == "float32" else None
+        out.append(_t("chunked vs token-by-token max |dlogprob|", dtype, diff, "<= 1e-4 (float32)", exact,
+                      f"NLL {ppl['chunked']['nll']:.6f} vs {ppl['token_by_token']['nll']:.6f}"))
+        for cache, c in cells.items():
+            gbs = c["impls"]["sinks"]["gb_per_s"]
+            out.append(_t(f"sinks decode GB/s at cache {cache}", dtype, gbs, "report vs read bandwidth", None,
+                          f"{gbs / read_bw:.0%} of the measured read bandwidth {read_bw:.1f} GB/s"))
+    return out
+
+
+def _fmt(x: float | None, spec: str = ".1f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def decode_table(result: dict) -> str:
+    """Markdown: per-token latency of every implementation at every cache length."""
+    names = ["sinks", "dense", "recompute", "transformers", "llama.cpp"]
+    lines = ["| dtype | cache | " + " | ".join(f"{n} ms" for n in names)
+             + " | recompute/sinks | transformers/sinks | sinks tok/s | sinks GB/s |",
+             "|---|---:|" + "---:|" * (len(names) + 4)]
+    for dtype, run in result["runs"].items():
+        for c in run["decode"]:
+            imp = c["impls"]
+            med = [_fmt(imp[n]["median_ms"]) if n in imp else "-" for n in names]
+            lines.append(f"| {dtype} | {c['cache']} | " + " | ".join(med)
+                         + f" | {_fmt(c['ratios'].get('recompute/sinks'))} | {_fmt(c['ratios'].get('transformers/sinks'), '.2f')}"
+                         + f" | {_fmt(imp['sinks']['tokens_per_s'])} | {_fmt(imp['sinks']['gb_per_s'])} |")
+    return "\n".join(lines)
+
+
+def positions_table(result: dict) -> str:
+    lines = ["| dtype | position | sinks ms | control ms | ratio | peak RSS MB |", "|---|---:|---:|---:|---:|---:|"]
+    for dtype, run in result["runs"].items():
+        for row in run["positions"]["checkpoints"]:
+            lines.append(f"| {dtype} | {row['position']} | {row['decode']['median_ms']:.1f} | "
+                         f"{row['control']['median_ms']:.1f} | {row['ratio_to_control']:.3f} | {row['peak_rss_mb']:.1f} |")
+    return "\n".join(lines)
+
+
+def memory_table(result: dict) -> str:
+    lines = ["| dtype | impl | cache | peak RSS MB | over weights MB | state MB |", "|---|---|---:|---:|---:|---:|"]
+    for dtype, run in result["runs"].items():
+        for m in run.get("memory", []):
+            if "error" in m:
+                lines.append(f"| {dtype} | {m['impl']} | {m['cache']} | error: {m['error']} | | |")
+                continue
+            lines.append(f"| {dtype} | {m['impl']} | {m['cache']} | {m['peak_rss_mb']:.1f} | "
+                         f"{m['policy_peak_mb']:.1f} | {m['state_bytes'] / 1e6:.1f} |")
+    return "\n".join(lines)
+
+
+def targets_table(rows: list[dict]) -> str:
+    lines = ["| target | dtype | measured | goal | met |", "|---|---|---:|---|---|"]
+    for r in rows:
+        m = r["measured"]
+        val = "-" if m is None else (f"{m:.2%}" if "RSS" in r["target"] else f"{m:.3g}")
+        met = {True: "yes", False: "**no**", None: ""}[r["met"]]
+        lines.append(f"| {r['target']} | {r['dtype']} | {val} | {r['goal']} | {met} |")
+    return "\n".join(lines)
+
+
+def render(result: dict) -> str:
+    """Everything a person reads on stdout after a run."""
+    bw = result["bandwidth"]
+    mach = result["machine"]
+    parts = [
+        f"machine: {mach['cpu']}, {mach['cores']} cores, {mach['threads']} torch thread(s), "
+        f"load {', '.join(f'{x:.2f}' for x in mach['load_average'])}; torch {mach['torch']}, "
+        f"transformers {mach['transformers']}",
+        f"bandwidth: copy {bw['copy_gbs']:.1f} GB/s, read {bw['read_gbs']:.1f} GB/s",
+        "", "Decode, per token (median of interleaved steps):", decode_table(result),
+        "", "Stream position (sinks):", positions_table(result),
+    ]
+    for dtype, run in result["runs"].items():
+        p = run["ppl"]
+        parts.append(f"\nPerplexity throughput {dtype}: chunked {p['chunked']['tokens_per_s']:.1f} tok/s, "
+                     f"token-by-token {p['token_by_token']['tokens_per_s']:.1f} tok/s ({p['speedup']:.1f}x), "
+                     f"NLL {p['chunked']['nll']:.5f} vs {p['token_by_token']['nll']:.5f}")
+    if any("memory" in run for run in result["runs"].values()):
+        parts += ["", "Peak RSS, one process per cell:", memory_table(result)]
+    parts += ["", "Targets:", targets_table(result.get("targets") or targets(result))]
+    return "\n".join(parts)

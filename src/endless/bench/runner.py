@@ -1,0 +1,156 @@
+"""``run_bench(config)``: every measurement of ``endless bench`` in one run, as one JSON-able dict.
+
+Order per dtype: decode cells at each cache length (ours, transformers, recompute and, when
+installed, llama.cpp, interleaved), the stream-position sweep, streaming-perplexity throughput,
+then the isolated peak-RSS processes. The copy bandwidth is measured first. ``report.targets``
+turns the result into the issue's pass/fail lines; nothing here prints (the CLI does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from endless.bench import llamacpp
+from endless.bench.bandwidth import bandwidth
+from endless.bench.decode import decode_cell, weight_bytes
+from endless.bench.memory import measure
+from endless.bench.positions import position_sweep
+from endless.bench.ppl import ppl_throughput
+from endless.bench.timing import machine
+from endless.model import Transformer
+
+log = logging.getLogger(__name__)
+SCHEMA = "endless-bench/1"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to measure. The defaults are the full run committed under ``benchmarks/``."""
+
+    model: str = "smollm2-135m"
+    dtypes: tuple[str, ...] = ("float32", "bfloat16")
+    threads: int = 1
+    pack: bool = True
+    chunk: int = 128
+    caches: tuple[int, ...] = (256, 512, 1024, 2048, 4096)
+    rounds: int = 48
+    recompute_steps: int = 4
+    positions: tuple[int, ...] = (1024, 4096, 16384, 65536)
+    position_window: int = 1020
+    position_rounds: int = 48
+    ppl_tokens: int = 2048
+    ppl_policy: str = "sinks:4+1020"
+    with_hf: bool = True
+    with_llamacpp: bool = True
+    isolated_memory: bool = True
+    memory_steps: int = 8
+    seed: int = 0
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+QUICK = BenchConfig(
+    dtypes=("float32",), caches=(256, 512), rounds=10, recompute_steps=2, positions=(512, 2048),
+    position_window=252, position_rounds=10, ppl_tokens=192, ppl_policy="sinks:4+124",
+    with_llamacpp=False, isolated_memory=False,
+)
+
+
+def load_model(name: str, dtype: str):
+    """(hf_model, tokenizer or None). ``tiny:FAMILY[:LAYERS]`` is a random model for smoke runs."""
+    if name.startswith("tiny:"):
+        from endless.models.tiny import tiny_model
+
+        _, family, *rest = name.split(":")
+        layers = int(rest[0]) if rest else 2
+        hf = tiny_model(family, seed=0, num_hidden_layers=layers, max_position_embeddings=1 << 17)
+        return hf.to(getattr(torch, dtype)), None
+    from transformers.utils import logging as hf_logging
+
+    from endless.models import load
+
+    hf_logging.disable_progress_bar()
+    return load(name, dtype=dtype)
+
+
+def token_ids(tokenizer, vocab: int, n: int, seed: int) -> torch.Tensor:
+    """``n`` token ids of the default long text (KJV), or random ids when there is no tokenizer."""
+    if tokenizer is None:
+        return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
+    from endless.data.texts import default_text_path, read_text
+
+    text = read_text(default_text_path())
+    ids: list[int] = []
+    chars = 5 * n
+    while len(ids) < n and chars < 4 * len(text):
+        ids = tokenizer(text[:chars]).input_ids
+        chars *= 2
+    ids = ids[:n]
+    return torch.tensor(ids if len(ids) == n else (ids * (n // max(1, len(ids)) + 1))[:n], dtype=torch.long)
+
+
+def _gguf_for(name: str):
+    from pathlib import Path
+
+    if name.endswith(".gguf"):
+        return Path(name)
+    from endless.models.load import EMBEDDED, _embedded_gguf
+
+    return _embedded_gguf(name) if name in EMBEDDED else None
+
+
+def run_bench(config: BenchConfig, *, progress: bool = True) -> dict:
+    """Every figure of the benchmark (see the module docstring) for ``config``."""
+    from tqdm import tqdm
+
+    torch.set_num_threads(config.threads)
+    started = time.time()
+    result: dict = {"schema": SCHEMA, "config": dataclasses.asdict(config), "machine": machine(), "runs": {}}
+    result["bandwidth"] = bandwidth()
+    need = max(max(config.caches) + config.rounds + 64, config.ppl_tokens, max(config.positions) + 2 * config.position_rounds + 2048)
+    gguf = _gguf_for(config.model) if config.with_llamacpp and llamacpp.available() else None
+    cpp_dtype = "bfloat16" if "bfloat16" in config.dtypes else config.dtypes[-1]
+    for dtype in config.dtypes:
+        hf, tok = load_model(config.model, dtype)
+        model = Transformer(hf, pack=config.pack)
+        ids = token_ids(tok, hf.config.vocab_size, need, config.seed)
+        run: dict = {"weight_bytes": weight_bytes(model), "packed_bytes": model.packed.nbytes if model.packed else 0}
+        extra = {}
+        if gguf is not None and dtype == cpp_dtype:
+            llm = llamacpp.load_llamacpp(gguf, n_ctx=max(config.caches) + 64, threads=config.threads)
+            id_list = ids.tolist()
+            extra["llama.cpp"] = lambda length, llm=llm, id_list=id_list: llamacpp.LlamaCppDecoder(llm, id_list, length)
+        run["decode"] = []
+        for length in tqdm(config.caches, desc=f"decode {dtype}", disable=not progress):
+            run["decode"].append(decode_cell(
+                hf, model, ids, length, rounds=config.rounds, recompute_steps=config.recompute_steps,
+                with_hf=config.with_hf, extra=extra,
+            ))
+        extra.clear()
+        gc.collect()
+        with tqdm(total=max(config.positions), desc=f"positions {dtype}", disable=not progress) as bar:
+            run["positions"] = position_sweep(model, ids, list(config.positions), rounds=config.position_rounds,
+                                              window=config.position_window, chunk=config.chunk, progress=bar)
+        gc.collect()
+        with tqdm(total=config.ppl_tokens, desc=f"perplexity {dtype}", disable=not progress) as bar:
+            run["ppl"] = ppl_throughput(model, ids[: config.ppl_tokens], policy=config.ppl_policy,
+                                        chunk=config.chunk, progress=bar)
+        del model, hf
+        gc.collect()
+        if config.isolated_memory:
+            impls = ["sinks", "dense", "recompute"] + (["transformers"] if config.with_hf else [])
+            cells = [(i, c) for c in config.caches for i in impls]
+            run["memory"] = [
+                measure({"model": config.model, "dtype": dtype, "impl": i, "cache": c, "threads": config.threads,
+                         "steps": config.memory_steps if i != "recompute" else 1, "pack": config.pack})
+                for i, c in tqdm(cells, desc=f"memory {dtype}", disable=not progress)
+            ]
+        result["runs"][dtype] = run
+    result["machine"]["load_average_end"] = machine()["load_average"]
+    result["seconds"] = time.time() - started
+    return result
