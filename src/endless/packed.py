@@ -60,9 +60,10 @@ def _transposed_linear(w: torch.Tensor, bias: torch.Tensor | None) -> LinearFn:
     wt = w.t().contiguous()
 
     def linear(x: torch.Tensor) -> torch.Tensor:
-        if bias is None:
-            return torch.matmul(x, wt)
-        return torch.addmm(bias, x.reshape(-1, x.shape[-1]), wt).view(*x.shape[:-1], wt.shape[1])
+        # mm on a 2-D view: torch.matmul on (B, C, in) adds several dispatcher calls per use
+        x2 = x.reshape(-1, x.shape[-1])
+        out = torch.mm(x2, wt) if bias is None else torch.addmm(bias, x2, wt)
+        return out.view(*x.shape[:-1], wt.shape[1])
 
     linear.nbytes = wt.numel() * wt.element_size()  # type: ignore[attr-defined]
     return linear

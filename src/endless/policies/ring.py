@@ -57,7 +57,8 @@ class RingKV:
         self.slot_pos = torch.full((self.n_sinks + self.ring,), -1, dtype=torch.long)
         self.t = 0  # stream indices seen so far
         self._step: _Step | None = None
-        self._sink_tables: tuple | None = None  # (n, cos, sin) of the steady-state sink query
+        self._sink_tables: tuple | None = None  # (n, cos, sin, matrix) of the steady-state sink query
+        self._sink_cols = torch.arange(self.capacity) < self.n_sinks  # (N,) which slots are sinks
 
     # -- bookkeeping -------------------------------------------------------------------------
 
@@ -95,20 +96,30 @@ class RingKV:
         cos, sin = _signed_tables(self.model.rope, pos)
         sink = None
         if isinstance(self.policy, Sinks) and self.n_sinks and int(pos[-1]) > self.policy.sinks + self.policy.window:
-            sink = self._sink_query_tables(pos, dtype, scale)
-        kc, ks, qc, qs = (t.to(dtype) for t in (cos, sin, cos * scale, sin * scale))
-        self._step = _Step(pos, slots, bias, kc, ks, qc, qs, sink)
+            sink = self._sink_query_tables(pos, scale)
+        st = _Step(pos, slots, bias)
+        if n == 1:
+            # Decoding: each rotation is one (D, D) matrix product, the query's at t and (past
+            # S+W) at S+W side by side in one (D, 2D) matrix -- 2 ops per layer instead of 15.
+            st.rk = _rotation_matrix(cos[0], sin[0]).to(dtype)
+            rq = _rotation_matrix(cos[0], sin[0]) * scale
+            st.rq = (rq if sink is None else torch.cat([rq, sink[2]], dim=1)).to(dtype)
+        else:
+            st.cos, st.sin, st.qcos, st.qsin = (t.to(dtype) for t in (cos, sin, cos * scale, sin * scale))
+            st.sink = None if sink is None else tuple(t.to(dtype) for t in sink[:2])
+        self._step = st
 
-    def _sink_query_tables(self, pos: torch.Tensor, dtype: torch.dtype, scale: float) -> tuple:
-        """Query tables at the sinks' in-cache positions, scale folded in. Past S+W every query
-        sits at S+W, so the tables of a steady-state step are computed once and reused."""
+    def _sink_query_tables(self, pos: torch.Tensor, scale: float) -> tuple:
+        """float64 query tables at the sinks' in-cache positions, scale folded in, and the
+        (D, D) rotation matrix of the last one. Past S+W every query sits at S+W, so the tables
+        of a steady-state step are computed once and reused."""
         spos = self.policy.sink_query_positions(pos)
         steady = int(pos[0]) >= self.policy.sinks + self.policy.window
         cached = self._sink_tables
         if steady and cached is not None and cached[0] == len(pos):
             return cached[1:]
         cos, sin = _signed_tables(self.model.rope, spos)
-        tables = ((cos * scale).to(dtype), (sin * scale).to(dtype))
+        tables = (cos * scale, sin * scale, _rotation_matrix(cos[-1], sin[-1]) * scale)
         if steady:
             self._sink_tables = (len(pos), *tables)
         return tables
@@ -116,6 +127,8 @@ class RingKV:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         st = self._step
         kbuf, vbuf = self.k[layer], self.v[layer]  # (B, KV, N, D)
+        if st.rk is not None:
+            return self._attend_one(st, kbuf, vbuf, q, k, v)
         kbuf.index_copy_(2, st.slots, _rotate(k, st.cos, st.sin))
         vbuf.index_copy_(2, st.slots, v)
         scores = gqa_scores(_rotate(q, st.qcos, st.qsin), kbuf)  # (B, KV, G, C, N), scaled
@@ -128,6 +141,30 @@ class RingKV:
         else:  # softmax in float32 (the bias promotes), probabilities back in the KV dtype
             p = torch.softmax(scores + st.bias, dim=-1).to(vbuf.dtype)
         return gqa_mix(p, vbuf)
+
+    def _attend_one(self, st: "_Step", kbuf, vbuf, q, k, v) -> torch.Tensor:
+        """``attend`` for a single new token, in as few tensor ops as possible (it runs for every
+        layer of every decoded token). Same scores as the general path: with sinks past S+W each
+        query row is scored twice in one bmm (rotated at t, and at S+W) and the sink columns
+        take the second score."""
+        b, h, _, d = q.shape
+        kv, n = k.shape[1], kbuf.shape[2]
+        g = h // kv
+        kbuf.index_copy_(2, st.slots, torch.mm(k.reshape(-1, d), st.rk).view(b, kv, 1, d))
+        vbuf.index_copy_(2, st.slots, v)
+        qq = torch.mm(q.reshape(-1, d), st.rq)  # (B*H, D or 2D): rows (b, kv, g)
+        keys = kbuf.view(b * kv, n, d)
+        if qq.shape[1] == d:
+            scores = torch.bmm(qq.view(b * kv, g, d), keys.transpose(1, 2))  # (B*KV, G, N)
+        else:  # sinks past S+W: [query at t | query at S+W]; the S sink columns use the second
+            s = self.n_sinks
+            scores = torch.bmm(qq[:, :d].view(b * kv, g, d), keys.transpose(1, 2))
+            scores[:, :, :s] = torch.bmm(qq[:, d:].view(b * kv, g, d), keys[:, :s].transpose(1, 2))
+        if scores.dtype == torch.float32:
+            p = torch.softmax(scores.add_(st.bias), dim=-1)
+        else:
+            p = torch.softmax(scores + st.bias, dim=-1).to(vbuf.dtype)
+        return torch.bmm(p, vbuf.view(b * kv, n, d)).view(b, h, 1, d)
 
     def end(self) -> None:
         self.t += int(self._step.pos.numel())
@@ -162,13 +199,24 @@ class RingKV:
 
 class _Step:
     """What ``begin`` prepares for all layers: positions, slots, additive mask (0 / -inf, float32),
-    key tables (cos, signed sin), query tables with the attention scale folded in, sink tables."""
+    and either (chunks) key tables (cos, signed sin), query tables with the attention scale
+    folded in and sink tables, or (one token) the key and query rotation matrices."""
 
-    __slots__ = ("pos", "slots", "bias", "cos", "sin", "qcos", "qsin", "sink")
+    __slots__ = ("pos", "slots", "bias", "cos", "sin", "qcos", "qsin", "sink", "rk", "rq")
 
-    def __init__(self, pos, slots, bias, cos, sin, qcos, qsin, sink):
+    def __init__(self, pos, slots, bias):
         self.pos, self.slots, self.bias = pos, slots, bias
-        self.cos, self.sin, self.qcos, self.qsin, self.sink = cos, sin, qcos, qsin, sink
+        self.cos = self.sin = self.qcos = self.qsin = self.sink = self.rk = self.rq = None
+
+
+def _rotation_matrix(cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """RoPE at one position as a (D, D) matrix M with ``rotate(x) == x @ M`` (rotate_half layout):
+    M[i, i] = cos_i and M[(i + D/2) % D, i] = signed_sin_i. The zeros add exactly nothing."""
+    d = cos.numel()
+    m = torch.diag(cos)
+    i = torch.arange(d)
+    m[(i + d // 2) % d, i] = signed_sin
+    return m
 
 
 def _signed_tables(rope, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
