@@ -9,7 +9,10 @@ prefill tokens/s), then ``eval`` one token at a time, in the same interleaved ro
 decoders (``endless.bench.decode``). llama.cpp keeps a dense cache; it is rewound to ``length``
 after each step (``n_tokens``; the next ``eval`` drops what lies beyond), so every step sees the
 same length, as for the other implementations. Note the weights: the embedded GGUF is Q4_1
-(4.5 bits per weight), 3.6x fewer bytes than bfloat16 and 7x fewer than float32.
+(4.5 bits per weight), 3.6x fewer bytes than bfloat16 and 7x fewer than float32. To compare
+kernels at equal precision, ``dequantized_gguf`` writes the same GGUF with every tensor
+dequantised to F32 or BF16 (exactly the weights transformers loads from it, which ours are),
+cached under ``$ENDLESS_CACHE/gguf``.
 """
 
 from __future__ import annotations
@@ -53,6 +56,46 @@ class LlamaCppDecoder:
         kv_heads = int(d.get(f"{arch}.attention.head_count_kv", 0))
         head_dim = int(d.get(f"{arch}.embedding_length", 0)) // max(1, int(d.get(f"{arch}.attention.head_count", 1)))
         return Path(llm.model_path).stat().st_size + 2 * layers * kv_heads * (self.length + 1) * head_dim * 2
+
+
+GGUF_TYPES = {"float32": "F32", "bfloat16": "BF16"}
+
+
+def dequantized_gguf(src: Path, dtype: str) -> Path:
+    """``src`` rewritten with its matrices in ``dtype`` (F32/BF16), same metadata; cached."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+    from gguf.quants import dequantize, quantize
+
+    from endless.models.load import cache_dir
+
+    target = cache_dir() / "gguf" / f"{src.stem}-{GGUF_TYPES[dtype]}.gguf"
+    if target.is_file():
+        return target
+    qtype = getattr(GGMLQuantizationType, GGUF_TYPES[dtype])
+    reader = GGUFReader(src)
+    arch = reader.fields["general.architecture"].contents()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    writer = GGUFWriter(tmp, arch)
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name in ("general.architecture", "general.file_type"):
+            continue
+        sub = field.types[1] if field.types[0] == GGUFValueType.ARRAY else None
+        writer.add_key_value(name, field.contents(), field.types[0], sub_type=sub)
+    writer.add_file_type(1 if qtype == GGMLQuantizationType.F16 else (0 if qtype == GGMLQuantizationType.F32 else 32))
+    for t in reader.tensors:
+        data = dequantize(t.data, t.tensor_type).astype(np.float32)  # (rows, cols) in numpy order
+        if data.ndim > 1:
+            writer.add_tensor(t.name, quantize(data, qtype), raw_dtype=qtype)
+        else:  # norms stay float32, as llama.cpp expects
+            writer.add_tensor(t.name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tmp.replace(target)
+    return target
 
 
 def load_llamacpp(gguf: Path, *, n_ctx: int, threads: int):

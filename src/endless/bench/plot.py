@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 STYLE = {"float32": "-", "bfloat16": "--"}
-COLORS = {"sinks": "C0", "dense": "C1", "recompute": "C3", "transformers": "C2", "llama.cpp": "C4"}
+COLORS = {"sinks": "C0", "dense": "C1", "recompute": "C3", "transformers": "C2", "llama.cpp": "C4", "llama.cpp Q4_1": "C5"}
 
 
 def plot(result: dict, path: "str | Path") -> None:

@@ -121,10 +121,16 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict:
         ids = token_ids(tok, hf.config.vocab_size, need, config.seed)
         run: dict = {"weight_bytes": weight_bytes(model), "packed_bytes": model.packed.nbytes if model.packed else 0}
         extra = {}
-        if gguf is not None and dtype == cpp_dtype:
-            llm = llamacpp.load_llamacpp(gguf, n_ctx=max(config.caches) + 64, threads=config.threads)
+        if gguf is not None:
+            # llama.cpp on the same weights in this dtype and, once, on the shipped Q4_1 file.
+            files = {"llama.cpp": llamacpp.dequantized_gguf(gguf, dtype)}
+            if dtype == cpp_dtype:
+                files["llama.cpp Q4_1"] = gguf
             id_list = ids.tolist()
-            extra["llama.cpp"] = lambda length, llm=llm, id_list=id_list: llamacpp.LlamaCppDecoder(llm, id_list, length)
+            for name, path in files.items():
+                llm = llamacpp.load_llamacpp(path, n_ctx=max(config.caches) + 64, threads=config.threads)
+                extra[name] = lambda length, llm=llm, ids_=id_list: llamacpp.LlamaCppDecoder(llm, ids_, length)
+            run["llamacpp_files"] = {name: str(path) for name, path in files.items()}
         run["decode"] = []
         for length in tqdm(config.caches, desc=f"decode {dtype}", disable=not progress):
             run["decode"].append(decode_cell(
