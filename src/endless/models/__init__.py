@@ -7,13 +7,15 @@
   cached as a plain transformers folder (safetensors) under ``$ENDLESS_CACHE`` (default
   ``~/.cache/endless``); later loads take a second or two.
 - a folder with ``config.json``: loaded with transformers as is.
-- a ``.gguf`` file: dequantised and cached like the embedded model, keyed by a fingerprint.
+- a ``.gguf`` file: dequantised and cached like the embedded model, keyed by a content
+  fingerprint (size and the sha256 of its first and last MiB).
 
 Only Llama-family architectures run on our forward path (``SUPPORTED_MODEL_TYPES``); anything
-else is refused with one line naming what is supported.
+else is refused with one line naming what is supported. ``model_identity(model)`` is the
+string saved streams record to check they are resumed on the same weights.
 """
 
 from endless.models.arch import SUPPORTED_MODEL_TYPES, check_supported, model_identity
-from endless.models.load import EMBEDDED, cache_dir, load
+from endless.models.load import EMBEDDED, cache_dir, load, resolve
 
-__all__ = ["load", "EMBEDDED", "cache_dir", "SUPPORTED_MODEL_TYPES", "check_supported", "model_identity"]
+__all__ = ["load", "resolve", "EMBEDDED", "cache_dir", "SUPPORTED_MODEL_TYPES", "check_supported", "model_identity"]

@@ -11,19 +11,25 @@ from endless.errors import EndlessError
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
-def check_supported(config) -> None:
-    """Refuse architectures our forward path does not implement, naming the ones it does."""
-    kind = getattr(config, "model_type", None)
+def check_model_type(kind, *, where: str = "architecture") -> None:
+    """Refuse a model type our forward path does not implement, naming the ones it does."""
     if kind not in SUPPORTED_MODEL_TYPES:
         raise EndlessError(
-            f"architecture {kind!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)} "
+            f"{where} {kind!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)} "
             "(Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM, TinyLlama)"
         )
-    rope = getattr(config, "rope_parameters", None) or {}
-    if rope.get("rope_type") == "dynamic":
+
+
+def check_supported(config) -> None:
+    """Refuse configs our forward path cannot run exactly: other architectures, dynamic RoPE."""
+    check_model_type(getattr(config, "model_type", None))
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    kind = rope.get("rope_type") or rope.get("type") if isinstance(rope, dict) else None
+    if kind in ("dynamic", "longrope"):
         raise EndlessError(
-            "dynamic RoPE scaling changes positions with the sequence length, which a streaming "
-            "cache cannot follow; use a model with static RoPE"
+            f"RoPE scaling {kind!r} is not supported: it changes the rotary frequencies with the "
+            "current sequence length, which a streaming cache (positions counted inside the cache) "
+            "cannot follow; use a model with static RoPE (default, linear, yarn or llama3)"
         )
 
 

