@@ -3,7 +3,6 @@
 import json
 import sys
 
-import numpy as np
 import pytest
 import torch
 
@@ -15,20 +14,6 @@ from endless.models.load import _embedded_gguf
 from endless.models.tiny import FAMILIES, tiny_config, tiny_model
 
 load_module = sys.modules["endless.models.load"]  # `endless.models.load` is also the function
-
-
-def write_gguf(path, arch="llama", *, tensors=2):
-    """A small well-formed GGUF file with ``arch`` in its header (not a loadable model)."""
-    import gguf
-
-    w = gguf.GGUFWriter(str(path), arch)
-    for i in range(tensors):
-        w.add_tensor(f"t{i}", np.full((4, 8), i, dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -108,23 +93,23 @@ def test_unsupported_folder(tmp_path):
 @pytest.mark.parametrize(
     "make,words",
     [
-        (lambda p: "no-such-model", "not an embedded name \\(smollm2-135m\\) nor an existing path"),
-        (lambda p: "HuggingFaceTB/SmolLM2-135M", "nothing is downloaded"),
-        (lambda p: str(p / "missing.gguf"), "nor an existing path"),
-        (lambda p: (p / "x.gguf").write_text("hello") and str(p / "x.gguf"), "not a GGUF file"),
-        (lambda p: (p / "x.bin").write_bytes(b"\0" * 100) and str(p / "x.bin"), "not a GGUF file"),
-        (lambda p: (p / "d").mkdir() or str(p / "d"), "without config.json"),
-        (lambda p: str(write_gguf(p / "g.gguf", "gpt2")), "GGUF architecture 'gpt2' is not supported; supported: llama"),
+        (lambda p, g: "no-such-model", "not an embedded name \\(smollm2-135m\\) nor an existing path"),
+        (lambda p, g: "HuggingFaceTB/SmolLM2-135M", "nothing is downloaded"),
+        (lambda p, g: str(p / "missing.gguf"), "nor an existing path"),
+        (lambda p, g: (p / "x.gguf").write_text("hello") and str(p / "x.gguf"), "not a GGUF file"),
+        (lambda p, g: (p / "x.bin").write_bytes(b"\0" * 100) and str(p / "x.bin"), "not a GGUF file"),
+        (lambda p, g: (p / "d").mkdir() or str(p / "d"), "without config.json"),
+        (lambda p, g: str(g(p / "g.gguf", "gpt2")), "GGUF architecture 'gpt2' is not supported; supported: llama"),
     ],
 )
-def test_bad_model_arguments(tmp_path, make, words):
+def test_bad_model_arguments(tmp_path, make_gguf, make, words):
     with pytest.raises(EndlessError, match=words) as e:
-        load(make(tmp_path))
+        load(make(tmp_path, make_gguf))
     assert "\n" not in str(e.value)
 
 
-def test_truncated_gguf_is_refused_before_transformers(tmp_path):
-    good = write_gguf(tmp_path / "ok.gguf")
+def test_truncated_gguf_is_refused_before_transformers(tmp_path, make_gguf):
+    good = make_gguf(tmp_path / "ok.gguf")
     assert read_gguf_header(good)["expected_size"] == good.stat().st_size
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(good.read_bytes()[:-16])
@@ -179,8 +164,8 @@ def fake_gguf_loader(monkeypatch):
     return calls
 
 
-def test_gguf_converted_once_and_keyed_by_content(tmp_path, fake_gguf_loader):
-    path = write_gguf(tmp_path / "m.gguf")
+def test_gguf_converted_once_and_keyed_by_content(tmp_path, fake_gguf_loader, make_gguf):
+    path = make_gguf(tmp_path / "m.gguf")
     model, _ = load(str(path))
     folder = resolve(str(path))
     assert cache_dir() / "models" in folder.parents and folder.name.startswith("m-")
@@ -189,12 +174,12 @@ def test_gguf_converted_once_and_keyed_by_content(tmp_path, fake_gguf_loader):
     assert model_identity(model) == model_identity(tiny_model("llama", seed=5))
     load(str(path))
     assert len(fake_gguf_loader) == 1  # the second load came from the cache
-    write_gguf(path, tensors=3)  # same name, other content: another cache entry
+    make_gguf(path, tensors=3)  # same name, other content: another cache entry
     assert resolve(str(path)) != folder and len(fake_gguf_loader) == 2
     assert not list(folder.parent.glob(".*"))  # no temporaries left
 
 
-def test_interrupted_conversion_leaves_nothing(tmp_path, fake_gguf_loader, monkeypatch):
+def test_interrupted_conversion_leaves_nothing(tmp_path, fake_gguf_loader, make_gguf, monkeypatch):
     import safetensors.torch
 
     def dies_half_way(model, filename, **kwargs):
@@ -203,7 +188,7 @@ def test_interrupted_conversion_leaves_nothing(tmp_path, fake_gguf_loader, monke
         raise KeyboardInterrupt
 
     monkeypatch.setattr(safetensors.torch, "save_model", dies_half_way)
-    path = write_gguf(tmp_path / "m.gguf", tensors=4)  # content no other test has cached
+    path = make_gguf(tmp_path / "m.gguf", tensors=4)  # content no other test has cached
     with pytest.raises(KeyboardInterrupt):
         load(str(path))
     from endless.models.convert import fingerprint

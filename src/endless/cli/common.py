@@ -20,21 +20,30 @@ def add_model_args(parser: argparse.ArgumentParser, *, dtype_default: str = "flo
 
 
 def set_threads(args: argparse.Namespace) -> None:
+    """torch threads from --threads (default: every core)."""
     import torch
 
     n = getattr(args, "threads", None) or os.cpu_count() or 1
     torch.set_num_threads(max(1, n))
 
 
-def load_from_args(args: argparse.Namespace):
-    """(hf_model, tokenizer) for the model options of ``args``."""
+def load_from_args(args: argparse.Namespace, *, need_tokenizer: bool = True):
+    """(hf_model, tokenizer) for the model options of ``args``.
+
+    A folder without tokenizer files is refused with one line unless ``need_tokenizer`` is
+    False (then the tokenizer is None).
+    """
     from transformers.utils import logging as hf_logging
 
+    from endless.errors import EndlessError
     from endless.models import load
 
     set_threads(args)
     hf_logging.disable_progress_bar()  # weight-loading bars are noise on every start
-    return load(args.model, dtype=args.dtype)
+    model, tok = load(args.model, dtype=args.dtype)
+    if tok is None and need_tokenizer:
+        raise EndlessError(f"{args.model} has no tokenizer files (tokenizer.json, tokenizer.model, ...); this command needs one")
+    return model, tok
 
 
 def write_json(path, payload) -> None:

@@ -12,15 +12,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "info",
         help="show a model's architecture, sizes, trained context and cache location",
-        description="Load a model and print its architecture, sizes, trained context length, "
-        "dtype and where its converted weights are cached.",
+        description=(
+            "Load a model (the embedded smollm2-135m, a transformers folder or a .gguf file) and "
+            "print what our runtime sees: architecture and model type, layers, hidden size, "
+            "attention heads and KV heads (GQA), head dim, vocabulary, RoPE type and theta, the "
+            "trained context length (max_position_embeddings), parameter count, dtype and the "
+            "folder the weights are loaded from (for GGUF, the converted cache). Refuses "
+            "architectures the runtime does not support."
+        ),
     )
     add_model_args(p)
-    p.add_argument("--json", type=Path, default=None, help="also write the fields as JSON")
+    p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the fields as JSON to PATH")
     p.set_defaults(func=run)
 
 
 def describe(model, folder: str) -> dict:
+    """The fields ``endless info`` prints (and writes as JSON)."""
+    from endless.models import model_identity
+
     cfg = model.config
     rope = getattr(cfg, "rope_parameters", None) or {}
     return {
@@ -34,20 +43,20 @@ def describe(model, folder: str) -> dict:
         "intermediate_size": cfg.intermediate_size,
         "vocab_size": cfg.vocab_size,
         "rope_type": rope.get("rope_type", "default"),
-        "rope_theta": rope.get("rope_theta"),
+        "rope_theta": rope.get("rope_theta", getattr(cfg, "rope_theta", None)),
         "trained_context": cfg.max_position_embeddings,
         "parameters": sum(p.numel() for p in model.parameters()),
         "tied_embeddings": bool(getattr(cfg, "tie_word_embeddings", False)),
         "dtype": str(model.dtype).removeprefix("torch."),
+        "attn_implementation": getattr(cfg, "_attn_implementation", None),
+        "identity": model_identity(model),
         "weights": folder,
     }
 
 
 def run(args: argparse.Namespace) -> int:
-    from endless.models.load import resolve
-
-    model, _ = load_from_args(args)
-    fields = describe(model, str(resolve(args.model)))
+    model, _ = load_from_args(args, need_tokenizer=False)
+    fields = describe(model, model.endless_folder)
     width = max(map(len, fields))
     for key, value in fields.items():
         shown = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else value

