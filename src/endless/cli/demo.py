@@ -9,10 +9,18 @@ from endless.cli.common import add_model_args, load_from_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the headline demo on the embedded model",
-                       description="Generate far past a small window under StreamingLLM sinks.")
+    p = sub.add_parser(
+        "demo",
+        help="the headline demo on the embedded model",
+        description=(
+            "Continue a short prompt with the embedded SmolLM2 under StreamingLLM attention sinks "
+            "(sinks:4+124: 4 sink tokens and a rolling 124-token window): generation goes on past "
+            "the window with constant memory, printing tokens as they come. Text that left the window "
+            "is forgotten."
+        ),
+    )
     add_model_args(p, dtype_default="bfloat16")
-    p.add_argument("--tokens", type=int, default=300)
+    p.add_argument("--tokens", type=int, default=300, help="tokens to generate (default: %(default)s)")
     p.set_defaults(func=run)
 
 
