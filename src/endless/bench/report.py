@@ -52,7 +52,7 @@ def targets(result: dict) -> list[dict]:
                       ppl["speedup"] >= 20, f"{ppl['tokens']} tokens, {ppl['policy']}, chunk {ppl['chunk']}"))
         diff = ppl["max_abs_logprob_diff"]
         exact = diff <= 1e-4 if dtype == "float32" else None
-        out.append(_t("chunked vs token-by-token max |dlogprob|", dtype, diff, "<= 1e-4 (float32)", exact,
+        out.append(_t("chunked vs token-by-token max abs dlogprob", dtype, diff, "<= 1e-4 (float32)", exact,
                       f"NLL {ppl['chunked']['nll']:.6f} vs {ppl['token_by_token']['nll']:.6f}"))
         for cache, c in cells.items():
             gbs = c["impls"]["sinks"]["gb_per_s"]

@@ -54,9 +54,9 @@ class BenchConfig:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
-QUICK = BenchConfig(
-    dtypes=("float32",), caches=(256, 512), rounds=10, recompute_steps=2, positions=(512, 2048),
-    position_window=252, position_rounds=10, ppl_tokens=192, ppl_policy="sinks:4+124",
+QUICK = BenchConfig(  # about a minute on one loaded core
+    dtypes=("float32",), caches=(256, 512), rounds=8, recompute_steps=1, positions=(512, 1536),
+    position_window=252, position_rounds=8, ppl_tokens=128, ppl_policy="sinks:4+60",
     with_llamacpp=False, isolated_memory=False,
 )
 
