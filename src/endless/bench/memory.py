@@ -35,8 +35,9 @@ def _worker(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     hf, _ = load_model(spec["model"], spec["dtype"])
-    model = Transformer(hf, pack=spec.get("pack", True))
     length, impl = spec["cache"], spec["impl"]
+    # transformers runs as a user would run it: no packed copy of the weights in its process
+    model = None if impl == "transformers" else Transformer(hf, pack=spec.get("pack", True))
     ids = torch.randint(0, hf.config.vocab_size, (length + spec["steps"] + 8,),
                         generator=torch.Generator().manual_seed(0))
     import gc

@@ -8,6 +8,11 @@ STYLE = {"float32": "-", "bfloat16": "--"}
 COLORS = {"sinks": "C0", "dense": "C1", "recompute": "C3", "transformers": "C2", "llama.cpp": "C4", "llama.cpp Q4_1": "C5"}
 
 
+def _tokens(x: float, _pos=None) -> str:
+    """Tick labels like 256, 4k, 64k."""
+    return f"{x / 1024:g}k" if x >= 1024 and x % 1024 == 0 else f"{x:g}"
+
+
 def plot(result: dict, path: "str | Path") -> None:
     """Two panels, written atomically to ``path`` (PNG)."""
     import matplotlib
@@ -34,12 +39,6 @@ def plot(result: dict, path: "str | Path") -> None:
                label=f"control stream near {run['positions']['control_position']}, {dtype} (same moments)")
     a.set(xscale="log", yscale="log", xlabel="cache length (tokens attended)", ylabel="ms per decoded token",
           title="Decode latency vs cache size")
-    first = next(iter(result["runs"].values()))
-    for axis, ticks in ((a, [c["cache"] for c in first["decode"]]),
-                        (b, [r["position"] for r in first["positions"]["checkpoints"]])):
-        axis.set_xticks(ticks)
-        axis.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     a.legend(fontsize=7, ncol=2)
     a.grid(True, which="both", alpha=0.3)
     b.set(xscale="log", xlabel="stream position (tokens read)", ylabel="ms per decoded token",
@@ -47,6 +46,12 @@ def plot(result: dict, path: "str | Path") -> None:
     b.set_ylim(bottom=0)
     b.legend(fontsize=7)
     b.grid(True, alpha=0.3)
+    first = next(iter(result["runs"].values()))
+    for axis, ticks in ((a, [c["cache"] for c in first["decode"]]),
+                        (b, [r["position"] for r in first["positions"]["checkpoints"]])):
+        axis.set_xticks(ticks)
+        axis.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_tokens))
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     mach = result["machine"]
     fig.suptitle(f"endless bench: {result['config']['model']}, {mach['cpu']}, {mach['threads']} thread(s)", fontsize=9)
     fig.tight_layout()
