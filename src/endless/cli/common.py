@@ -8,8 +8,8 @@ import os
 DTYPES = ("float32", "bfloat16")
 
 
-def add_model_args(parser: argparse.ArgumentParser, *, dtype_default: str = "float32") -> None:
-    """--model, --dtype and --threads."""
+def add_model_args(parser: argparse.ArgumentParser, *, dtype_default: str = "float32", fam: bool = True) -> None:
+    """--model, --dtype, --threads and (with ``fam``) --fam CHECKPOINT."""
     g = parser.add_argument_group("model")
     g.add_argument("--model", default="smollm2-135m",
                    help="embedded name (smollm2-135m), a transformers folder or a .gguf file (default: %(default)s)")
@@ -17,6 +17,10 @@ def add_model_args(parser: argparse.ArgumentParser, *, dtype_default: str = "flo
                    help="compute dtype; float32 is the reference for comparisons (default: %(default)s)")
     g.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: all cores); set it when running several jobs at once")
+    if fam:
+        g.add_argument("--fam", default=None, metavar="CHECKPOINT",
+                       help="a checkpoint from `endless train fam`: its base model with the LoRA merged and the "
+                            "learned FAM prompt (replaces --model; use its fam:BxM+F policy)")
 
 
 def set_threads(args: argparse.Namespace) -> None:
@@ -31,7 +35,9 @@ def load_from_args(args: argparse.Namespace, *, need_tokenizer: bool = True):
     """(hf_model, tokenizer) for the model options of ``args``.
 
     A folder without tokenizer files is refused with one line unless ``need_tokenizer`` is
-    False (then the tokenizer is None).
+    False (then the tokenizer is None). With ``--fam CHECKPOINT`` the model is instead an
+    ``endless.model.Transformer`` (LoRA merged, ``fam_prompt`` attached, checkpoint-specific
+    identity): ``Stream`` and ``as_transformer`` take it as is, ``.hf`` is the transformers model.
     """
     from transformers.utils import logging as hf_logging
 
@@ -40,7 +46,12 @@ def load_from_args(args: argparse.Namespace, *, need_tokenizer: bool = True):
 
     set_threads(args)
     hf_logging.disable_progress_bar()  # weight-loading bars are noise on every start
-    model, tok = load(args.model, dtype=args.dtype)
+    if getattr(args, "fam", None):
+        from endless.fam.checkpoint import load_fam
+
+        model, tok, _ = load_fam(args.fam, dtype=args.dtype)
+    else:
+        model, tok = load(args.model, dtype=args.dtype)
     if tok is None and need_tokenizer:
         raise EndlessError(f"{args.model} has no tokenizer files (tokenizer.json, tokenizer.model, ...); this command needs one")
     return model, tok

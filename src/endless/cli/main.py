@@ -21,6 +21,8 @@ COMMANDS = [
     "info",
     "demo",
     "bench",
+    "train",
+    "passkey",
 ]
 
 

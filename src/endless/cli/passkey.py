@@ -1,0 +1,134 @@
+"""``endless eval-passkey``: PassKey accuracy at given lengths and depths (PAPERS.md section 3).
+
+``add_parser`` registers the top-level ``eval-passkey`` command; ``add_to(eval_subparsers)``
+registers the same thing as ``passkey`` under an ``endless eval`` group (one line in the
+``eval`` module, when there is one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from pathlib import Path
+
+from endless.cli.common import add_model_args, load_from_args, write_json
+from endless.errors import EndlessError
+
+DESCRIPTION = (
+    "PassKey retrieval in the TransformerFAM paper's format: an instruction, filler text with the pass key "
+    "at a chosen depth, and the question; correct when greedy decoding reproduces the key exactly. The model "
+    "reads each prompt as a stream (chunked feed, then token-by-token decoding, constant memory), under any "
+    "policy (e.g. fam:64x1+16, bswa:64x1, sinks:4+1020) or a trained checkpoint (--fam CHECKPOINT, whose "
+    "policy is the default). Prints a table (policies x lengths); --json and --plot save the results."
+)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or any(not 0 <= v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"depths must be in [0, 1], got {text!r}")
+    return values
+
+
+def _lengths(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"lengths must be >= 1, got {text!r}")
+    return values
+
+
+def _configure(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    p.add_argument("--policy", action="append", default=None, metavar="SPEC",
+                   help="policy to evaluate; repeat for several (default: the checkpoint's, else fam:64x1+16)")
+    p.add_argument("--lengths", type=_lengths, default=(1024, 2048, 4096, 8192), metavar="N,N",
+                   help="prompt lengths in tokens (default: 1024,2048,4096,8192)")
+    p.add_argument("--depths", type=_floats, default=(0.1, 0.3, 0.5, 0.7, 0.9), metavar="D,D",
+                   help="key depths, 0 = start, 1 = just before the question (default: 0.1,0.3,0.5,0.7,0.9)")
+    p.add_argument("--examples", type=int, default=2, help="examples (random keys) per length and depth (default: %(default)s)")
+    p.add_argument("--digits", type=int, default=5, help="digits of the key (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=4, help="prompts read together as a batch of streams (default: %(default)s)")
+    p.add_argument("--chunk", type=int, default=256, help="tokens per forward while reading (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the keys (default: %(default)s)")
+    p.add_argument("--by-depth", action="store_true", help="also report accuracy per depth")
+    p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the results as JSON")
+    p.add_argument("--plot", type=Path, default=None, metavar="PNG", help="plot accuracy against length")
+    p.set_defaults(func=run)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    _configure(sub.add_parser("eval-passkey", help="PassKey accuracy at given lengths and depths, any policy or FAM checkpoint",
+                              description=DESCRIPTION))
+
+
+def add_to(eval_sub: argparse._SubParsersAction) -> None:
+    """Register as ``endless eval passkey``."""
+    _configure(eval_sub.add_parser("passkey", help="PassKey accuracy at given lengths and depths", description=DESCRIPTION))
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from endless.config import FAM, parse_policy
+    from endless.eval.passkey import passkey_accuracy, plot, summarize, table
+    from endless.stream import as_transformer
+    from endless.train.data import PasskeyFormat, random_key
+
+    for name in ("examples", "batch", "chunk", "digits"):
+        if getattr(args, name) < 1:
+            raise EndlessError(f"--{name} must be >= 1")
+    specs = [parse_policy(s) for s in args.policy or []]  # bad specs fail before the model loads
+    hf, tok = load_from_args(args)
+    model = as_transformer(hf)
+    if not specs:
+        if args.fam:
+            from endless.fam.checkpoint import read_meta
+
+            specs = [parse_policy(read_meta(args.fam)["policy"])]
+        else:
+            specs = [parse_policy("fam:64x1+16")]
+    prompt = getattr(model, "fam_prompt", None)
+    for pol in specs:
+        if isinstance(pol, FAM) and pol.fam and prompt is not None and prompt.rows != pol.fam:
+            raise EndlessError(f"the checkpoint's FAM prompt has {prompt.rows} rows; {pol.spec} needs {pol.fam}")
+    fmt = PasskeyFormat(tok)
+    need = fmt.fixed_tokens(args.digits)
+    short = [n for n in args.lengths if n < need]
+    if short:
+        raise EndlessError(f"a PassKey prompt with a {args.digits}-digit key needs at least {need} tokens; got {short[0]}")
+    rng = random.Random(args.seed)
+    examples = [fmt.example(n, d, random_key(rng, args.digits))
+                for n in args.lengths for d in args.depths for _ in range(args.examples)]
+    results = []
+    for pol in specs:
+        with tqdm(total=len(examples), desc=pol.spec, disable=not sys.stderr.isatty()) as bar:
+            correct = passkey_accuracy(model, pol, examples, tokenizer=tok, batch=args.batch, chunk=args.chunk,
+                                       progress=bar.update)
+        results += summarize(pol.spec, examples, correct)
+        if args.by_depth:
+            results += summarize(pol.spec, examples, correct, by_depth=True)
+    print(table(results))
+    if args.by_depth:
+        for r in results:
+            if r.depth is not None:
+                print(f"{r.policy}  length {r.length}  depth {r.depth:.2f}: {r.accuracy:.2f} ({r.n})")
+    if args.json:
+        write_json(args.json, {
+            "results": [r.as_dict() for r in results],
+            "model": args.fam or args.model,
+            "identity": model.identity,
+            "depths": list(args.depths),
+            "examples_per_cell": args.examples,
+            "command": "endless " + " ".join(sys.argv[1:]),
+        })
+    if args.plot:
+        name = Path(args.fam).name if args.fam else args.model
+        plot(results, args.plot, title=f"PassKey ({name})")
+    return 0

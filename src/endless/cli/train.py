@@ -1,0 +1,237 @@
+"""``endless train fam`` and ``endless train fam-tiny`` (PAPERS.md section 3).
+
+``fam`` fine-tunes a model (default: the embedded SmolLM2) with LoRA plus the FAM prompt and
+saves a checkpoint that ``--fam CHECKPOINT`` loads; it runs unchanged on several processes
+(``torchrun --nproc_per_node N -m endless.cli.main train fam ...`` on CPU, ``accelerate launch``
+on GPUs). ``fam-tiny`` is the from-scratch experiment: FAM against BSWA with the same budget,
+evaluated far beyond the training length. Both show progress, print a table and write
+``--json PATH`` with ``{"results": [{"policy", "length", "accuracy", ...}], ...}`` and the loss curves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from endless.cli.common import add_model_args, write_json
+from endless.errors import EndlessError
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"values must be >= 1, got {text!r}")
+    return values
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train TransformerFAM (LoRA fine-tuning, or the tiny from-scratch experiment)",
+                       description="Train TransformerFAM: `fam` fine-tunes a model, `fam-tiny` runs the from-scratch PassKey experiment.")
+    tsub = p.add_subparsers(dest="train_command", metavar="WHAT")
+    _add_fam(tsub)
+    _add_tiny(tsub)
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def _add_fam(tsub) -> None:
+    from endless.train.fam import FamTrainConfig
+
+    d = FamTrainConfig()
+    p = tsub.add_parser(
+        "fam", help="fine-tune a model for FAM with LoRA on PassKey data; saves a checkpoint",
+        description=(
+            "Fine-tune a model with LoRA (attention and FFN projections) plus the F learned FAM prompt "
+            "embeddings, through the exact parallel FAM schedule, on PassKey examples in the paper's format "
+            "(optionally mixed with plain text). Loss on the answer tokens, constant learning rate. Writes a "
+            "checkpoint folder (adapter, prompt, config) for `--fam CHECKPOINT`. A bswa:BxM policy trains the "
+            "BSWA baseline with the same budget. Several processes: `torchrun --nproc_per_node 2 -m "
+            "endless.cli.main train fam ...` on CPU (each process takes its own data, gradients are "
+            "all-reduced, rank 0 writes), `accelerate launch` on GPUs."
+        ),
+    )
+    add_model_args(p, fam=False)
+    p.add_argument("--out", type=Path, required=True, metavar="CHECKPOINT", help="checkpoint folder to write")
+    p.add_argument("--policy", default=d.policy, help="fam:BxM+F (or bswa:BxM for the baseline) (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=d.batch, help="examples per step per process (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=d.lr, help="LoRA learning rate, constant (default: %(default)s)")
+    p.add_argument("--prompt-lr", type=float, default=d.prompt_lr, help="FAM prompt learning rate (default: %(default)s)")
+    p.add_argument("--lora-rank", type=int, default=d.lora_rank, help="(default: %(default)s)")
+    p.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="(default: %(default)s)")
+    p.add_argument("--min-len", type=int, default=d.min_len, help="shortest PassKey prompt in tokens (default: %(default)s)")
+    p.add_argument("--max-len", type=int, default=d.max_len, help="longest PassKey prompt in tokens (default: %(default)s)")
+    p.add_argument("--digits", type=int, default=d.digits, help="digits of the pass key (default: %(default)s)")
+    p.add_argument("--text", default=None, help="plain text to mix in: kjv, shakespeare or a file (default: kjv when --text-fraction > 0)")
+    p.add_argument("--text-fraction", type=float, default=0.0, help="share of steps on plain text, loss on every token")
+    p.add_argument("--all-tokens", action="store_true", help="loss on every PassKey token, not only the answer")
+    p.add_argument("--rpo", action="store_true", help="random position offset (PAPERS.md; off by default)")
+    p.add_argument("--rsp", type=float, default=0.0, metavar="P",
+                   help="random state passing: start a step from the last step's final FAM with probability P (paper: 0.8; off by default)")
+    p.add_argument("--prompt-init", default=d.prompt_init, help="text whose token embeddings initialise the prompt (default: %(default)r)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-lengths", type=_ints, default=None, metavar="N,N",
+                   help="after training, PassKey accuracy at these prompt lengths (default: --max-len)")
+    p.add_argument("--eval-examples", type=int, default=10, help="examples per evaluation length (default: %(default)s)")
+    p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write results and the loss curve as JSON")
+    p.set_defaults(func=run_fam)
+
+
+def _add_tiny(tsub) -> None:
+    from endless.train.tiny import TinyConfig
+
+    d = TinyConfig()
+    p = tsub.add_parser(
+        "fam-tiny", help="the from-scratch PassKey experiment: FAM vs BSWA, same budget, minutes on one core",
+        description=(
+            "Train a 2-layer d=64 Llama from scratch on 16-96-token digit PassKey sequences under FAM and BSWA "
+            "with the same budget, then measure exact-match accuracy far beyond the training length with the "
+            "streaming path. --ablation adds the paper's ablations (static query, no FFN on the update, "
+            "stop-gradient between updates, F in {1, 4, 16})."
+        ),
+    )
+    p.add_argument("--steps", type=int, default=d.steps, help="(default: %(default)s)")
+    p.add_argument("--batch", type=int, default=d.batch, help="(default: %(default)s)")
+    p.add_argument("--lr", type=float, default=d.lr, help="(default: %(default)s)")
+    p.add_argument("--block", type=int, default=d.block, help="B (default: %(default)s)")
+    p.add_argument("--fam", type=int, default=d.fam, help="F (default: %(default)s)")
+    p.add_argument("--memories", type=_ints_or_zero, default=d.memories, help="values of M (default: 0,1)")
+    p.add_argument("--policies", default=None, help="comma-free list separated by ';' of specs to run instead of the default set")
+    p.add_argument("--ablation", action="store_true", help="add the paper's ablations")
+    p.add_argument("--eval-lengths", type=_ints, default=d.eval_lengths, help="(default: 96,384,6144)")
+    p.add_argument("--eval-examples", type=int, default=d.eval_examples, help="examples per length (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
+    p.add_argument("--json", type=Path, default=None, metavar="PATH")
+    p.add_argument("--plot", type=Path, default=None, metavar="PNG", help="accuracy against length")
+    p.set_defaults(func=run_tiny)
+
+
+def _ints_or_zero(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"values must be >= 0, got {text!r}")
+    return values
+
+
+def _threads(args) -> None:
+    """--threads, else the cores shared among this machine's processes of a distributed launch."""
+    import torch
+
+    n = getattr(args, "threads", None)
+    if not n:
+        n = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    torch.set_num_threads(n)
+
+
+def run_tiny(args: argparse.Namespace) -> int:
+    from endless.eval.passkey import plot, table
+    from endless.train.tiny import TinyConfig, config_dict, run_experiment
+
+    _threads(args)
+    for name in ("steps", "batch", "eval_examples"):
+        if getattr(args, name) < 1:
+            raise EndlessError(f"--{name.replace('_', '-')} must be >= 1")
+    cfg = TinyConfig(steps=args.steps, batch=args.batch, lr=args.lr, block=args.block, fam=args.fam,
+                     memories=args.memories, eval_lengths=args.eval_lengths, eval_examples=args.eval_examples,
+                     seed=args.seed)
+    only = [s.strip() for s in args.policies.split(";") if s.strip()] if args.policies else None
+    if only:
+        from endless.config import parse_policy
+
+        for s in only:
+            parse_policy(s)
+    runs = run_experiment(cfg, ablation=args.ablation, only=only, progress=sys.stderr.isatty())
+    results = [r for run in runs for r in run.results]
+    print(table(results))
+    print()
+    for run in runs:
+        tail = run.losses[-50:]
+        print(f"{run.policy:24s} trained {cfg.steps} steps in {run.seconds:5.0f} s, final loss {sum(tail) / len(tail):.3f}")
+    if args.json:
+        write_json(args.json, {
+            "results": [r.as_dict() for r in results],
+            "config": config_dict(cfg),
+            "ablation": args.ablation,
+            "runs": [{"policy": r.policy, "seconds": round(r.seconds, 1), "loss": [round(x, 4) for x in r.losses]} for r in runs],
+            "command": "endless " + " ".join(sys.argv[1:]),
+        })
+    if args.plot:
+        plot(results, args.plot, title=f"PassKey, tiny model from scratch ({cfg.steps} steps, trained on {cfg.min_len}-{cfg.max_len} tokens)")
+    return 0
+
+
+def run_fam(args: argparse.Namespace) -> int:
+    from endless.config import parse_policy
+    from endless.train.fam import FamTrainConfig, train
+
+    parse_policy(args.policy)  # a bad spec fails before the model loads
+    _threads(args)
+    for name in ("steps", "batch", "lora_rank", "min_len", "max_len", "eval_examples"):
+        if getattr(args, name) < 1:
+            raise EndlessError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.min_len > args.max_len:
+        raise EndlessError("--min-len must not exceed --max-len")
+    if not 0 <= args.text_fraction <= 1:
+        raise EndlessError("--text-fraction must be in [0, 1]")
+    cfg = FamTrainConfig(
+        model=args.model, policy=args.policy, steps=args.steps, batch=args.batch, lr=args.lr, prompt_lr=args.prompt_lr,
+        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, min_len=args.min_len, max_len=args.max_len,
+        digits=args.digits, text=args.text, text_fraction=args.text_fraction, all_tokens=args.all_tokens,
+        rpo=args.rpo, rsp=args.rsp, prompt_init=args.prompt_init, dtype=args.dtype, seed=args.seed,
+    )
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    res = train(cfg, out=args.out, progress=sys.stderr.isatty())
+    if not res.is_main:
+        return 0  # rank 0 reports and evaluates
+    results = []
+    lengths = args.eval_lengths or (cfg.max_len,)
+    if lengths:
+        results = _evaluate(res.module, res.tokenizer, cfg, lengths, args.eval_examples)
+    tail = res.losses[-10:]
+    print(f"trained {cfg.policy} for {cfg.steps} steps on {res.processes} process(es) in {res.seconds:.0f} s; "
+          f"final loss {sum(tail) / len(tail):.4f}; checkpoint {res.checkpoint}")
+    if results:
+        from endless.eval.passkey import table
+
+        print(table(results))
+    if args.json:
+        from dataclasses import asdict
+
+        write_json(args.json, {
+            "results": [r.as_dict() for r in results],
+            "loss": [round(x, 5) for x in res.losses],
+            "config": asdict(cfg),
+            "processes": res.processes,
+            "seconds": round(res.seconds, 1),
+            "checkpoint": str(res.checkpoint),
+            "command": "endless " + " ".join(sys.argv[1:]),
+        })
+    return 0
+
+
+def _evaluate(module, tok, cfg, lengths, n: int):
+    """PassKey accuracy of the freshly trained weights (streaming, keys at evenly spread depths)."""
+    import random
+
+    from endless.eval.passkey import passkey_accuracy, summarize
+    from endless.train.data import PasskeyFormat, random_key
+
+    fmt = PasskeyFormat(tok)
+    rng = random.Random(cfg.seed + 12345)
+    depths = [(i + 0.5) / n for i in range(n)]
+    examples = [fmt.example(length, dep, random_key(rng, cfg.digits)) for length in lengths for dep in depths]
+    model = module.model
+    model.fam_prompt = module.prompt
+    correct = passkey_accuracy(model, module.policy, examples, tokenizer=tok, batch=max(1, min(n, 4)))
+    spec = module.policy.spec if module.policy.fam else module.policy.as_bswa().spec
+    return summarize(spec, examples, correct)

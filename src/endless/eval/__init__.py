@@ -1,0 +1,1 @@
+"""Evaluations: one small module per task (PassKey: ``passkey``)."""

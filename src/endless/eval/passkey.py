@@ -1,0 +1,174 @@
+"""PassKey accuracy (PAPERS.md section 3, "Results to reproduce": Fig. 3a).
+
+Contract: an example counts as correct when greedy decoding right after the prompt reproduces
+the key exactly -- with a tokenizer, the first run of digits in the decoded continuation equals
+the key; without one (the tiny from-scratch task), the generated token ids equal the answer's.
+
+The model reads the prompt through the streaming ``Stream`` (chunked feed, then token-by-token
+greedy decoding), so what is measured is what a user streaming an endless input gets: constant
+memory whatever the length. Examples of one length are read together as a batch of streams.
+``method="parallel"`` instead scores with ``endless.fam.parallel_forward`` and teacher forcing
+(greedy decoding is exact iff every answer token is the argmax given the previous ones); it is
+for the static-query ablation, which the streaming state does not implement.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from endless.config import BSWA, FAM, Policy, parse_policy
+from endless.model import Transformer
+from endless.train.data import Example, answer_positions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PasskeyResult:
+    """Accuracy of ``policy`` on ``n`` examples of ``length`` prompt tokens (key at ``depth``;
+    ``None``: averaged over every depth evaluated)."""
+
+    policy: str
+    length: int
+    accuracy: float
+    n: int
+    depth: float | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _correct(generated: list[int], example: Example, tokenizer) -> bool:
+    if tokenizer is None:
+        return generated[: len(example.answer)] == example.answer
+    m = re.search(r"\d+", tokenizer.decode(generated, skip_special_tokens=True))
+    return bool(m) and m.group(0) == example.key
+
+
+@torch.inference_mode()
+def _stream_batch(model: Transformer, policy: Policy, batch: list[Example], tokenizer, chunk: int) -> list[bool]:
+    from endless.stream import Stream
+
+    stream = Stream(model, policy, batch=len(batch), chunk=chunk)
+    stream.feed(torch.tensor([e.prompt for e in batch]), logprobs=False)
+    # one more token than the answer with a tokenizer: "7" vs " 7" splits may differ by one
+    steps = max(len(e.answer) for e in batch) + (1 if tokenizer is not None else 0)
+    out: list[list[int]] = [[] for _ in batch]
+    for _ in range(steps):
+        tok = stream.next_token()
+        for row, t in zip(out, tok.tolist(), strict=True):
+            row.append(t)
+        stream.feed(tok[:, None], logprobs=False)
+    return [_correct(g, e, tokenizer) for g, e in zip(out, batch, strict=True)]
+
+
+@torch.inference_mode()
+def _parallel_batch(model: Transformer, policy: Policy, batch: list[Example]) -> list[bool]:
+    from endless.fam import FamPrompt, parallel_forward
+
+    if not isinstance(policy, (FAM, BSWA)):
+        raise ValueError(f"the parallel method is for fam/bswa policies, not {policy.spec}")
+    prompt = None
+    if isinstance(policy, FAM) and policy.fam:
+        prompt = getattr(model, "fam_prompt", None)
+        if prompt is None:
+            prompt = FamPrompt.neutral(model, policy.fam)
+    ids = torch.tensor([e.ids for e in batch])
+    pred = parallel_forward(model, ids, policy, prompt).argmax(-1)
+    return [pred[b, answer_positions(e)].tolist() == e.answer for b, e in enumerate(batch)]
+
+
+def passkey_accuracy(
+    model: Transformer,
+    policy: "Policy | str",
+    examples: list[Example],
+    *,
+    tokenizer=None,
+    batch: int = 8,
+    chunk: int = 256,
+    method: str = "stream",
+    progress: Callable[[int], None] | None = None,
+) -> list[bool]:
+    """Correctness of each example (see the module docstring), in the order given."""
+    policy = parse_policy(policy)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt))
+    correct = [False] * len(examples)
+    groups: list[list[int]] = []
+    for i in order:  # batches of equal prompt length (a batch of streams advances in lockstep)
+        if groups and len(groups[-1]) < batch and len(examples[groups[-1][0]].prompt) == len(examples[i].prompt):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    for group in groups:
+        items = [examples[i] for i in group]
+        if method == "stream":
+            ok = _stream_batch(model, policy, items, tokenizer, chunk)
+        elif method == "parallel":
+            ok = _parallel_batch(model, policy, items)
+        else:
+            raise ValueError(f"unknown method {method!r}")
+        for i, flag in zip(group, ok, strict=True):
+            correct[i] = flag
+        if progress is not None:
+            progress(len(group))
+    return correct
+
+
+def summarize(policy: str, examples: list[Example], correct: list[bool], *, by_depth: bool = False) -> list[PasskeyResult]:
+    """Accuracy per prompt length (and per depth with ``by_depth``), sorted by length."""
+    cells: dict[tuple, list[bool]] = {}
+    for e, ok in zip(examples, correct, strict=True):
+        cells.setdefault((len(e.prompt), e.depth if by_depth else None), []).append(ok)
+    return [
+        PasskeyResult(policy, length, sum(v) / len(v), len(v), depth)
+        for (length, depth), v in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0.0))
+    ]
+
+
+def table(results: Iterable[PasskeyResult]) -> str:
+    """Policies as rows, lengths as columns, accuracy in the cells (depth-averaged results)."""
+    results = [r for r in results if r.depth is None]
+    lengths = sorted({r.length for r in results})
+    policies = list(dict.fromkeys(r.policy for r in results))
+    cell = {(r.policy, r.length): r.accuracy for r in results}
+    width = max([len("policy")] + [len(p) for p in policies])
+    lines = [f"{'policy':<{width}}  " + "  ".join(f"{n:>6}" for n in lengths)]
+    for p in policies:
+        vals = [f"{cell[(p, n)]:>6.2f}" if (p, n) in cell else f"{'-':>6}" for n in lengths]
+        lines.append(f"{p:<{width}}  " + "  ".join(vals))
+    return "\n".join(lines)
+
+
+def plot(results: Iterable[PasskeyResult], path, *, title: str = "PassKey") -> None:
+    """Accuracy against prompt length (log scale), one line per policy; written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from endless.state_io import atomic_write
+
+    results = [r for r in results if r.depth is None]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for p in dict.fromkeys(r.policy for r in results):
+        pts = sorted((r.length, r.accuracy) for r in results if r.policy == p)
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=p)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel("exact-match accuracy")
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+__all__ = ["PasskeyResult", "passkey_accuracy", "summarize", "table", "plot"]

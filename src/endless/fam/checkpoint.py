@@ -1,0 +1,182 @@
+"""FAM checkpoints: what ``endless train fam`` writes and ``--fam CHECKPOINT`` loads.
+
+A checkpoint is a folder::
+
+    fam.json              format, policy spec, base model (name or path) and its identity,
+                          training configuration, and the sha256 of every other file
+    prompt.safetensors    the F learned FAM prompt embeddings (PAPERS.md section 3: the only new
+                          weights besides LoRA), float32, tensor "embeddings" (F, d); F=0 for
+                          the BSWA baseline trained the same way (policy ``bswa:BxM``)
+    adapter/              the LoRA adapter, peft's ``save_pretrained`` layout
+
+Contract: written atomically (built in a temporary sibling folder, then renamed into place, so
+a crash leaves the old checkpoint or the new one, never a mix); verified on load (missing
+files, checksum mismatches, a different base model, an unreadable adapter are one-line
+``EndlessError``\\ s). ``load_fam`` returns a ``Transformer`` whose weights have the LoRA merged,
+with ``fam_prompt`` set (the streaming state picks it up) and an ``identity`` extended by the
+checkpoint's digest, so a stream saved on FAM weights is never resumed on the base model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from endless.config import BSWA, FAM, parse_policy
+from endless.errors import EndlessError
+from endless.fam.memory import FamPrompt
+from endless.model import Transformer
+
+FORMAT = "endless-fam/1"
+META = "fam.json"
+PROMPT = "prompt.safetensors"
+ADAPTER = "adapter"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): _sha256(p)
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != META}
+
+
+def digest(meta: dict) -> str:
+    """The checkpoint's identity: a hash of its policy, base model and every file's hash."""
+    h = hashlib.sha256(f"{meta['policy']};{meta['base_identity']}".encode())
+    for name, sha in sorted(meta["files"].items()):
+        h.update(f"{name}={sha};".encode())
+    return h.hexdigest()
+
+
+def save_fam(path: "str | Path", peft_model, prompt: FamPrompt | None, policy: "FAM | BSWA", *, base_model: str,
+             base_identity: str, train_config: dict | None = None) -> Path:
+    """Write a checkpoint folder at ``path`` (replacing one that is there) and return it.
+
+    ``peft_model`` is the (unwrapped) peft model whose adapter is saved; ``base_model`` is what
+    ``endless.models.load`` will be given to rebuild the base weights. ``prompt`` is None for
+    a policy without FAM rows.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        peft_model.save_pretrained(str(tmp / ADAPTER))
+        rows = prompt.embeddings.detach().float().cpu().contiguous() if prompt is not None else torch.zeros(0)
+        save_file({"embeddings": rows}, str(tmp / PROMPT))
+        meta = {
+            "format": FORMAT,
+            "policy": policy.spec,
+            "base_model": base_model,
+            "base_identity": base_identity,
+            "train": train_config or {},
+            "files": _files(tmp),
+        }
+        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+        os.chmod(tmp, 0o755)
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def read_meta(path: "str | Path") -> dict:
+    """The verified ``fam.json`` of a checkpoint (every listed file present with its hash)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise EndlessError(f"no FAM checkpoint at {path} (expected a folder written by `endless train fam`)")
+    try:
+        meta = json.loads((path / META).read_text())
+    except FileNotFoundError:
+        raise EndlessError(f"{path} is not a FAM checkpoint: {META} is missing") from None
+    except (OSError, ValueError) as e:
+        raise EndlessError(f"{path / META} is unreadable ({type(e).__name__}); the checkpoint is damaged") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise EndlessError(f"{path} is not an {FORMAT} checkpoint (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+    for key in ("policy", "base_model", "base_identity", "files"):
+        if key not in meta:
+            raise EndlessError(f"{path / META} lacks {key!r}; the checkpoint is damaged")
+    for name, sha in meta["files"].items():
+        f = path / name
+        if not f.is_file():
+            raise EndlessError(f"{path} is incomplete: {name} is missing")
+        if _sha256(f) != sha:
+            raise EndlessError(f"{path} is corrupt: checksum mismatch in {name}")
+    for required in (PROMPT, f"{ADAPTER}/adapter_config.json"):
+        if required not in meta["files"]:
+            raise EndlessError(f"{path} is incomplete: {required} is missing")
+    return meta
+
+
+def load_prompt(path: Path, policy: "FAM | BSWA") -> FamPrompt | None:
+    from safetensors.torch import load_file
+
+    if not isinstance(policy, FAM) or policy.fam == 0:
+        return None
+    try:
+        rows = load_file(str(path / PROMPT))["embeddings"]
+    except Exception as e:
+        raise EndlessError(f"{path / PROMPT} is unreadable ({type(e).__name__})") from None
+    if rows.dim() != 2 or rows.shape[0] != policy.fam:
+        raise EndlessError(f"{path / PROMPT} holds {tuple(rows.shape)} rows, the policy {policy.spec} needs {policy.fam}")
+    return FamPrompt(rows)
+
+
+def load_fam(path: "str | Path", *, dtype: "str | torch.dtype" = "float32", base_model: str | None = None,
+             pack: bool = False) -> tuple[Transformer, object, "FAM | BSWA"]:
+    """``(model, tokenizer, policy)`` from a checkpoint: the base model (or ``base_model``, if
+    it moved) with the LoRA merged, ``model.fam_prompt`` set and a checkpoint-specific identity.
+    ``pack`` adds the packed inference weights (faster streaming, one more copy)."""
+    from endless.models import load, model_identity
+
+    path = Path(path)
+    meta = read_meta(path)
+    policy = parse_policy(meta["policy"])
+    if not isinstance(policy, (FAM, BSWA)):
+        raise EndlessError(f"{path} records policy {policy.spec}, not a fam:BxM+F or bswa:BxM policy")
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise EndlessError("loading a FAM checkpoint needs peft: pip install 'endless-lm[train]'") from None
+    hf, tok = load(base_model or meta["base_model"], dtype=dtype)
+    if model_identity(hf) != meta["base_identity"]:
+        raise EndlessError(
+            f"{path} was trained on another base model ({meta['base_identity']}) than "
+            f"{base_model or meta['base_model']} ({model_identity(hf)})"
+        )
+    try:
+        merged = PeftModel.from_pretrained(hf, str(path / ADAPTER)).merge_and_unload()
+    except Exception as e:
+        raise EndlessError(f"cannot apply the adapter in {path / ADAPTER}: {type(e).__name__}: {str(e)[:120]}") from None
+    merged.eval()
+    model = Transformer(merged, pack=pack)
+    model.fam_prompt = load_prompt(path, policy)
+    model.identity = f"{model.identity}+fam-{digest(meta)[:16]}"
+    return model, tok, policy
+
+
+__all__ = ["save_fam", "load_fam", "read_meta", "load_prompt", "digest", "FORMAT"]

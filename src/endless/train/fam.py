@@ -1,0 +1,260 @@
+"""``endless train fam``: fine-tune a pretrained model for TransformerFAM (PAPERS.md section 3,
+"Training").
+
+LoRA (peft) on the attention and FFN projections plus the F prompt embeddings (*ours*:
+initialised from the embeddings of " summary"), trained through the exact parallel schedule
+(``endless.fam.parallel_forward``) on PassKey examples in the paper's format, optionally mixed
+with plain text. Loss on the answer tokens (``all_tokens``: on every token). Constant learning
+rate, as the paper. Random position offset (RPO) and random state passing (RSP) are flags, off
+by default (PAPERS.md: RSP destabilised from-scratch training; with our exact float64 RoPE, RPO
+only perturbs float rounding).
+
+Runs unchanged under several processes: everything goes through ``accelerate`` (one
+``Accelerator``, ``prepare`` of the trainable module and optimizer, DDP gradient all-reduce,
+per-rank data, only rank 0 writes). On CPU: ``torchrun --nproc_per_node 2 -m endless.cli.main
+train fam ...`` (``accelerate launch --cpu --num_processes 2`` started a single process on the
+machine this was developed on); on GPUs and clusters, ``accelerate launch``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from endless.config import BSWA, FAM, parse_policy
+from endless.errors import EndlessError
+from endless.fam import FamPrompt, parallel_forward
+from endless.model import Transformer
+from endless.train.data import Example, PasskeyFormat, collate, random_key, text_example
+
+log = logging.getLogger(__name__)
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+RPO_MAX = int(2 * math.pi * 1e4)  # PAPERS.md: offset ~ U(0, 2*pi*10^4)
+
+
+@dataclass(frozen=True)
+class FamTrainConfig:
+    """Everything a run depends on; stored in the checkpoint's ``fam.json``."""
+
+    model: str = "smollm2-135m"
+    policy: str = "fam:64x1+16"
+    steps: int = 300
+    batch: int = 1  # per process
+    lr: float = 3e-4
+    prompt_lr: float = 3e-3
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    min_len: int = 128  # prompt tokens, PassKey examples
+    max_len: int = 1024
+    digits: int = 5
+    text: str | None = None  # a corpus name (kjv, shakespeare) or a text file
+    text_fraction: float = 0.0
+    all_tokens: bool = False
+    rpo: bool = False
+    rsp: float = 0.0  # probability of starting from the previous step's final FAM
+    prompt_init: str = " summary"
+    dtype: str = "float32"
+    seed: int = 0
+    log_every: int = 10
+
+
+@dataclass
+class FamTrainResult:
+    """What a process got out of ``train``: the trained module (eval mode) on every rank."""
+
+    checkpoint: Path | None
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    processes: int = 1
+    is_main: bool = True
+    module: FamModule | None = None
+    tokenizer: object = None
+
+
+class _Offset:
+    """RoPE tables at positions shifted by ``offset`` (RPO): the same scores in exact maths."""
+
+    def __init__(self, rope, offset: int) -> None:
+        self.rope, self.offset = rope, offset
+
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype):
+        return self.rope.tables(positions + self.offset, dtype)
+
+
+class FamModule(nn.Module):
+    """The trainable whole (LoRA-wrapped model + FAM prompt) as one module, so DDP sees every
+    trainable parameter and its gradient hooks fire in one forward/backward."""
+
+    def __init__(self, peft_model: nn.Module, prompt: FamPrompt | None, policy: FAM) -> None:
+        super().__init__()
+        self.peft = peft_model
+        self.prompt = prompt  # None for BSWA (F=0): nothing but LoRA is trained
+        self.policy = policy
+        self.model = Transformer(peft_model.base_model.model)  # our forward path over the LoRA modules
+
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor, offset: int = 0,
+                init_state: list[torch.Tensor] | None = None):
+        """(mean loss over targeted positions, final FAM per layer)."""
+        view = copy.copy(self.model)
+        # The LM head over a ~50k vocabulary on every position would cost more than all the
+        # layers when only the answer's few tokens are scored: take hidden states out of the
+        # parallel schedule and apply the head to the targeted positions only.
+        view.logits = lambda x: x
+        if offset:
+            view.rope = _Offset(self.model.rope, offset)
+        hidden, state = parallel_forward(view, ids, self.policy, self.prompt, init_state=init_state, return_state=True)
+        keep = targets != -100
+        logits = self.model.logits(hidden[keep])
+        return F.cross_entropy(logits.float(), targets[keep]), state
+
+
+def build(cfg: FamTrainConfig, hf_model, tokenizer) -> FamModule:
+    """Wrap ``hf_model`` with LoRA and create the prompt from ``cfg.prompt_init``.
+
+    A ``bswa:BxM`` (or F=0) policy trains LoRA alone: the baseline with the same budget."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise EndlessError("training needs peft: pip install 'endless-lm[train]'") from None
+    policy = parse_policy(cfg.policy)
+    if isinstance(policy, BSWA):
+        policy = FAM(policy.block, policy.memory, 0)
+    if not isinstance(policy, FAM):
+        raise EndlessError(f"train fam needs a fam:BxM+F or bswa:BxM policy, got {policy.spec}")
+    hf_model.requires_grad_(False)
+    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                      target_modules=list(LORA_TARGETS), bias="none")
+    peft_model = get_peft_model(hf_model, lora)
+    prompt = None
+    if policy.fam:
+        init = tokenizer(cfg.prompt_init, add_special_tokens=False).input_ids if tokenizer is not None else []
+        if not init:
+            raise EndlessError(f"--prompt-init {cfg.prompt_init!r} gives no tokens")
+        prompt = FamPrompt.from_tokens(Transformer(peft_model.base_model.model), init, policy.fam)
+    return FamModule(peft_model, prompt, policy)
+
+
+class Sampler:
+    """Training examples for one process: PassKey at random lengths and depths, or text."""
+
+    def __init__(self, cfg: FamTrainConfig, tokenizer, rank: int) -> None:
+        self.cfg = cfg
+        self.rng = random.Random(cfg.seed * 1000 + rank)  # each rank its own stream of data
+        self.fmt = PasskeyFormat(tokenizer)
+        lo = self.fmt.fixed_tokens(cfg.digits) + 1
+        if cfg.max_len < lo:
+            raise EndlessError(f"--max-len must be at least {lo} tokens (the PassKey prompt without filler)")
+        self.min_len = max(cfg.min_len, lo)
+        self.text_tokens: list[int] | None = None
+        if cfg.text_fraction > 0:
+            from endless.data.texts import read_text
+
+            text = read_text(cfg.text or "kjv")
+            self.text_tokens = tokenizer(text[: 40 * cfg.max_len * 64], add_special_tokens=False).input_ids
+
+    def batch(self) -> list[Example]:
+        cfg, rng = self.cfg, self.rng
+        n = rng.randint(self.min_len, cfg.max_len)
+        if self.text_tokens is not None and rng.random() < cfg.text_fraction:
+            return [text_example(self.text_tokens, n, rng=rng) for _ in range(cfg.batch)]
+        out = []
+        for _ in range(cfg.batch):
+            e = self.fmt.example(n, rng.random(), random_key(rng, cfg.digits))
+            out.append(Example(e.prompt, e.answer, e.key, e.depth, answer_only=not cfg.all_tokens))
+        return out
+
+
+def _base_name(model: str) -> str:
+    """What a checkpoint records to find its base model again: an embedded name, or an absolute path."""
+    from endless.models import EMBEDDED
+
+    return model if model.lower() in EMBEDDED else str(Path(model).expanduser().resolve())
+
+
+def train(cfg: FamTrainConfig, *, out: "str | Path | None", cpu: bool | None = None,
+          progress: bool = True, hf_model=None, tokenizer=None) -> FamTrainResult:
+    """Fine-tune and (on rank 0) save a checkpoint at ``out``. ``hf_model``/``tokenizer``
+    skip loading ``cfg.model`` (tests). Every process of a distributed launch calls this."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from tqdm import tqdm
+
+    from endless.fam.checkpoint import save_fam
+    from endless.models import load, model_identity
+
+    if cpu is None:
+        cpu = not torch.cuda.is_available()
+    # RSP steps skip the prompt (their FAM comes from the previous step): DDP must allow it
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.rsp > 0)
+    if cfg.rsp and not 0 <= cfg.rsp <= 1:
+        raise EndlessError(f"--rsp is a probability, got {cfg.rsp}")
+    acc = Accelerator(cpu=cpu, kwargs_handlers=[ddp])
+    torch.manual_seed(cfg.seed)
+    if hf_model is None:
+        hf_model, tokenizer = load(cfg.model, dtype=cfg.dtype)
+    if tokenizer is None:
+        raise EndlessError(f"{cfg.model} has no tokenizer; training on PassKey text needs one")
+    base_identity = model_identity(hf_model)
+    module = build(cfg, hf_model, tokenizer)
+    module.train()
+    lora_params = [p for n, p in module.named_parameters() if p.requires_grad and not n.startswith("prompt.")]
+    groups = [{"params": lora_params, "lr": cfg.lr}]
+    if module.prompt is not None:
+        groups.append({"params": [module.prompt.embeddings], "lr": cfg.prompt_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    module, opt = acc.prepare(module, opt)
+    sampler = Sampler(cfg, tokenizer, acc.process_index)
+    rng = random.Random(cfg.seed * 7919 + acc.process_index)
+    carried: list[torch.Tensor] | None = None  # RSP: the first example's final FAM of the last step
+    losses: list[float] = []
+    start = time.perf_counter()
+    bar = tqdm(range(cfg.steps), desc="train fam", disable=not (progress and acc.is_main_process))
+    for step in bar:
+        ids, targets = collate(sampler.batch(), pad=tokenizer.pad_token_id or 0)
+        ids, targets = ids.to(acc.device), targets.to(acc.device)
+        offset = rng.randrange(RPO_MAX) if cfg.rpo and rng.random() < 0.5 else 0
+        init = None
+        if carried is not None and rng.random() < cfg.rsp:
+            init = [s.expand(ids.shape[0], -1, -1) for s in carried]
+        loss, state = module(ids, targets, offset, init)
+        opt.zero_grad(set_to_none=True)
+        acc.backward(loss)
+        acc.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+        opt.step()
+        if cfg.rsp > 0 and state:
+            carried = [s[:1].detach() for s in state]
+        mean = acc.reduce(loss.detach(), reduction="mean").item()
+        losses.append(mean)
+        if (step + 1) % cfg.log_every == 0:
+            recent = sum(losses[-cfg.log_every:]) / cfg.log_every
+            bar.set_postfix(loss=f"{recent:.3f}")
+            log.info("step %d loss %.4f", step + 1, recent)
+    seconds = time.perf_counter() - start
+    log.info("rank %d of %d: %d steps in %.1f s", acc.process_index, acc.num_processes, cfg.steps, seconds)
+    acc.wait_for_everyone()
+    path = None
+    if out is not None:
+        path = Path(out)
+        if acc.is_main_process:
+            inner = acc.unwrap_model(module)
+            spec = inner.policy if inner.policy.fam else inner.policy.as_bswa()
+            save_fam(path, inner.peft, inner.prompt, spec, base_model=_base_name(cfg.model),
+                     base_identity=base_identity,
+                     train_config={**asdict(cfg), "processes": acc.num_processes, "seconds": round(seconds, 1)})
+            log.info("rank %d wrote the checkpoint %s", acc.process_index, path)
+        acc.wait_for_everyone()
+    module = acc.unwrap_model(module)
+    module.eval()
+    return FamTrainResult(path, losses, seconds, acc.num_processes, acc.is_main_process, module, tokenizer)
+
+
+__all__ = ["FamTrainConfig", "FamTrainResult", "FamModule", "build", "train", "LORA_TARGETS"]

@@ -1,0 +1,145 @@
+"""PassKey data and evaluation (PAPERS.md section 3; src/endless/train/data.py, eval/passkey.py)."""
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from fam_helpers import byte_tokenizer, tiny_folder
+
+from endless.config import parse_policy
+from endless.errors import EndlessError
+from endless.eval.passkey import passkey_accuracy, plot, summarize, table
+from endless.model import Transformer
+from endless.models.tiny import tiny_model
+from endless.stream import Stream
+from endless.train.data import (
+    FILLER,
+    INSTRUCTION,
+    KEY_MARK,
+    QUERY_MARK,
+    QUESTION,
+    Example,
+    PasskeyFormat,
+    collate,
+    digit_example,
+    passkey_example,
+)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return byte_tokenizer()
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.37, 1.0])
+def test_passkey_prompt_is_the_papers_format(tok, depth):
+    e = passkey_example(tok, 400, depth, rng=random.Random(3), digits=5)
+    assert len(e.prompt) == 400
+    text = tok.decode(e.prompt)
+    key_sentence = f" The pass key is {e.key}. Remember it. {e.key} is the pass key."
+    assert text.startswith(INSTRUCTION) and text.endswith(QUESTION)
+    assert text.count(key_sentence) == 1
+    assert len(e.key) == 5 and e.key.isdigit() and e.key[0] != "0"
+    assert tok.decode(e.answer) == f" {e.key}"
+    before, after = text[len(INSTRUCTION):-len(QUESTION)].split(key_sentence)
+    filler = FILLER * 20
+    assert filler.startswith(before) and filler[len(before):].startswith(after)  # one filler stream, cut at the key
+    n_fill = len(before) + len(after)
+    assert len(before) == round(depth * n_fill)
+
+
+def test_passkey_too_short_is_a_clear_error(tok):
+    need = PasskeyFormat(tok).fixed_tokens(5)
+    PasskeyFormat(tok).example(need, 0.5, "12345")
+    with pytest.raises(EndlessError, match="at least"):
+        PasskeyFormat(tok).example(need - 1, 0.5, "12345")
+
+
+def test_digit_example_and_collate():
+    rng = random.Random(0)
+    e = digit_example(30, 0.5, rng=rng, vocab=128, digits=4)
+    assert len(e.prompt) == 30 and e.prompt[-1] == QUERY_MARK
+    k = e.prompt.index(KEY_MARK)
+    assert e.prompt[k + 1 : k + 5] == e.answer and "".join(map(str, e.answer)) == e.key
+    assert all(t >= 12 for i, t in enumerate(e.prompt[:-1]) if not k <= i <= k + 4)
+    short = digit_example(10, 0.0, rng=rng, vocab=128, digits=4)
+    ids, targets = collate([e, short])
+    assert ids.shape == targets.shape == (2, 34)
+    assert targets[0, 29:33].tolist() == e.answer and (targets[0, :29] == -100).all() and targets[0, 33] == -100
+    assert targets[1, 9:13].tolist() == short.answer and (targets[1, 13:] == -100).all()
+    text = Example([5, 6, 7], [8], answer_only=False)
+    assert collate([text])[1][0].tolist() == [6, 7, 8, -100]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return Transformer(tiny_model("llama", seed=1, initializer_range=0.2))
+
+
+@pytest.mark.parametrize("spec", ["fam:8x1+4", "bswa:8x1"])
+def test_accuracy_is_greedy_exact_match_stream_and_parallel_agree(model, spec):
+    """Answers set to the model's own greedy continuation are all correct under both methods;
+    one changed digit makes that example wrong."""
+    rng = random.Random(1)
+    examples = []
+    for n in (20, 20, 33):
+        e = digit_example(n, rng.random(), rng=rng, vocab=128)
+        s = Stream(model, spec)
+        s.feed(e.prompt, logprobs=False)
+        examples.append(Example(e.prompt, list(s.generate(4)), key="x"))
+    for method in ("stream", "parallel"):
+        assert passkey_accuracy(model, spec, examples, batch=2, method=method) == [True, True, True]
+    examples[1] = Example(examples[1].prompt, examples[1].answer[:3] + [(examples[1].answer[3] + 1) % 128])
+    for method in ("stream", "parallel"):
+        assert passkey_accuracy(model, spec, examples, batch=2, method=method) == [True, False, True]
+    res = summarize(parse_policy(spec).spec, examples, [True, False, True])
+    assert [(r.length, r.accuracy, r.n) for r in res] == [(20, 0.5, 2), (33, 1.0, 1)]
+
+
+def test_table_and_plot(tmp_path):
+    from endless.eval.passkey import PasskeyResult
+
+    rs = [PasskeyResult("fam:8x1+4", 96, 1.0, 10), PasskeyResult("bswa:8x1", 96, 0.25, 10),
+          PasskeyResult("fam:8x1+4", 6144, 0.9, 10)]
+    lines = table(rs).splitlines()
+    assert lines[0].split() == ["policy", "96", "6144"]
+    assert lines[1].split() == ["fam:8x1+4", "1.00", "0.90"] and lines[2].split() == ["bswa:8x1", "0.25", "-"]
+    plot(rs, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def run_cli(*args):
+    p = subprocess.run([sys.executable, "-m", "endless.cli.main", *args], capture_output=True, text=True, timeout=300)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_cli_eval_passkey_json(tmp_path):
+    folder = tiny_folder(tmp_path / "tiny")
+    code, out, err = run_cli("eval-passkey", "--model", str(folder), "--policy", "fam:32x1+4", "--policy", "bswa:32x1",
+                             "--lengths", "250,300", "--depths", "0.5", "--examples", "2", "--threads", "1",
+                             "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png"))
+    assert code == 0, err
+    data = json.loads((tmp_path / "r.json").read_text())
+    cells = {(r["policy"], r["length"]) for r in data["results"]}
+    assert cells == {(p, n) for p in ("fam:32x1+4", "bswa:32x1") for n in (250, 300)}
+    assert all(0 <= r["accuracy"] <= 1 and r["n"] == 2 for r in data["results"])
+    assert "fam:32x1+4" in out and (tmp_path / "r.png").is_file()
+
+
+def test_cli_eval_passkey_bad_input_is_one_line(tmp_path):
+    folder = tiny_folder(tmp_path / "tiny")
+    code, _, err = run_cli("eval-passkey", "--model", str(folder), "--lengths", "50", "--threads", "1")
+    assert code == 2 and "Traceback" not in err and "at least" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli("eval-passkey", "--fam", str(tmp_path / "nothing"), "--threads", "1")
+    assert code == 2 and "no FAM checkpoint" in err and "Traceback" not in err
+
+
+def test_stream_batch_equals_single(model):
+    """Reading prompts as a batch of streams gives the same verdicts as one at a time."""
+    rng = random.Random(5)
+    examples = [digit_example(24, rng.random(), rng=rng, vocab=128) for _ in range(4)]
+    torch.manual_seed(0)
+    assert passkey_accuracy(model, "fam:8x0+4", examples, batch=4) == passkey_accuracy(model, "fam:8x0+4", examples, batch=1)

@@ -1,0 +1,143 @@
+"""FAM training, checkpoints and the multi-process launch (src/endless/train/, fam/checkpoint.py)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from fam_helpers import tiny_folder
+
+from endless.cli.main import main
+from endless.errors import EndlessError
+from endless.fam import parallel_forward
+from endless.fam.checkpoint import load_fam
+from endless.models import load
+from endless.stream import Stream
+from endless.train.fam import FamTrainConfig, train
+from endless.train.tiny import TinyConfig, train_policy
+
+
+def mean(xs):
+    return sum(xs) / len(xs)
+
+
+@pytest.mark.parametrize("spec", ["fam:8x1+4", "bswa:8x2"])
+def test_tiny_from_scratch_steps_reduce_the_loss(spec):
+    run = train_policy(spec, TinyConfig(steps=30, batch=8, lr=3e-3), progress=False)
+    assert mean(run.losses[:3]) > 4.0  # ~ln(128) at random init
+    assert mean(run.losses[-5:]) < mean(run.losses[:3]) - 1.0  # it learnt at least that answers are digits
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tiny_folder(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def trained(folder, tmp_path_factory):
+    """A few LoRA steps on PassKey text through the FAM schedule, checkpoint written."""
+    out = tmp_path_factory.mktemp("ckpt") / "fam"
+    cfg = FamTrainConfig(model=str(folder), policy="fam:32x1+4", steps=12, lr=1e-2, prompt_lr=1e-2, lora_rank=4,
+                         min_len=250, max_len=270, log_every=4)
+    return train(cfg, out=out, progress=False), out
+
+
+def test_lora_steps_reduce_the_loss(trained):
+    res, _ = trained
+    assert len(res.losses) == 12 and all(torch.isfinite(torch.tensor(res.losses)))
+    assert mean(res.losses[-3:]) < mean(res.losses[:3]) - 0.5
+
+
+def test_checkpoint_round_trip_identical_logits(trained, folder):
+    res, out = trained
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "fam.json", "prompt.safetensors"]
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+    model, tok, policy = load_fam(out)
+    assert policy.spec == "fam:32x1+4" and tok is not None
+    ids = torch.randint(0, 257, (1, 100), generator=torch.Generator().manual_seed(0))
+    trained_model = res.module.model
+    with torch.no_grad():
+        want = parallel_forward(trained_model, ids, policy, res.module.prompt)
+        got = parallel_forward(model, ids, policy, model.fam_prompt)
+    assert (want - got).abs().max().item() < 1e-4
+    assert torch.equal(model.fam_prompt.embeddings, res.module.prompt.embeddings)
+    # the streaming path picks the prompt up from the model
+    lp = Stream(model, policy).feed(ids)[:, 1:]
+    ref = torch.log_softmax(want, -1)[:, :-1].gather(2, ids[:, 1:, None])[..., 0]
+    assert (lp - ref).abs().max().item() < 1e-4
+    # the LoRA changed the weights, and the identity tells the checkpoint from its base model
+    base = Stream(load(folder)[0], policy)
+    assert model.identity != base.model.identity and model.identity.startswith(base.model.identity.split("+")[0][:6])
+
+
+def test_stream_saved_on_fam_weights_refuses_the_base_model(trained, folder, tmp_path):
+    _, out = trained
+    model, _, policy = load_fam(out)
+    s = Stream(model, policy)
+    s.feed(torch.arange(40) % 257)
+    s.save(tmp_path / "s.safetensors")
+    Stream.load(tmp_path / "s.safetensors", model)
+    with pytest.raises(EndlessError, match="another model"):
+        Stream.load(tmp_path / "s.safetensors", load(folder)[0])
+
+
+def test_corrupt_checkpoint_is_a_clear_error(trained, tmp_path):
+    _, out = trained
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    data = bytearray((bad / "prompt.safetensors").read_bytes())
+    data[-3] ^= 0xFF
+    (bad / "prompt.safetensors").write_bytes(bytes(data))
+    with pytest.raises(EndlessError, match="checksum mismatch in prompt.safetensors"):
+        load_fam(bad)
+    shutil.rmtree(bad)
+    shutil.copytree(out, bad)
+    (bad / "adapter" / "adapter_config.json").unlink()
+    with pytest.raises(EndlessError, match="adapter/adapter_config.json is missing"):
+        load_fam(bad)
+    (bad / "fam.json").write_text("{not json")
+    with pytest.raises(EndlessError, match="unreadable"):
+        load_fam(bad)
+    (bad / "fam.json").unlink()
+    with pytest.raises(EndlessError, match="fam.json is missing"):
+        load_fam(bad)
+    with pytest.raises(EndlessError, match="no FAM checkpoint"):
+        load_fam(tmp_path / "nowhere")
+
+
+def test_checkpoint_on_another_base_model_is_refused(trained, tmp_path):
+    _, out = trained
+    other = tiny_folder(tmp_path / "other", seed=1)
+    with pytest.raises(EndlessError, match="another base model"):
+        load_fam(out, base_model=str(other))
+
+
+def test_cli_fam_tiny_json(tmp_path):
+    path = tmp_path / "tiny.json"
+    assert main(["train", "fam-tiny", "--steps", "3", "--batch", "4", "--policies", "fam:8x0+4;bswa:8x1",
+                 "--eval-lengths", "24,40", "--eval-examples", "3", "--json", str(path)]) == 0
+    data = json.loads(path.read_text())
+    assert {(r["policy"], r["length"]) for r in data["results"]} == {(p, n) for p in ("fam:8x0+4", "bswa:8x1") for n in (24, 40)}
+    assert all(len(r["loss"]) == 3 for r in data["runs"])
+
+
+def test_two_processes_with_torchrun(folder, tmp_path):
+    """`endless train fam` under torchrun with 2 CPU processes: both ranks train (DDP over gloo),
+    rank 0 alone writes the checkpoint."""
+    out = tmp_path / "runs" / "fam"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "endless.cli.main", "-v", "train", "fam", "--model", str(folder), "--policy", "fam:32x0+2",
+           "--steps", "2", "--min-len", "250", "--max-len", "260", "--lora-rank", "2", "--out", str(out),
+           "--eval-examples", "1", "--json", str(tmp_path / "runs" / "train.json")]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "rank 0 of 2: 2 steps" in p.stderr and "rank 1 of 2: 2 steps" in p.stderr
+    assert p.stderr.count("wrote the checkpoint") == 1 and "rank 0 wrote the checkpoint" in p.stderr
+    assert sorted(x.name for x in (tmp_path / "runs").iterdir()) == ["fam", "train.json"]
+    data = json.loads((tmp_path / "runs" / "train.json").read_text())
+    assert data["processes"] == 2 and len(data["loss"]) == 2 and data["results"][0]["policy"] == "fam:32x0+2"
+    assert load_fam(out)[2].spec == "fam:32x0+2"
