@@ -118,7 +118,7 @@ def run_cli(*args):
 
 def test_cli_eval_passkey_json(tmp_path):
     folder = tiny_folder(tmp_path / "tiny")
-    code, out, err = run_cli("eval-passkey", "--model", str(folder), "--policy", "fam:32x1+4", "--policy", "bswa:32x1",
+    code, out, err = run_cli("eval", "passkey", "--model", str(folder), "--policy", "fam:32x1+4", "--policy", "bswa:32x1",
                              "--lengths", "250,300", "--depths", "0.5", "--examples", "2", "--threads", "1",
                              "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png"))
     assert code == 0, err
@@ -131,9 +131,9 @@ def test_cli_eval_passkey_json(tmp_path):
 
 def test_cli_eval_passkey_bad_input_is_one_line(tmp_path):
     folder = tiny_folder(tmp_path / "tiny")
-    code, _, err = run_cli("eval-passkey", "--model", str(folder), "--lengths", "50", "--threads", "1")
+    code, _, err = run_cli("eval", "passkey", "--model", str(folder), "--lengths", "50", "--threads", "1")
     assert code == 2 and "Traceback" not in err and "at least" in err and len(err.strip().splitlines()) == 1
-    code, _, err = run_cli("eval-passkey", "--fam", str(tmp_path / "nothing"), "--threads", "1")
+    code, _, err = run_cli("eval", "passkey", "--fam", str(tmp_path / "nothing"), "--threads", "1")
     assert code == 2 and "no FAM checkpoint" in err and "Traceback" not in err
 
 

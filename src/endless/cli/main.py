@@ -22,7 +22,7 @@ COMMANDS = [
     "demo",
     "bench",
     "train",
-    "passkey",
+    "eval",
 ]
 
 

@@ -1,9 +1,4 @@
-"""``endless eval-passkey``: PassKey accuracy at given lengths and depths (PAPERS.md section 3).
-
-``add_parser`` registers the top-level ``eval-passkey`` command; ``add_to(eval_subparsers)``
-registers the same thing as ``passkey`` under an ``endless eval`` group (one line in the
-``eval`` module, when there is one).
-"""
+"""``endless eval passkey``: PassKey accuracy at given lengths and depths (PAPERS.md section 3)."""
 
 from __future__ import annotations
 
@@ -61,11 +56,6 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the results as JSON")
     p.add_argument("--plot", type=Path, default=None, metavar="PNG", help="plot accuracy against length")
     p.set_defaults(func=run)
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    _configure(sub.add_parser("eval-passkey", help="PassKey accuracy at given lengths and depths, any policy or FAM checkpoint",
-                              description=DESCRIPTION))
 
 
 def add_to(eval_sub: argparse._SubParsersAction) -> None:
