@@ -38,13 +38,16 @@ def _digest(tensors: dict[str, torch.Tensor], extra: dict[str, str] | None = Non
     return h.hexdigest()
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then move the finished file over ``path``."""
+def atomic_write(path: Path, write, *, mode: int = 0o644) -> None:
+    """Call ``write(tmp_path)`` then move the finished file over ``path`` with permissions
+    ``mode`` (results are world-readable; a saved stream, which may hold a private chat, is
+    written 0o600 by ``save_stream``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, mode)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -69,7 +72,7 @@ def save_stream(stream, path: Path, extra: dict[str, str] | None = None) -> None
     }
     for key, value in (extra or {}).items():
         meta[f"extra.{key}"] = value
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), mode=0o600)
 
 
 def read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -12,6 +12,8 @@ import importlib
 
 # task name -> module under endless.cli
 TASKS = {
+    "ppl": "eval_ppl",
+    "sinks": "eval_sinks",
     "passkey": "passkey",
     "fam-cost": "famcost",
 }
