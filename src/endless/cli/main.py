@@ -23,6 +23,7 @@ COMMANDS = [
     "bench",
     "train",
     "eval",
+    "analyze",
 ]
 
 
