@@ -14,6 +14,7 @@ import importlib
 TASKS = {
     "ppl": "eval_ppl",
     "sinks": "eval_sinks",
+    "streameval": "eval_streameval",
     "passkey": "passkey",
     "fam-cost": "famcost",
 }
