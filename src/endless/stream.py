@@ -9,6 +9,8 @@ Contract (issue "streaming engine"):
 - ``generate()`` decodes token by token from the current state.
 - Several independent streams advance together with ``batch > 1`` (ids of shape (B, C)).
 - Memory is constant for every policy but ``dense``: buffers are allocated at construction.
+- ``snapshot()`` / ``restore(snap)`` branch in memory: restoring gives back exactly the state
+  (and therefore the log-probs) of the moment of the snapshot.
 - ``save(path)`` / ``Stream.load(path, model)`` round-trip the whole state (see
   ``endless.state_io``): resuming gives exactly the log-probs of an uninterrupted stream.
 """
@@ -132,6 +134,24 @@ class Stream:
             yield int(tok[0])
             if int(tok[0]) in stop:
                 return
+
+    # -- branching ----------------------------------------------------------------------------
+
+    def snapshot(self) -> dict:
+        """An in-memory copy of the whole state; ``restore`` returns the stream to it exactly.
+        Used to score several continuations from one point (e.g. the choices of a question)."""
+        return {
+            "tensors": {k: v.clone() for k, v in self.state.state_tensors().items()},
+            "t": self.state.t,
+            "fed": self.fed,
+            "last_logits": None if self.last_logits is None else self.last_logits.clone(),
+        }
+
+    def restore(self, snap: dict) -> None:
+        """Go back to ``snap`` (from ``snapshot`` of this stream), in place where buffers are fixed."""
+        self.state.load_tensors(snap["tensors"], snap["t"])
+        self.fed = snap["fed"]
+        self.last_logits = None if snap["last_logits"] is None else snap["last_logits"].clone()
 
     # -- persistence --------------------------------------------------------------------------
 

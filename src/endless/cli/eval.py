@@ -15,6 +15,7 @@ TASKS = {
     "ppl": "eval_ppl",
     "sinks": "eval_sinks",
     "streameval": "eval_streameval",
+    "arc": "eval_arc",
     "passkey": "passkey",
     "fam-cost": "famcost",
 }
