@@ -1,44 +1,76 @@
-"""``endless demo``: the headline demonstration on the embedded model."""
+"""``endless demo``: the headline demonstration on the embedded model (PAPERS.md section 2,
+Figure 3): a long text streamed under dense attention, window attention and attention sinks."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from endless.cli.common import add_model_args, load_from_args
+from endless.cli.common import add_model_args, load_from_args, write_json
+
+POLICIES = ("dense", "window:256", "sinks:4+252")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="the headline demo on the embedded model",
+        help="the headline demo: a long text under dense, window and attention-sink policies",
         description=(
-            "Continue a short prompt with the embedded SmolLM2 under StreamingLLM attention sinks "
-            "(sinks:4+124: 4 sink tokens and a rolling 124-token window): generation goes on past "
-            "the window with constant memory, printing tokens as they come. Text that left the window "
-            "is forgotten."
+            "Stream the first --tokens tokens of the King James Bible through the embedded SmolLM2 three times "
+            "and score every token: dense attention (keeps everything: fine until the model's trained context of "
+            "8192 tokens, then it degrades), window attention with a 256-token cache (collapses as soon as the "
+            "first tokens are evicted), and StreamingLLM's attention sinks, 4 sinks + 252 recent tokens (the same "
+            "256-token cache, close to dense all along, constant memory and time per token). Prints the table and "
+            "writes the plot of log-perplexity against position (--plot). What leaves the cache is forgotten: "
+            "sinks keep the model fluent, they do not extend its memory (TransformerFAM does)."
         ),
     )
     add_model_args(p, dtype_default="bfloat16")
-    p.add_argument("--tokens", type=int, default=300, help="tokens to generate (default: %(default)s)")
+    p.add_argument("--tokens", type=int, default=10240, help="tokens of the text to stream (default: %(default)s)")
+    p.add_argument("--plot", type=Path, default=Path("endless-demo.png"), metavar="PNG",
+                   help="where to draw the plot (default: %(default)s)")
+    p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the results as JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from endless.stream import Stream
+    from tqdm import tqdm
 
-    model, tok = load_from_args(args)
-    stream = Stream(model, "sinks:4+124")
-    prompt = "In the beginning God created the heaven and the earth."
-    print(f"policy sinks:4+124 (a 128-token cache), generating {args.tokens} tokens:\n{prompt}", end="")
-    stream.feed(tok(prompt, return_tensors="pt").input_ids[0], logprobs=False)
-    out, shown = [], ""
-    for t in stream.generate(args.tokens, temperature=0.7, seed=0):
-        out.append(t)
-        text = tok.decode(out, skip_special_tokens=True)
-        if not text.endswith("\ufffd"):
-            sys.stdout.write(text[len(shown):])
-            sys.stdout.flush()
-            shown = text
-    print(f"\n\n[{stream.position} tokens through a {stream.state.capacity}-slot cache]")
+    from endless.errors import EndlessError
+    from endless.eval.ppl import evaluate, plot, table
+    from endless.eval.texts import text_ids
+    from endless.stream import as_transformer
+
+    if args.tokens < 300:
+        raise EndlessError("--tokens must be >= 300 (longer than the 256-token cache)")
+    hf, tok = load_from_args(args)
+    model = as_transformer(hf)
+    if model.packed is None:
+        model.pack()
+    ids = text_ids(tok, "kjv", args.tokens, longer_than=257)
+    context = model.dims.context
+    print(f"Streaming {ids.numel()} tokens of the King James Bible through {args.model} ({args.dtype}, trained "
+          f"context {context}) under {', '.join(POLICIES)}.", flush=True)
+    results = []
+    for spec in POLICIES:
+        with tqdm(total=ids.numel(), desc=spec, unit="tok", file=sys.stderr, leave=False) as bar:
+            results.append(evaluate(model, ids, spec, chunk=256, progress=bar.update))
+    print(table(results, reference="dense"))
+    by = {r.policy: r for r in results}
+    win, sinks, dense = by["window:256"], by["sinks:4+252"], by["dense"]
+    print(f"\nSame 256-token cache: window attention {win.ppl:.2f}, attention sinks {sinks.ppl:.2f} "
+          f"({win.ppl / sinks.ppl:.2f}x better with 4 sinks).")
+    if ids.numel() > context + 256:
+        from endless.eval.ppl import perplexity
+
+        past = slice(context, None)  # nll[i] scores token i+1
+        print(f"Past the trained context ({context} tokens): dense {perplexity(dense.nll[past]):.2f}, "
+              f"sinks {perplexity(sinks.nll[past]):.2f}.")
+    plot(results, args.plot, title=f"Streaming perplexity, {args.model}",
+         marks=[(context, f"trained context ({context})")] if ids.numel() > context else [])
+    print(f"Plot: {args.plot}")
+    if args.json:
+        write_json(args.json, {"results": [r.as_dict() for r in results], "model": args.model,
+                               "dtype": args.dtype, "text": "kjv", "command": "endless " + " ".join(sys.argv[1:])})
     return 0
