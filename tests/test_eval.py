@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from fam_helpers import byte_tokenizer, tiny_folder
 
 from endless.cli.eval_sinks import ablation_specs
 from endless.eval.ppl import evaluate, moving_average, perplexity, ratio_to, recompute_nll, streaming_nll
@@ -17,7 +18,6 @@ from endless.eval.streameval import make_stream, run_streameval, stream_text
 from endless.model import Transformer
 from endless.models.tiny import tiny_model
 from endless.stream import Stream
-from fam_helpers import byte_tokenizer, tiny_folder
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +146,7 @@ def test_arc_picks_the_best_choice_per_character_and_keeps_the_gold_answer(model
         return float(s.feed(torch.tensor(tok(" " + choice, add_special_tokens=False).input_ids))[0].double().sum())
 
     history = ""
-    for q, o in zip(qs, outs):
+    for q, o in zip(qs, outs, strict=True):
         prefix = history + PROMPT.format(question=q.question)
         per_char = [loglik(prefix, c) / (len(c) + 1) for c in q.choices]
         assert o.predicted == max(range(len(q.choices)), key=per_char.__getitem__)

@@ -71,7 +71,7 @@ def plot_maps(maps: torch.Tensor, layers: Sequence[int], path: "str | Path", *, 
 
     n = min(tokens, maps.shape[-1])
     fig, axes = plt.subplots(1, len(layers), figsize=(3.0 * len(layers), 3.3), squeeze=False)
-    for ax, layer in zip(axes[0], layers):
+    for ax, layer in zip(axes[0], layers, strict=True):
         m = maps[layer, :, :n, :n].mean(0).numpy()
         m[m <= 0] = float("nan")  # the masked (future) half: left blank
         im = ax.imshow(m, cmap="viridis", norm=LogNorm(vmin=1e-3, vmax=1.0))

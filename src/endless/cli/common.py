@@ -66,3 +66,14 @@ def write_json(path, payload) -> None:
 
     path = Path(path)
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2) + "\n"))
+
+
+def progress(total: int, desc: str, unit: str = "it"):
+    """A tqdm bar on stderr: live on a terminal, one line every 30 s in a log file."""
+    import sys
+
+    from tqdm import tqdm
+
+    tty = sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=tty,
+                mininterval=0.1 if tty else 30.0)

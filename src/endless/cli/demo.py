@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from endless.cli.common import add_model_args, load_from_args, write_json
+from endless.cli.common import add_model_args, load_from_args, progress, write_json
 
 POLICIES = ("dense", "window:256", "sinks:4+252")
 
@@ -35,8 +35,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from endless.errors import EndlessError
     from endless.eval.ppl import evaluate, plot, table
     from endless.eval.texts import text_ids
@@ -54,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
           f"context {context}) under {', '.join(POLICIES)}.", flush=True)
     results = []
     for spec in POLICIES:
-        with tqdm(total=ids.numel(), desc=spec, unit="tok", file=sys.stderr, leave=False) as bar:
+        with progress(ids.numel(), spec, "tok") as bar:
             results.append(evaluate(model, ids, spec, chunk=256, progress=bar.update))
     print(table(results, reference="dense"))
     by = {r.policy: r for r in results}

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from endless.cli.common import add_model_args, load_from_args, write_json
+from endless.cli.common import add_model_args, load_from_args, progress, write_json
 from endless.errors import EndlessError
 
 REFERENCE = "one-at-a-time"
@@ -38,8 +38,6 @@ def add_to(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from endless.config import parse_policy
     from endless.data.arc import load_questions
     from endless.eval.arc import accuracy, isolated, streaming_arc
@@ -55,10 +53,10 @@ def run(args: argparse.Namespace) -> int:
         model.pack()
     runs = []
     if not args.no_reference:
-        with tqdm(total=len(questions), desc=REFERENCE, unit="q", file=sys.stderr, leave=False) as bar:
+        with progress(len(questions), REFERENCE, "q") as bar:
             runs.append((REFERENCE, isolated(model, tok, questions, progress=bar.update)))
     for pol in policies:
-        with tqdm(total=len(questions), desc=pol.spec, unit="q", file=sys.stderr, leave=False) as bar:
+        with progress(len(questions), pol.spec, "q") as bar:
             runs.append((pol.spec, streaming_arc(model, tok, questions, pol, chunk=args.chunk, progress=bar.update)))
     print(f"ARC-Easy, {len(questions)} questions in one stream ({args.fam or args.model}, {args.dtype})")
     print(f"{'policy':22s} {'answered':>9s} {'accuracy':>9s} {'tokens':>8s}")

@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from endless.cli.common import add_model_args, load_from_args, write_json
+from endless.cli.common import add_model_args, load_from_args, progress, write_json
 from endless.errors import EndlessError
 
 DEFAULT_POLICIES = ("sinks:4+1020", "window:1024", "dense")
@@ -51,8 +51,6 @@ def add_to(sub: argparse._SubParsersAction) -> None:
 def run_policies(args: argparse.Namespace, specs, *, title: str, reference: str | None = None):
     """Load the model and text, evaluate every spec, print the table, write JSON/NLL/plot.
     ``specs`` is a list of policy specs, or a function of the tokenizer returning one."""
-    from tqdm import tqdm
-
     from endless.config import parse_policy
     from endless.eval.ppl import evaluate, plot, save_nll, table
     from endless.eval.texts import text_ids
@@ -71,7 +69,7 @@ def run_policies(args: argparse.Namespace, specs, *, title: str, reference: str 
     ids = text_ids(tok, args.text, args.tokens, longer_than=max(spans, default=0))
     results = []
     for pol in policies:
-        with tqdm(total=ids.numel(), desc=pol.spec, unit="tok", file=sys.stderr, leave=False) as bar:
+        with progress(ids.numel(), pol.spec, "tok") as bar:
             results.append(evaluate(model, ids, pol, chunk=args.chunk, recompute_every=args.recompute_every,
                                     progress=bar.update))
     print(f"{ids.numel()} tokens of {args.text or 'kjv'}, {args.dtype}")

@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from endless.cli.common import add_model_args, load_from_args, write_json
+from endless.cli.common import add_model_args, load_from_args, progress, write_json
 from endless.errors import EndlessError
 
 
@@ -52,8 +52,6 @@ def add_to(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from endless.config import parse_policy
     from endless.eval.streameval import accuracy_by_length, make_stream, plot, run_streameval, stream_text
     from endless.stream import as_transformer
@@ -78,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     results, curves, summary = [], {}, []
     distance = None
     for pol in policies:
-        with tqdm(total=len(segments), desc=pol.spec, unit="seg", file=sys.stderr, leave=False) as bar:
+        with progress(len(segments), pol.spec, "seg") as bar:
             outcomes = run_streameval(model, tok, segments, pol, chunk=args.chunk, progress=bar.update)
         rows = accuracy_by_length(outcomes, args.bucket)
         curves[pol.spec] = rows

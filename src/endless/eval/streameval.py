@@ -65,7 +65,7 @@ def make_stream(seed: int, lines: int, *, every: int = 10, back: int = 20, digit
     keys = [f"{ADJECTIVES[i // len(NOUNS)]}-{NOUNS[i % len(NOUNS)]}" for i in picks]
     values = [str(rng.randrange(10 ** (digits - 1), 10**digits)) for _ in range(lines)]
     out = [Segment("Remember the REGISTER_CONTENT of every line; you will be asked for some of them.\n")]
-    for i, (key, value) in enumerate(zip(keys, values)):
+    for i, (key, value) in enumerate(zip(keys, values, strict=True)):
         out.append(Segment(f"line {key}: REGISTER_CONTENT is <{value}>\n", line=i))
         done = i + 1
         if done % every == 0 and done >= back:
