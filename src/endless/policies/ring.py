@@ -34,6 +34,8 @@ import torch
 from endless.config import Policy, Sinks
 from endless.model import Transformer, gqa_mix, gqa_scores
 
+SCORE_BLOCK = 1 << 22  # elements of one block of attention scores (16 MB in float32)
+
 DENSE_INITIAL = 1024
 
 
@@ -131,16 +133,34 @@ class RingKV:
             return self._attend_one(st, kbuf, vbuf, q, k, v)
         kbuf.index_copy_(2, st.slots, _rotate(k, st.cos, st.sin))
         vbuf.index_copy_(2, st.slots, v)
-        scores = gqa_scores(_rotate(q, st.qcos, st.qsin), kbuf)  # (B, KV, G, C, N), scaled
-        if st.sink is not None:
+        qr = _rotate(q, st.qcos, st.qsin)  # (B, H, C, D), scaled
+        qs = None if st.sink is None else _rotate(q, *st.sink)
+        b, h, c, _ = q.shape
+        # Queries in row blocks so a block's scores stay under SCORE_BLOCK elements: a long
+        # dense cache would otherwise make (B, H, C, N) float32 temporaries of hundreds of MB,
+        # freshly mapped (and page-faulted) on every layer. Rows are independent: same numbers.
+        rows = max(1, min(c, SCORE_BLOCK // max(1, b * h * kbuf.shape[2])))
+        if rows == c:
+            return gqa_mix(self._probs(qr, qs, kbuf, st.bias, vbuf.dtype), vbuf)
+        out = torch.empty_like(qr)
+        for lo in range(0, c, rows):
+            hi = min(c, lo + rows)
+            p = self._probs(qr[:, :, lo:hi], None if qs is None else qs[:, :, lo:hi], kbuf, st.bias[lo:hi], vbuf.dtype)
+            out[:, :, lo:hi] = gqa_mix(p, vbuf)
+        return out
+
+    def _probs(self, qr, qs, kbuf, bias, dtype) -> torch.Tensor:
+        """Attention probabilities (B, KV, G, C, N) of rotated queries ``qr`` over the cache;
+        with sinks past S+W the sink columns are scored by ``qs`` (queries at S+W)."""
+        scores = gqa_scores(qr, kbuf)  # (B, KV, G, C, N)
+        if qs is not None:
             # Sinks sit at in-cache positions 0..S-1 and the query at min(t, S+W).
             s = self.n_sinks
-            scores[..., :s] = gqa_scores(_rotate(q, *st.sink), kbuf[:, :, :s])
+            scores[..., :s] = gqa_scores(qs, kbuf[:, :, :s])
         if scores.dtype == torch.float32:
-            p = torch.softmax(scores.add_(st.bias), dim=-1)
-        else:  # softmax in float32 (the bias promotes), probabilities back in the KV dtype
-            p = torch.softmax(scores + st.bias, dim=-1).to(vbuf.dtype)
-        return gqa_mix(p, vbuf)
+            return torch.softmax(scores.add_(bias), dim=-1)
+        # softmax in float32 (the bias promotes), probabilities back in the KV dtype
+        return torch.softmax(scores + bias, dim=-1).to(dtype)
 
     def _attend_one(self, st: "_Step", kbuf, vbuf, q, k, v) -> torch.Tensor:
         """``attend`` for a single new token, in as few tensor ops as possible (it runs for every
