@@ -27,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         ),
     )
     add_model_args(p, dtype_default="bfloat16")
-    p.add_argument("--tokens", type=int, default=10240, help="tokens of the text to stream (default: %(default)s)")
+    p.add_argument("--tokens", type=int, default=12288, help="tokens of the text to stream (default: %(default)s)")
     p.add_argument("--plot", type=Path, default=Path("endless-demo.png"), metavar="PNG",
                    help="where to draw the plot (default: %(default)s)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the results as JSON")
@@ -58,12 +58,14 @@ def run(args: argparse.Namespace) -> int:
     by = {r.policy: r for r in results}
     win, sinks, dense = by["window:256"], by["sinks:4+252"], by["dense"]
     print(f"\nSame 256-token cache: window attention {win.ppl:.2f}, attention sinks {sinks.ppl:.2f} "
-          f"({win.ppl / sinks.ppl:.2f}x better with 4 sinks).")
+          f"({win.ppl / sinks.ppl:.2f}x lower perplexity with 4 sinks).")
     if ids.numel() > context + 256:
         from endless.eval.ppl import perplexity
 
-        past = slice(context, None)  # nll[i] scores token i+1
-        print(f"Past the trained context ({context} tokens): dense {perplexity(dense.nll[past]):.2f}, "
+        inside, past = slice(None, context - 1), slice(context - 1, None)  # nll[i] scores token i+1
+        print(f"Tokens 1-{context - 1} (inside the trained context): dense {perplexity(dense.nll[inside]):.2f}, "
+              f"sinks {perplexity(sinks.nll[inside]):.2f} with a 256-token cache instead of up to {context}.")
+        print(f"Tokens {context}-{ids.numel() - 1} (past it): dense {perplexity(dense.nll[past]):.2f}, "
               f"sinks {perplexity(sinks.nll[past]):.2f}.")
     plot(results, args.plot, title=f"Streaming perplexity, {args.model}",
          marks=[(context, f"trained context ({context})")] if ids.numel() > context else [])
