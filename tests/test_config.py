@@ -2,7 +2,7 @@
 
 import pytest
 
-from endless.config import BSWA, Dense, Recompute, Sinks, Window, check_fits, parse_policy
+from endless.config import BSWA, FAM, Dense, Recompute, Sinks, Window, check_fits, parse_policy
 from endless.errors import EndlessError
 
 
@@ -15,6 +15,9 @@ from endless.errors import EndlessError
         ("sinks:4+1020", Sinks(4, 1020)),
         ("sinks:4+1020,sink=#198", Sinks(4, 1020, sink_token=198)),
         ("bswa:64x3", BSWA(64, 3)),
+        ("fam:64x1+16", FAM(64, 1, 16)),
+        ("fam:8x0+4,noffn,detach", FAM(8, 0, 4, update_ffn=False, detach=True)),
+        ("fam:64x1+16,firstres", FAM(64, 1, 16, first_residual=True)),
     ],
 )
 def test_parse_and_round_trip(spec, obj):
@@ -33,6 +36,7 @@ def test_parse_and_round_trip(spec, obj):
         ("sinks:4", "cannot parse"),
         ("fancy:3", "valid policies"),
         ("sinks:4+100,foo=1", "unknown sinks option"),
+        ("fam:8x1+4,keep", "unknown fam option 'keep'; options: noffn, static, detach, firstres"),
     ],
 )
 def test_bad_specs(spec, words):

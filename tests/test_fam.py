@@ -29,12 +29,21 @@ def parallel_lp(model, ids, spec):
     return lp_of(parallel_forward(model, ids, pol, FamPrompt.neutral(model, getattr(pol, 'fam', 0))), ids)
 
 
-@pytest.mark.parametrize("spec", ["fam:8x1+4", "fam:8x0+4", "fam:5x2+8", "fam:8x1+0"])
+@pytest.mark.parametrize("spec", ["fam:8x1+4", "fam:8x0+4", "fam:5x2+8", "fam:8x1+0", "fam:8x1+4,firstres"])
 @pytest.mark.parametrize("chunk", [1, 7, 64])
 def test_streaming_equals_parallel(model, spec, chunk):
     ids = ids_of(45, seed=1, batch=2)
     got = Stream(model, spec, batch=2, chunk=chunk).feed(ids)[:, 1:]
     assert (got - parallel_lp(model, ids, spec)).abs().max().item() <= 1e-4
+
+
+def test_first_residual_changes_only_what_follows_the_first_update(model):
+    """``firstres`` keeps the initial FAM's residual on the first update: block 0 reads the same
+    initial FAM either way, every later block reads a different one."""
+    ids = ids_of(24, seed=3)
+    zero, keep = parallel_lp(model, ids, "fam:8x1+4"), parallel_lp(model, ids, "fam:8x1+4,firstres")
+    assert torch.equal(zero[:, :8], keep[:, :8])  # lp[j]: the logits at position j
+    assert (zero[:, 8:] - keep[:, 8:]).abs().min().item() > 0
 
 
 def test_f0_equals_bswa_both_forms(model):

@@ -191,6 +191,12 @@ class FAM:
     make sense for experiments: ``update_ffn=False`` drops the FFN on the FAM update,
     ``static_query=True`` queries with the initial FAM instead of the previous one, and
     ``detach=True`` stops gradients between updates.
+
+    ``first_residual=True`` (*ours*, flag ``firstres``) keeps the residual from the initial FAM on
+    the first update instead of the paper's zero residual. On a pretrained model the paper's
+    choice makes the first FAM a lone attention-plus-FFN delta, unlike any hidden state the layer
+    has seen, and an untrained FAM then wrecks the model (SmolLM2 PassKey answer loss 8.8 against
+    0.6 for BSWA); with the residual the untrained FAM already helps (0.17).
     """
 
     block: int
@@ -199,6 +205,7 @@ class FAM:
     update_ffn: bool = True
     static_query: bool = False
     detach: bool = False
+    first_residual: bool = False
     kind = "fam"
     n_sinks = 0
 
@@ -209,7 +216,8 @@ class FAM:
 
     @property
     def spec(self) -> str:
-        flags = [n for n, on in (("noffn", not self.update_ffn), ("static", self.static_query), ("detach", self.detach)) if on]
+        flags = [n for n, on in (("noffn", not self.update_ffn), ("static", self.static_query), ("detach", self.detach),
+                                 ("firstres", self.first_residual)) if on]
         return f"fam:{self.block}x{self.memory}+{self.fam}" + "".join(f",{f}" for f in flags)
 
     def as_bswa(self) -> BSWA:
@@ -259,10 +267,10 @@ def _parse_fam(args: str, kind: str) -> Policy:
     m = re.fullmatch(r"(\d+)x(\d+)\+(\d+)", head)
     if not m:
         raise ValueError(args)
-    known = {"noffn": "update_ffn", "static": "static_query", "detach": "detach"}
+    known = {"noffn": "update_ffn", "static": "static_query", "detach": "detach", "firstres": "first_residual"}
     unknown = [f for f in flags if f not in known]
     if unknown:
-        raise EndlessError(f"unknown fam option {unknown[0]!r}; options: noffn, static, detach")
+        raise EndlessError(f"unknown fam option {unknown[0]!r}; options: {', '.join(known)}")
     opts = {known[f]: f != "noffn" for f in flags}
     return FAM(int(m.group(1)), int(m.group(2)), int(m.group(3)), **opts)
 

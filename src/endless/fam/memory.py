@@ -102,7 +102,8 @@ def fam_update(
     o = full_attention(model, fq, torch.cat([fk, block_k], dim=2), torch.cat([fv, block_v], dim=2))
     b, _, c, _ = o.shape
     attn = model.layers[i].self_attn.o_proj(o.transpose(1, 2).reshape(b, c, -1))
-    a = attn if first else fam + attn  # zero residual on the very first update
+    # the paper: zero residual on the very first update (``firstres`` keeps it, see FAM)
+    a = attn if first and not policy.first_residual else fam + attn
     if not policy.update_ffn:
         return a
     layer = model.layers[i]

@@ -16,6 +16,7 @@ implement it.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -50,6 +51,10 @@ class TinyConfig:
     eval_examples: int = 100
     vocab: int = 128
     init_std: float = 0.02  # initializer_range of the random weights
+    warmup: int = 0  # steps of linear warm-up
+    cosine: bool = False  # cosine decay of the learning rate to zero over the run
+    rsp: float = 0.0  # random state passing: probability of starting from the last final FAM
+    rsp_after: int = 0  # ... from this step on (PAPERS.md: enable once the task is learned)
     seed: int = 0
 
 
@@ -94,6 +99,16 @@ def build_model(policy: Policy, cfg: TinyConfig) -> Transformer:
     return model
 
 
+def lr_factor(step: int, cfg: TinyConfig) -> float:
+    """Learning-rate multiplier at ``step``: linear warm-up, then constant or cosine to zero."""
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    if not cfg.cosine:
+        return 1.0
+    done = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, done)))
+
+
 def train_policy(spec: str, cfg: TinyConfig, *, progress: bool = True) -> TinyRun:
     """Train a fresh tiny model under ``spec`` with the shared budget; loss on the answer digits."""
     policy = parse_policy(spec)
@@ -101,20 +116,30 @@ def train_policy(spec: str, cfg: TinyConfig, *, progress: bool = True) -> TinyRu
     prompt = model.fam_prompt
     params = list(model.hf.parameters()) + ([prompt.embeddings] if prompt is not None else [])
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     rng = random.Random(cfg.seed + 1)  # the same data for every policy
     losses: list[float] = []
     start = time.perf_counter()
     bar = tqdm(range(cfg.steps), desc=spec, disable=not progress, leave=False)
-    for _ in bar:
+    carried: list[torch.Tensor] | None = None  # RSP: the first example's final FAM, detached
+    rsp_rng = random.Random(cfg.seed + 3)  # apart from the data stream: same data with or without RSP
+    for step in bar:
         n = rng.randint(cfg.min_len, cfg.max_len) - cfg.digits
         batch = [digit_example(n, rng.random(), rng=rng, vocab=cfg.vocab, digits=cfg.digits) for _ in range(cfg.batch)]
         ids, targets = collate(batch)
-        logits = parallel_forward(model, ids, policy, prompt)
+        rsp_on = prompt is not None and cfg.rsp > 0 and step >= cfg.rsp_after
+        init = None
+        if rsp_on and carried is not None and rsp_rng.random() < cfg.rsp:
+            init = [s.expand(ids.shape[0], -1, -1) for s in carried]
+        logits, state = parallel_forward(model, ids, policy, prompt, init_state=init, return_state=True)
+        if rsp_on:
+            carried = [s[:1].detach() for s in state]
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        sched.step()
         losses.append(loss.item())
         if len(losses) % 50 == 0:
             bar.set_postfix(loss=f"{sum(losses[-50:]) / 50:.3f}")
