@@ -56,6 +56,17 @@ def atomic_write(path: Path, write, *, mode: int = 0o644) -> None:
         raise
 
 
+def save_png(fig, path: "str | Path", **savefig_kwargs) -> None:
+    """Save a matplotlib figure as a PNG atomically (dpi 120 unless given), then close it."""
+    import matplotlib.pyplot as plt
+
+    savefig_kwargs.setdefault("dpi", 120)
+    try:
+        atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", **savefig_kwargs))
+    finally:
+        plt.close(fig)
+
+
 def save_stream(stream, path: Path, extra: dict[str, str] | None = None) -> None:
     tensors = {f"state.{k}": v.detach().cpu().contiguous() for k, v in stream.state.state_tensors().items()}
     if stream.last_logits is not None:

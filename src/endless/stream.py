@@ -30,6 +30,12 @@ from endless.policies import make_state
 log = logging.getLogger(__name__)
 
 
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] for (B, C, V) float logits and (B, C) targets, without
+    writing the (B, C, V) log-softmax (a chunk's whole vocabulary is costlier than its target)."""
+    return logits.gather(2, targets[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)
+
+
 def as_transformer(model) -> Transformer:
     return model if isinstance(model, Transformer) else Transformer(model)
 
@@ -85,11 +91,10 @@ class Stream:
             part = ids[:, lo : lo + self.chunk]
             logits = self.state.forward(part, last_only=not logprobs).float()
             if logprobs:
-                lp = torch.log_softmax(logits, dim=-1)  # (B, C, V)
                 prev = torch.full((self.batch, 1), float("nan"))
                 if self.last_logits is not None:
-                    prev = torch.log_softmax(self.last_logits, dim=-1).gather(1, part[:, :1])
-                inner = lp[:, :-1].gather(2, part[:, 1:, None])[..., 0]  # token c given <= c-1
+                    prev = token_logprobs(self.last_logits[:, None], part[:, :1])
+                inner = token_logprobs(logits[:, :-1], part[:, 1:])  # token c given <= c-1
                 out.append(torch.cat([prev, inner], dim=1))
             self.last_logits = logits[:, -1]
         return torch.cat(out, dim=1) if logprobs else None

@@ -67,7 +67,7 @@ def plot_maps(maps: torch.Tensor, layers: Sequence[int], path: "str | Path", *, 
     import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
 
-    from endless.state_io import atomic_write
+    from endless.state_io import save_png
 
     n = min(tokens, maps.shape[-1])
     fig, axes = plt.subplots(1, len(layers), figsize=(3.0 * len(layers), 3.3), squeeze=False)
@@ -82,8 +82,7 @@ def plot_maps(maps: torch.Tensor, layers: Sequence[int], path: "str | Path", *, 
             ax.set_yticks(range(n), [repr(t)[1:-1][:6] for t in labels[:n]], fontsize=6)
     axes[0][0].set_ylabel("query", fontsize=8)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="attention (mean over heads)")
-    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
-    plt.close(fig)
+    save_png(fig, path, bbox_inches="tight")
 
 
 def plot_token0(share0: torch.Tensor, path: "str | Path", *, uniform: float, title: str) -> None:
@@ -93,7 +92,7 @@ def plot_token0(share0: torch.Tensor, path: "str | Path", *, uniform: float, tit
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from endless.state_io import atomic_write
+    from endless.state_io import save_png
 
     mean, lo, hi = share0.mean(1), share0.min(1).values, share0.max(1).values
     x = torch.arange(share0.shape[0]).numpy()
@@ -108,8 +107,7 @@ def plot_token0(share0: torch.Tensor, path: "str | Path", *, uniform: float, tit
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
+    save_png(fig, path)
 
 
 __all__ = ["attention_maps", "first_k_share", "plot_maps", "plot_token0", "uniform_share"]

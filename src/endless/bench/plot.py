@@ -20,6 +20,8 @@ def plot(result: dict, path: "str | Path") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from endless.state_io import save_png
+
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.6))
     for dtype, run in result["runs"].items():
         caches = [c["cache"] for c in run["decode"]]
@@ -55,9 +57,4 @@ def plot(result: dict, path: "str | Path") -> None:
     mach = result["machine"]
     fig.suptitle(f"endless bench: {result['config']['model']}, {mach['cpu']}, {mach['threads']} thread(s)", fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_png(fig, path, dpi=110)

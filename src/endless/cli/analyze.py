@@ -7,18 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from endless.cli.common import add_model_args, load_from_args, write_json
+from endless.cli.common import add_model_args, load_from_args, number_list, write_json
 from endless.errors import EndlessError
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 0:
-        raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
-    return values
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -38,9 +28,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_args(a, dtype_default="float32")
     a.add_argument("--text", default=None, metavar="FILE", help="UTF-8 text file, or kjv (default), shakespeare")
     a.add_argument("--tokens", type=int, default=256, help="tokens analysed (default: %(default)s)")
-    a.add_argument("--first", type=_ints, default=(1, 4), metavar="K,K",
+    a.add_argument("--first", type=number_list(int, low=0), default=(1, 4), metavar="K,K",
                    help="measure attention on the first k tokens for each k (default: 1,4)")
-    a.add_argument("--layers", type=_ints, default=None, metavar="L,L",
+    a.add_argument("--layers", type=number_list(int, low=0), default=None, metavar="L,L",
                    help="layers drawn in --plot (default: first two, middle, last)")
     a.add_argument("--map-tokens", type=int, default=16, help="tokens shown in each map (default: %(default)s)")
     a.add_argument("--plot", type=Path, default=None, metavar="PNG", help="attention maps of --layers")

@@ -9,17 +9,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from endless.cli.common import number_list
 from endless.errors import EndlessError
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -40,8 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "both"), default=None,
                    help="compute dtype(s) (default: both; float32 with --quick)")
     p.add_argument("--threads", type=int, default=1, help="torch threads, recorded in the results (default: %(default)s)")
-    p.add_argument("--caches", type=_ints, help="cache lengths, e.g. 256,512,1024,2048,4096")
-    p.add_argument("--positions", type=_ints, help="stream positions for the sinks sweep, e.g. 1024,4096,16384,65536")
+    p.add_argument("--caches", type=number_list(int), help="cache lengths, e.g. 256,512,1024,2048,4096")
+    p.add_argument("--positions", type=number_list(int), help="stream positions for the sinks sweep, e.g. 1024,4096,16384,65536")
     p.add_argument("--window", type=int, help="sinks window of the position sweep (default 1020; 252 with --quick)")
     p.add_argument("--rounds", type=int, help="timed decode steps per implementation and cache length")
     p.add_argument("--ppl-tokens", type=int, help="tokens of text for the perplexity throughput")

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from endless.cli.common import add_model_args, load_from_args
+from endless.cli.common import add_model_args, inference_model, load_from_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -35,11 +35,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from endless.chat import Chat
     from endless.config import parse_policy
-    from endless.stream import Stream, as_transformer
+    from endless.stream import Stream
 
     policy = parse_policy(args.policy)
     hf, tok = load_from_args(args)
-    model = as_transformer(hf)
+    model = inference_model(hf)
     if args.session and args.session.exists():
         chat = Chat.resume(args.session, model, tok, policy)
         print(f"[resumed {args.session}: {len(chat.messages)} messages, {chat.stream.position} tokens]", file=sys.stderr)

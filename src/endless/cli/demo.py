@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from endless.cli.common import add_model_args, load_from_args, progress, write_json
+from endless.cli.common import add_model_args, inference_model, load_from_args, progress, write_json
 
 POLICIES = ("dense", "window:256", "sinks:4+252")
 
@@ -38,14 +38,11 @@ def run(args: argparse.Namespace) -> int:
     from endless.errors import EndlessError
     from endless.eval.ppl import evaluate, plot, table
     from endless.eval.texts import text_ids
-    from endless.stream import as_transformer
 
     if args.tokens < 300:
         raise EndlessError("--tokens must be >= 300 (longer than the 256-token cache)")
     hf, tok = load_from_args(args)
-    model = as_transformer(hf)
-    if model.packed is None:
-        model.pack()
+    model = inference_model(hf)
     ids = text_ids(tok, "kjv", args.tokens, longer_than=257)
     context = model.dims.context
     print(f"Streaming {ids.numel()} tokens of the King James Bible through {args.model} ({args.dtype}, trained "

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from endless.cli.common import add_model_args, load_from_args, progress, write_json
+from endless.cli.common import add_model_args, inference_model, load_from_args, progress, write_json
 from endless.errors import EndlessError
 
 REFERENCE = "one-at-a-time"
@@ -41,16 +41,13 @@ def run(args: argparse.Namespace) -> int:
     from endless.config import parse_policy
     from endless.data.arc import load_questions
     from endless.eval.arc import accuracy, isolated, streaming_arc
-    from endless.stream import as_transformer
 
     if args.questions < 1 or args.chunk < 1:
         raise EndlessError("--questions and --chunk must be >= 1")
     policies = [parse_policy(s) for s in args.policy or ("window:1024", "sinks:4+1020", "dense")]
     questions = load_questions(args.data)[: args.questions]
     hf, tok = load_from_args(args)
-    model = as_transformer(hf)
-    if model.packed is None:
-        model.pack()
+    model = inference_model(hf)
     runs = []
     if not args.no_reference:
         with progress(len(questions), REFERENCE, "q") as bar:

@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from endless.cli.common import add_model_args, load_from_args, progress, write_json
+from endless.cli.common import add_model_args, inference_model, load_from_args, progress, write_json
 from endless.errors import EndlessError
 
 DEFAULT_POLICIES = ("sinks:4+1020", "window:1024", "dense")
@@ -54,7 +54,6 @@ def run_policies(args: argparse.Namespace, specs, *, title: str, reference: str 
     from endless.config import parse_policy
     from endless.eval.ppl import evaluate, plot, save_nll, table
     from endless.eval.texts import text_ids
-    from endless.stream import as_transformer
 
     if min(args.chunk, args.smooth, args.recompute_every) < 1:
         raise EndlessError("--chunk, --smooth and --recompute-every must be >= 1")
@@ -62,9 +61,7 @@ def run_policies(args: argparse.Namespace, specs, *, title: str, reference: str 
         [parse_policy(s) for s in specs]  # bad specs fail before the model loads
     hf, tok = load_from_args(args)
     policies = [parse_policy(s) for s in (specs(tok) if callable(specs) else specs)]
-    model = as_transformer(hf)
-    if model.packed is None:
-        model.pack()  # inference-only fused weights: faster, same numbers within 1e-5
+    model = inference_model(hf)
     spans = [p.span() for p in policies if p.span() is not None]
     ids = text_ids(tok, args.text, args.tokens, longer_than=max(spans, default=0))
     results = []

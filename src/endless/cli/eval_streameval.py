@@ -7,18 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from endless.cli.common import add_model_args, load_from_args, progress, write_json
+from endless.cli.common import add_model_args, inference_model, load_from_args, number_list, progress, write_json
 from endless.errors import EndlessError
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 9:
-        raise argparse.ArgumentTypeError(f"cache sizes must be >= 9, got {text!r}")
-    return values
 
 
 def add_to(sub: argparse._SubParsersAction) -> None:
@@ -36,7 +26,7 @@ def add_to(sub: argparse._SubParsersAction) -> None:
     )
     add_model_args(p, dtype_default="bfloat16")
     p.add_argument("--policy", action="append", default=None, metavar="SPEC", help="policy to evaluate; repeat for several")
-    p.add_argument("--caches", type=_ints, default=(256, 1024), metavar="C,C",
+    p.add_argument("--caches", type=number_list(int, low=9, what="cache sizes"), default=(256, 1024), metavar="C,C",
                    help="cache sizes for the default sinks/window policies (default: 256,1024)")
     p.add_argument("--no-dense", action="store_true", help="leave dense out of the default policies")
     p.add_argument("--lines", type=int, default=400, help="lines in the stream (default: %(default)s)")
@@ -54,7 +44,6 @@ def add_to(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from endless.config import parse_policy
     from endless.eval.streameval import accuracy_by_length, make_stream, plot, run_streameval, stream_text
-    from endless.stream import as_transformer
 
     for name in ("lines", "every", "back", "digits", "bucket", "chunk"):
         if getattr(args, name) < 1:
@@ -70,9 +59,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise EndlessError(str(e)) from None
     hf, tok = load_from_args(args)
-    model = as_transformer(hf)
-    if model.packed is None:
-        model.pack()
+    model = inference_model(hf)
     results, curves, summary = [], {}, []
     distance = None
     for pol in policies:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from endless.cli.common import add_model_args, load_from_args, write_json
+from endless.cli.common import add_model_args, inference_model, load_from_args, write_json
 from endless.errors import EndlessError
 
 
@@ -33,7 +33,6 @@ def add_to(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from endless.config import FAM, parse_policy
     from endless.eval.fam_cost import measure, ratios
-    from endless.stream import as_transformer
 
     pol = parse_policy(args.policy)
     if not isinstance(pol, FAM):
@@ -43,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is None:
         args.threads = 1  # timings are compared, not maximised
     hf, _ = load_from_args(args, need_tokenizer=False)
-    model = as_transformer(hf)
+    model = inference_model(hf)
     if not args.no_pack and model.packed is None:
         model.pack()
     results = measure(model, pol.spec, warmup=args.warmup, rounds=args.rounds)

@@ -7,7 +7,7 @@ import random
 import sys
 from pathlib import Path
 
-from endless.cli.common import add_model_args, load_from_args, write_json
+from endless.cli.common import add_model_args, inference_model, load_from_args, number_list, write_json
 from endless.errors import EndlessError
 
 DESCRIPTION = (
@@ -19,33 +19,15 @@ DESCRIPTION = (
 )
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values or any(not 0 <= v <= 1 for v in values):
-        raise argparse.ArgumentTypeError(f"depths must be in [0, 1], got {text!r}")
-    return values
-
-
-def _lengths(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"lengths must be >= 1, got {text!r}")
-    return values
 
 
 def _configure(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--policy", action="append", default=None, metavar="SPEC",
                    help="policy to evaluate; repeat for several (default: the checkpoint's, else fam:64x1+16)")
-    p.add_argument("--lengths", type=_lengths, default=(1024, 2048, 4096, 8192), metavar="N,N",
+    p.add_argument("--lengths", type=number_list(int, what="lengths"), default=(1024, 2048, 4096, 8192), metavar="N,N",
                    help="prompt lengths in tokens (default: 1024,2048,4096,8192)")
-    p.add_argument("--depths", type=_floats, default=(0.1, 0.3, 0.5, 0.7, 0.9), metavar="D,D",
+    p.add_argument("--depths", type=number_list(float, low=0, high=1, what="depths"), default=(0.1, 0.3, 0.5, 0.7, 0.9), metavar="D,D",
                    help="key depths, 0 = start, 1 = just before the question (default: 0.1,0.3,0.5,0.7,0.9)")
     p.add_argument("--examples", type=int, default=2, help="examples (random keys) per length and depth (default: %(default)s)")
     p.add_argument("--digits", type=int, default=5, help="digits of the key (default: %(default)s)")
@@ -68,7 +50,6 @@ def run(args: argparse.Namespace) -> int:
 
     from endless.config import FAM, parse_policy
     from endless.eval.passkey import passkey_accuracy, plot, summarize, table
-    from endless.stream import as_transformer
     from endless.train.data import PasskeyFormat, random_key
 
     for name in ("examples", "batch", "chunk", "digits"):
@@ -76,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
             raise EndlessError(f"--{name} must be >= 1")
     specs = [parse_policy(s) for s in args.policy or []]  # bad specs fail before the model loads
     hf, tok = load_from_args(args)
-    model = as_transformer(hf)
+    model = inference_model(hf)
     if not specs:
         if args.fam:
             from endless.fam.checkpoint import read_meta

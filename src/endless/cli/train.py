@@ -15,18 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-from endless.cli.common import add_model_args, write_json
+from endless.cli.common import add_model_args, number_list, write_json
 from endless.errors import EndlessError
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"values must be >= 1, got {text!r}")
-    return values
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -74,7 +64,7 @@ def _add_fam(tsub) -> None:
                    help="random state passing: start a step from the last step's final FAM with probability P (paper: 0.8; off by default)")
     p.add_argument("--prompt-init", default=d.prompt_init, help="text whose token embeddings initialise the prompt (default: %(default)r)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-lengths", type=_ints, default=None, metavar="N,N",
+    p.add_argument("--eval-lengths", type=number_list(int), default=None, metavar="N,N",
                    help="after training, PassKey accuracy at these prompt lengths (default: --max-len)")
     p.add_argument("--eval-examples", type=int, default=10, help="examples per evaluation length (default: %(default)s)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write results and the loss curve as JSON")
@@ -99,10 +89,10 @@ def _add_tiny(tsub) -> None:
     p.add_argument("--lr", type=float, default=d.lr, help="(default: %(default)s)")
     p.add_argument("--block", type=int, default=d.block, help="B (default: %(default)s)")
     p.add_argument("--fam", type=int, default=d.fam, help="F (default: %(default)s)")
-    p.add_argument("--memories", type=_ints_or_zero, default=d.memories, help="values of M (default: 0,1)")
+    p.add_argument("--memories", type=number_list(int, low=0), default=d.memories, help="values of M (default: 0,1)")
     p.add_argument("--policies", default=None, help="comma-free list separated by ';' of specs to run instead of the default set")
     p.add_argument("--ablation", action="store_true", help="add the paper's ablations")
-    p.add_argument("--eval-lengths", type=_ints, default=d.eval_lengths, help="(default: 96,384,6144)")
+    p.add_argument("--eval-lengths", type=number_list(int), default=d.eval_lengths, help="(default: 96,384,6144)")
     p.add_argument("--eval-examples", type=int, default=d.eval_examples, help="examples per length (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
@@ -110,15 +100,6 @@ def _add_tiny(tsub) -> None:
     p.add_argument("--plot", type=Path, default=None, metavar="PNG", help="accuracy against length")
     p.set_defaults(func=run_tiny)
 
-
-def _ints_or_zero(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"values must be >= 0, got {text!r}")
-    return values
 
 
 def _threads(args) -> None:

@@ -18,7 +18,6 @@ import logging
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
@@ -152,7 +151,7 @@ def plot(results: Iterable[PasskeyResult], path, *, title: str = "PassKey") -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from endless.state_io import atomic_write
+    from endless.state_io import save_png
 
     results = [r for r in results if r.depth is None]
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
@@ -167,8 +166,7 @@ def plot(results: Iterable[PasskeyResult], path, *, title: str = "PassKey") -> N
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
+    save_png(fig, path)
 
 
 __all__ = ["PasskeyResult", "passkey_accuracy", "summarize", "table", "plot"]

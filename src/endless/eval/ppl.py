@@ -150,7 +150,7 @@ def plot(results: Sequence[PplResult], path: "str | Path", *, smooth: int = 256,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from endless.state_io import atomic_write
+    from endless.state_io import save_png
 
     fig, ax = plt.subplots(figsize=(7.0, 4.2))
     for r in results:
@@ -166,8 +166,7 @@ def plot(results: Sequence[PplResult], path: "str | Path", *, smooth: int = 256,
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def save_nll(results: Sequence[PplResult], path: "str | Path", metadata: dict[str, str] | None = None) -> None:

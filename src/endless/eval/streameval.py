@@ -131,11 +131,10 @@ def plot(curves: dict[str, list[tuple[int, float, int]]], path, *, title: str, d
     import matplotlib
 
     matplotlib.use("Agg")
-    from pathlib import Path
 
     import matplotlib.pyplot as plt
 
-    from endless.state_io import atomic_write
+    from endless.state_io import save_png
 
     fig, ax = plt.subplots(figsize=(7.0, 4.0))
     for policy, rows in curves.items():
@@ -147,8 +146,7 @@ def plot(curves: dict[str, list[tuple[int, float, int]]], path, *, title: str, d
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
+    save_png(fig, path)
 
 
 __all__ = ["Outcome", "Segment", "accuracy_by_length", "make_stream", "plot", "run_streameval", "stream_text"]

@@ -51,10 +51,13 @@ class TinyConfig:
     eval_examples: int = 100
     vocab: int = 128
     init_std: float = 0.02  # initializer_range of the random weights
+    out_std: float | None = None  # std of the o_proj/down_proj weights (None: init_std)
     warmup: int = 0  # steps of linear warm-up
     cosine: bool = False  # cosine decay of the learning rate to zero over the run
     rsp: float = 0.0  # random state passing: probability of starting from the last final FAM
     rsp_after: int = 0  # ... from this step on (PAPERS.md: enable once the task is learned)
+    warm: int = 0  # *ours*: start from the FAM left by up to this many filler tokens (0: off)
+    warm_p: float = 0.5  # ... with this probability per step
     seed: int = 0
 
 
@@ -89,6 +92,11 @@ def build_model(policy: Policy, cfg: TinyConfig) -> Transformer:
     span = policy.span() or cfg.max_len
     hf = tiny_model("llama", seed=cfg.seed, vocab_size=cfg.vocab, max_position_embeddings=max(256, 2 * span),
                     initializer_range=cfg.init_std)
+    if cfg.out_std is not None:  # the projections that write into the residual streams (and the FAM)
+        with torch.no_grad():
+            for layer in hf.model.layers:
+                layer.self_attn.o_proj.weight.normal_(0.0, cfg.out_std)
+                layer.mlp.down_proj.weight.normal_(0.0, cfg.out_std)
     hf.train()
     model = Transformer(hf)
     if isinstance(policy, FAM) and policy.fam:
@@ -107,6 +115,19 @@ def lr_factor(step: int, cfg: TinyConfig) -> float:
         return 1.0
     done = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, done)))
+
+
+def warm_state(model: Transformer, policy: FAM, prompt, n: int, *, rng: random.Random, vocab: int,
+               batch: int) -> list[torch.Tensor] | None:
+    """The FAM (per layer, (batch, F, d), detached) after reading ``n`` random filler tokens from
+    the prompt, or None for n=0: a state with a history of n/B updates, as an endless stream has
+    when its key arrives (*ours*, the same idea as RSP without a stale key to overwrite)."""
+    if n == 0:
+        return None
+    ids = torch.tensor([[rng.randrange(FIRST_FILLER, vocab) for _ in range(n)]])
+    with torch.no_grad():
+        _, state = parallel_forward(model, ids, policy, prompt, return_state=True)
+    return [s.expand(batch, -1, -1) for s in state]
 
 
 def train_policy(spec: str, cfg: TinyConfig, *, progress: bool = True) -> TinyRun:
@@ -131,6 +152,9 @@ def train_policy(spec: str, cfg: TinyConfig, *, progress: bool = True) -> TinyRu
         init = None
         if rsp_on and carried is not None and rsp_rng.random() < cfg.rsp:
             init = [s.expand(ids.shape[0], -1, -1) for s in carried]
+        elif prompt is not None and cfg.warm and rsp_rng.random() < cfg.warm_p:
+            init = warm_state(model, policy, prompt, rsp_rng.randrange(cfg.warm // policy.block + 1) * policy.block,
+                              rng=rsp_rng, vocab=cfg.vocab, batch=ids.shape[0])
         logits, state = parallel_forward(model, ids, policy, prompt, init_state=init, return_state=True)
         if rsp_on:
             carried = [s[:1].detach() for s in state]
