@@ -26,9 +26,34 @@ def mean(xs):
 
 @pytest.mark.parametrize("spec", ["fam:8x1+4", "bswa:8x2"])
 def test_tiny_from_scratch_steps_reduce_the_loss(spec):
-    run = train_policy(spec, TinyConfig(steps=30, batch=8, lr=3e-3), progress=False)
+    cfg = TinyConfig(steps=30, batch=8, lr=3e-3, warmup=0, cosine=False, init_std=0.02)
+    run = train_policy(spec, cfg, progress=False)
     assert mean(run.losses[:3]) > 4.0  # ~ln(128) at random init
     assert mean(run.losses[-5:]) < mean(run.losses[:3]) - 1.0  # it learnt at least that answers are digits
+
+
+def test_warm_state_is_the_streaming_fam_after_the_filler():
+    """``warm`` starts training from the FAM a stream has after n filler tokens: the parallel
+    schedule's final state equals the streaming state's after the same tokens."""
+    import random
+
+    from endless.config import parse_policy
+    from endless.fam.state import FamState
+    from endless.train.tiny import build_model, warm_state
+
+    cfg = TinyConfig()
+    policy = parse_policy("fam:8x1+4")
+    model = build_model(policy, cfg)
+    assert warm_state(model, policy, model.fam_prompt, 0, rng=random.Random(0), vocab=cfg.vocab, batch=2) is None
+    state = warm_state(model, policy, model.fam_prompt, 40, rng=random.Random(0), vocab=cfg.vocab, batch=2)
+    rng = random.Random(0)  # the same draws as warm_state's
+    ids = torch.tensor([[rng.randrange(12, cfg.vocab) for _ in range(40)]])
+    stream = FamState(model, policy, prompt=model.fam_prompt)
+    with torch.no_grad():
+        stream.forward(ids)
+    for layer, s in enumerate(state):
+        assert s.shape == (2, 4, 64)
+        assert torch.allclose(s[1], stream.fam[layer, 0], atol=1e-4)
 
 
 @pytest.fixture(scope="module")
