@@ -97,12 +97,13 @@ def number_list(kind: type = int, *, low: float = 1, high: float | None = None, 
     return parse
 
 
-def inference_model(model):
-    """Our ``Transformer`` over ``model`` with packed inference weights (``endless.packed``: the
-    fast per-token layout, one extra copy of the weights; autograd and LoRA still use the modules)."""
+def inference_model(model, *, pack: bool = True):
+    """Our ``Transformer`` over ``model``, with packed inference weights unless ``pack`` is False
+    (``endless.packed``: the fast per-token layout, one extra copy of the weights; autograd and
+    LoRA still use the modules)."""
     from endless.stream import as_transformer
 
     model = as_transformer(model)
-    if model.packed is None:
+    if pack and model.packed is None:
         model.pack()
     return model

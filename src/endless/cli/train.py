@@ -139,7 +139,7 @@ def run_tiny(args: argparse.Namespace) -> int:
 
         for s in only:
             parse_policy(s)
-    runs = run_experiment(cfg, ablation=args.ablation, only=only, progress=sys.stderr.isatty())
+    runs = run_experiment(cfg, ablation=args.ablation, only=only, progress=True)
     results = [r for run in runs for r in run.results]
     print(table(results))
     print()
@@ -181,7 +181,7 @@ def run_fam(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    res = train(cfg, out=args.out, progress=sys.stderr.isatty())
+    res = train(cfg, out=args.out, progress=True)
     if not res.is_main:
         return 0  # rank 0 reports and evaluates
     results = []

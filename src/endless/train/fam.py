@@ -22,6 +22,7 @@ import copy
 import logging
 import math
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -217,7 +218,8 @@ def train(cfg: FamTrainConfig, *, out: "str | Path | None", cpu: bool | None = N
     carried: list[torch.Tensor] | None = None  # RSP: the first example's final FAM of the last step
     losses: list[float] = []
     start = time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc="train fam", disable=not (progress and acc.is_main_process))
+    bar = tqdm(range(cfg.steps), desc="train fam", disable=not (progress and acc.is_main_process),
+               mininterval=0.1 if sys.stderr.isatty() else 30.0)  # a log file gets a line every 30 s
     for step in bar:
         ids, targets = collate(sampler.batch(), pad=tokenizer.pad_token_id or 0)
         ids, targets = ids.to(acc.device), targets.to(acc.device)
