@@ -143,3 +143,16 @@ def test_stream_batch_equals_single(model):
     examples = [digit_example(24, rng.random(), rng=rng, vocab=128) for _ in range(4)]
     torch.manual_seed(0)
     assert passkey_accuracy(model, "fam:8x0+4", examples, batch=4) == passkey_accuracy(model, "fam:8x0+4", examples, batch=1)
+
+
+@pytest.mark.parametrize("text,ok", [(" 60494.", True), (" 6049459", True), (" 6049.", False), (" 1111111", False),
+                                     (" the key is 60494", True), (" none", False)])
+def test_exact_match_scores_the_first_digits_generated(text, ok):
+    from endless.eval.passkey import _correct
+    from endless.train.data import Example
+
+    class Decode:  # generated "ids" are the characters themselves
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(ids)
+
+    assert _correct(list(text), Example([1], [2], key="60494"), Decode()) is ok

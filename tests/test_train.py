@@ -98,6 +98,17 @@ def test_checkpoint_round_trip_identical_logits(trained, folder):
     assert model.identity != base.model.identity and model.identity.startswith(base.model.identity.split("+")[0][:6])
 
 
+def test_float32_checkpoint_loads_in_bfloat16(trained):
+    """The base is checked and the LoRA merged in the training dtype, then cast: a bfloat16 load
+    gives the float32 model's weights rounded, not a refusal."""
+    _, out = trained
+    ref, _, policy = load_fam(out)
+    half, _, _ = load_fam(out, dtype="bfloat16")
+    assert half.dtype == torch.bfloat16
+    for (name, a), (_, b) in zip(ref.hf.named_parameters(), half.hf.named_parameters(), strict=True):
+        assert torch.equal(a.to(torch.bfloat16), b), name
+
+
 def test_stream_saved_on_fam_weights_refuses_the_base_model(trained, folder, tmp_path):
     _, out = trained
     model, _, policy = load_fam(out)

@@ -44,10 +44,13 @@ class PasskeyResult:
 
 
 def _correct(generated: list[int], example: Example, tokenizer) -> bool:
+    """Exact match: the first digits generated are the key's, all of them. What follows the
+    answer is not scored (training scores the answer only, and a fine-tuned model may run on
+    into more digits: "6049459" answers 60494)."""
     if tokenizer is None:
         return generated[: len(example.answer)] == example.answer
     m = re.search(r"\d+", tokenizer.decode(generated, skip_special_tokens=True))
-    return bool(m) and m.group(0) == example.key
+    return bool(m) and m.group(0)[: len(example.key)] == example.key
 
 
 @torch.inference_mode()

@@ -162,7 +162,10 @@ def load_fam(path: "str | Path", *, dtype: "str | torch.dtype" = "float32", base
         from peft import PeftModel
     except ImportError:
         raise EndlessError("loading a FAM checkpoint needs peft: pip install 'endless-lm[train]'") from None
-    hf, tok = load(base_model or meta["base_model"], dtype=dtype)
+    # The identity hashes weight values, so the base is checked (and the LoRA merged) in the
+    # dtype it was trained in; the merged model is then cast to ``dtype``.
+    train_dtype = str(meta.get("train", {}).get("dtype", "float32"))
+    hf, tok = load(base_model or meta["base_model"], dtype=train_dtype)
     if model_identity(hf) != meta["base_identity"]:
         raise EndlessError(
             f"{path} was trained on another base model ({meta['base_identity']}) than "
@@ -173,6 +176,9 @@ def load_fam(path: "str | Path", *, dtype: "str | torch.dtype" = "float32", base
     except Exception as e:
         raise EndlessError(f"cannot apply the adapter in {path / ADAPTER}: {type(e).__name__}: {str(e)[:120]}") from None
     merged.eval()
+    want = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype))
+    if want != merged.dtype:
+        merged = merged.to(want)
     model = Transformer(merged, pack=pack)
     model.fam_prompt = load_prompt(path, policy)
     model.identity = f"{model.identity}+fam-{digest(meta)[:16]}"
