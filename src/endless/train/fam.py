@@ -238,7 +238,7 @@ def train(cfg: FamTrainConfig, *, out: "str | Path | None", cpu: bool | None = N
         losses.append(mean)
         if (step + 1) % cfg.log_every == 0:
             recent = sum(losses[-cfg.log_every:]) / cfg.log_every
-            bar.set_postfix(loss=f"{recent:.3f}")
+            bar.set_postfix(loss=f"{recent:.3f}", refresh=False)
             log.info("step %d loss %.4f", step + 1, recent)
     seconds = time.perf_counter() - start
     log.info("rank %d of %d: %d steps in %.1f s", acc.process_index, acc.num_processes, cfg.steps, seconds)

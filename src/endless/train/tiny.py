@@ -174,7 +174,7 @@ def train_policy(spec: str, cfg: TinyConfig, *, progress: bool = True) -> TinyRu
         sched.step()
         losses.append(loss.item())
         if len(losses) % 50 == 0:
-            bar.set_postfix(loss=f"{sum(losses[-50:]) / 50:.3f}")
+            bar.set_postfix(loss=f"{sum(losses[-50:]) / 50:.3f}", refresh=False)
     model.hf.eval()
     seconds = time.perf_counter() - start
     log.info("%s: %d steps in %.0f s, final loss %.3f", spec, cfg.steps, seconds, sum(losses[-50:]) / min(50, len(losses)))
