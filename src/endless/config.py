@@ -31,7 +31,8 @@ from endless import masks
 from endless.errors import EndlessError
 
 SPEC_HELP = (
-    "valid policies: dense | window:W | recompute:W | sinks:S+W[,sink=#TOKEN_ID] | bswa:BxM | fam:BxM+F "
+    "valid policies: dense | window:W | recompute:W | sinks:S+W[,sink=#TOKEN_ID] | bswa:BxM "
+    "| fam:BxM+F[,firstres][,noffn|static|detach] "
     "(e.g. sinks:4+1020, window:1024, bswa:64x3, fam:64x1+16)"
 )
 
