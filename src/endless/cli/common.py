@@ -70,13 +70,9 @@ def write_json(path, payload) -> None:
 
 def progress(total: int, desc: str, unit: str = "it"):
     """A tqdm bar on stderr: live on a terminal, one line every 30 s in a log file."""
-    import sys
+    from endless.progress import bar
 
-    from tqdm import tqdm
-
-    tty = sys.stderr.isatty()
-    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=tty,
-                mininterval=0.1 if tty else 30.0)
+    return bar(total=total, desc=desc, unit=unit)
 
 
 def number_list(kind: type = int, *, low: float = 1, high: float | None = None, what: str = "values"):

@@ -108,7 +108,6 @@ def _add_tiny(tsub) -> None:
     p.set_defaults(func=run_tiny)
 
 
-
 def _threads(args) -> None:
     """--threads, else the cores shared among this machine's processes of a distributed launch."""
     import torch
@@ -131,8 +130,6 @@ def run_tiny(args: argparse.Namespace) -> int:
                      memories=args.memories, eval_lengths=args.eval_lengths, eval_examples=args.eval_examples,
                      seed=args.seed, rsp=args.rsp, rsp_after=args.rsp_after, warm=args.warm,
                      **({"warmup": 0, "cosine": False} if args.constant_lr else {}))
-    if not 0 <= cfg.rsp <= 1 or cfg.warm < 0:
-        raise EndlessError("--rsp must be in [0, 1] and --warm >= 0")
     only = [s.strip() for s in args.policies.split(";") if s.strip()] if args.policies else None
     if only:
         from endless.config import parse_policy

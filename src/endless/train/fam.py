@@ -22,7 +22,6 @@ import copy
 import logging
 import math
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -187,10 +186,10 @@ def train(cfg: FamTrainConfig, *, out: "str | Path | None", cpu: bool | None = N
     """Fine-tune and (on rank 0) save a checkpoint at ``out``. ``hf_model``/``tokenizer``
     skip loading ``cfg.model`` (tests). Every process of a distributed launch calls this."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
-    from tqdm import tqdm
 
     from endless.fam.checkpoint import save_fam
     from endless.models import load, model_identity
+    from endless.progress import bar as progress_bar
 
     if cpu is None:
         cpu = not torch.cuda.is_available()
@@ -218,8 +217,7 @@ def train(cfg: FamTrainConfig, *, out: "str | Path | None", cpu: bool | None = N
     carried: list[torch.Tensor] | None = None  # RSP: the first example's final FAM of the last step
     losses: list[float] = []
     start = time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc="train fam", disable=not (progress and acc.is_main_process),
-               mininterval=0.1 if sys.stderr.isatty() else 30.0)  # a log file gets a line every 30 s
+    bar = progress_bar(range(cfg.steps), desc="train fam", disable=not (progress and acc.is_main_process), leave=True)
     for step in bar:
         ids, targets = collate(sampler.batch(), pad=tokenizer.pad_token_id or 0)
         ids, targets = ids.to(acc.device), targets.to(acc.device)

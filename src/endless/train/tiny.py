@@ -24,18 +24,18 @@ from __future__ import annotations
 import logging
 import math
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from endless.config import FAM, Policy, parse_policy
+from endless.errors import EndlessError
 from endless.eval.passkey import PasskeyResult, passkey_accuracy, summarize
 from endless.fam import FamPrompt, parallel_forward
 from endless.model import Transformer
+from endless.progress import bar as progress_bar
 from endless.train.data import FIRST_FILLER, collate, digit_example
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,10 @@ class TinyConfig:
     warm: int = 0  # *ours*: start from the FAM left by up to this many filler tokens (0: off)
     warm_p: float = 0.5  # ... with this probability per step
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.rsp <= 1 and 0 <= self.warm_p <= 1) or self.warm < 0:
+            raise EndlessError("--rsp must be in [0, 1] and --warm >= 0")
 
 
 @dataclass
@@ -148,8 +152,7 @@ def train_policy(spec: str, cfg: TinyConfig, *, progress: bool = True) -> TinyRu
     rng = random.Random(cfg.seed + 1)  # the same data for every policy
     losses: list[float] = []
     start = time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc=spec, disable=not progress, leave=False,
-               mininterval=0.1 if sys.stderr.isatty() else 30.0)
+    bar = progress_bar(range(cfg.steps), desc=spec, disable=not progress)
     carried: list[torch.Tensor] | None = None  # RSP: the first example's final FAM, detached
     rsp_rng = random.Random(cfg.seed + 3)  # apart from the data stream: same data with or without RSP
     for step in bar:
@@ -163,9 +166,11 @@ def train_policy(spec: str, cfg: TinyConfig, *, progress: bool = True) -> TinyRu
         elif prompt is not None and cfg.warm and rsp_rng.random() < cfg.warm_p:
             init = warm_state(model, policy, prompt, rsp_rng.randrange(cfg.warm // policy.block + 1) * policy.block,
                               rng=rsp_rng, vocab=cfg.vocab, batch=ids.shape[0])
-        logits, state = parallel_forward(model, ids, policy, prompt, init_state=init, return_state=True)
-        if rsp_on:
+        if rsp_on:  # the final FAM costs one more update: only computed when RSP carries it
+            logits, state = parallel_forward(model, ids, policy, prompt, init_state=init, return_state=True)
             carried = [s[:1].detach() for s in state]
+        else:
+            logits = parallel_forward(model, ids, policy, prompt, init_state=init)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -191,8 +196,7 @@ def evaluate(run: TinyRun, cfg: TinyConfig, *, progress: bool = True) -> list[Pa
         for n in cfg.eval_lengths
         for _ in range(cfg.eval_examples)
     ]
-    with tqdm(total=len(examples), desc=f"eval {run.policy}", disable=not progress, leave=False,
-              mininterval=0.1 if sys.stderr.isatty() else 30.0) as bar:
+    with progress_bar(total=len(examples), desc=f"eval {run.policy}", disable=not progress) as bar:
         correct = passkey_accuracy(run.model, policy, examples, batch=cfg.eval_examples, method=method, progress=bar.update)
     run.results = summarize(run.policy, examples, correct)
     return run.results
