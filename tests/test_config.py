@@ -18,6 +18,7 @@ from endless.errors import EndlessError
         ("fam:64x1+16", FAM(64, 1, 16)),
         ("fam:8x0+4,noffn,detach", FAM(8, 0, 4, update_ffn=False, detach=True)),
         ("fam:64x1+16,firstres", FAM(64, 1, 16, first_residual=True)),
+        ("fam:64x1+16,firstres,norm", FAM(64, 1, 16, first_residual=True, normalize=True)),
     ],
 )
 def test_parse_and_round_trip(spec, obj):
@@ -36,7 +37,7 @@ def test_parse_and_round_trip(spec, obj):
         ("sinks:4", "cannot parse"),
         ("fancy:3", "valid policies"),
         ("sinks:4+100,foo=1", "unknown sinks option"),
-        ("fam:8x1+4,keep", "unknown fam option 'keep'; options: noffn, static, detach, firstres"),
+        ("fam:8x1+4,keep", "unknown fam option 'keep'; options: noffn, static, detach, firstres, norm"),
     ],
 )
 def test_bad_specs(spec, words):

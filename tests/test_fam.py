@@ -29,7 +29,8 @@ def parallel_lp(model, ids, spec):
     return lp_of(parallel_forward(model, ids, pol, FamPrompt.neutral(model, getattr(pol, 'fam', 0))), ids)
 
 
-@pytest.mark.parametrize("spec", ["fam:8x1+4", "fam:8x0+4", "fam:5x2+8", "fam:8x1+0", "fam:8x1+4,firstres"])
+@pytest.mark.parametrize("spec", ["fam:8x1+4", "fam:8x0+4", "fam:5x2+8", "fam:8x1+0", "fam:8x1+4,firstres",
+                                  "fam:8x1+4,norm"])
 @pytest.mark.parametrize("chunk", [1, 7, 64])
 def test_streaming_equals_parallel(model, spec, chunk):
     ids = ids_of(45, seed=1, batch=2)
@@ -44,6 +45,24 @@ def test_first_residual_changes_only_what_follows_the_first_update(model):
     zero, keep = parallel_lp(model, ids, "fam:8x1+4"), parallel_lp(model, ids, "fam:8x1+4,firstres")
     assert torch.equal(zero[:, :8], keep[:, :8])  # lp[j]: the logits at position j
     assert (zero[:, 8:] - keep[:, 8:]).abs().min().item() > 0
+
+
+def test_norm_keeps_every_fam_row_at_unit_rms(model):
+    """``norm`` rescales each FAM row to unit RMS after every update, in both forms, however long
+    the stream (without it the rows grow with the number of updates)."""
+    ids = ids_of(80, seed=4)
+    for spec in ("fam:8x1+4,norm", "fam:8x1+4"):
+        pol = parse_policy(spec)
+        _, state = parallel_forward(model, ids, pol, FamPrompt.neutral(model, 4), return_state=True)
+        rms = torch.stack([s.pow(2).mean(-1).sqrt() for s in state])
+        stream = Stream(model, spec)
+        stream.feed(ids)
+        srms = stream.state.fam.pow(2).mean(-1).sqrt()
+        if spec.endswith("norm"):
+            assert torch.allclose(rms, torch.ones_like(rms), atol=1e-4)
+            assert torch.allclose(srms, torch.ones_like(srms), atol=1e-4)
+        else:
+            assert (rms - 1).abs().max() > 0.1
 
 
 def test_f0_equals_bswa_both_forms(model):

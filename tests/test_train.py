@@ -32,28 +32,35 @@ def test_tiny_from_scratch_steps_reduce_the_loss(spec):
     assert mean(run.losses[-5:]) < mean(run.losses[:3]) - 1.0  # it learnt at least that answers are digits
 
 
-def test_warm_state_is_the_streaming_fam_after_the_filler():
-    """``warm`` starts training from the FAM a stream has after n filler tokens: the parallel
-    schedule's final state equals the streaming state's after the same tokens."""
+def test_carried_batch_starts_from_the_streaming_fam_after_its_prefix():
+    """``carry`` trains from the FAM a stream has after the prefix that holds the key: the parallel
+    schedule's final state equals the streaming state's after the same tokens, and the graded
+    part holds no key."""
     import random
 
     from endless.config import parse_policy
     from endless.fam.state import FamState
-    from endless.train.tiny import build_model, warm_state
+    from endless.train.data import KEY_MARK
+    from endless.train.tiny import build_model, carried_batch
 
-    cfg = TinyConfig()
+    cfg = TinyConfig(batch=2, carry=40)
     policy = parse_policy("fam:8x1+4")
     model = build_model(policy, cfg)
-    assert warm_state(model, policy, model.fam_prompt, 0, rng=random.Random(0), vocab=cfg.vocab, batch=2) is None
-    state = warm_state(model, policy, model.fam_prompt, 40, rng=random.Random(0), vocab=cfg.vocab, batch=2)
-    rng = random.Random(0)  # the same draws as warm_state's
-    ids = torch.tensor([[rng.randrange(12, cfg.vocab) for _ in range(40)]])
-    stream = FamState(model, policy, prompt=model.fam_prompt)
+    ids, targets, state = carried_batch(model, policy, model.fam_prompt, 30, cfg, random.Random(0))
+    assert ids.shape == (2, 34) and (ids != KEY_MARK).all() and (targets[:, -5:] >= 0).any()
+    rng = random.Random(0)  # rebuild the whole sequences from the same draws
+    prefix = rng.randrange(1, 40 // 8 + 1) * 8
+    from endless.train.data import collate, digit_example
+
+    whole, _ = collate([digit_example(prefix + 30, rng.random() * (prefix - 5) / (prefix + 30 - 6), rng=rng,
+                                      vocab=cfg.vocab, digits=4) for _ in range(2)])
+    assert torch.equal(whole[:, prefix:], ids) and (whole[:, :prefix] == KEY_MARK).any(dim=1).all()
+    stream = FamState(model, policy, prompt=model.fam_prompt, batch=2)
     with torch.no_grad():
-        stream.forward(ids)
+        stream.forward(whole[:, :prefix])
     for layer, s in enumerate(state):
         assert s.shape == (2, 4, 64)
-        assert torch.allclose(s[1], stream.fam[layer, 0], atol=1e-4)
+        assert torch.allclose(s, stream.fam[layer], atol=1e-4)
 
 
 @pytest.fixture(scope="module")

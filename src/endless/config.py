@@ -32,7 +32,7 @@ from endless.errors import EndlessError
 
 SPEC_HELP = (
     "valid policies: dense | window:W | recompute:W | sinks:S+W[,sink=#TOKEN_ID] | bswa:BxM "
-    "| fam:BxM+F[,firstres][,noffn|static|detach] "
+    "| fam:BxM+F[,firstres][,norm][,noffn|static|detach] "
     "(e.g. sinks:4+1020, window:1024, bswa:64x3, fam:64x1+16)"
 )
 
@@ -198,6 +198,11 @@ class FAM:
     choice makes the first FAM a lone attention-plus-FFN delta, unlike any hidden state the layer
     has seen, and an untrained FAM then wrecks the model (SmolLM2 PassKey answer loss 8.8 against
     0.6 for BSWA); with the residual the untrained FAM already helps (0.17).
+
+    ``normalize=True`` (*ours*, flag ``norm``) rescales every FAM row to unit RMS after each
+    update. The paper's update is a residual sum, so the FAM's norm grows with every block and a
+    key written late is a vanishing part of it (docs/results.md section 7.2); on the unit sphere
+    the state stays in the range it was trained in however long the stream.
     """
 
     block: int
@@ -207,6 +212,7 @@ class FAM:
     static_query: bool = False
     detach: bool = False
     first_residual: bool = False
+    normalize: bool = False
     kind = "fam"
     n_sinks = 0
 
@@ -218,7 +224,7 @@ class FAM:
     @property
     def spec(self) -> str:
         flags = [n for n, on in (("noffn", not self.update_ffn), ("static", self.static_query), ("detach", self.detach),
-                                 ("firstres", self.first_residual)) if on]
+                                 ("firstres", self.first_residual), ("norm", self.normalize)) if on]
         return f"fam:{self.block}x{self.memory}+{self.fam}" + "".join(f",{f}" for f in flags)
 
     def as_bswa(self) -> BSWA:
@@ -268,7 +274,7 @@ def _parse_fam(args: str, kind: str) -> Policy:
     m = re.fullmatch(r"(\d+)x(\d+)\+(\d+)", head)
     if not m:
         raise ValueError(args)
-    known = {"noffn": "update_ffn", "static": "static_query", "detach": "detach", "firstres": "first_residual"}
+    known = {"noffn": "update_ffn", "static": "static_query", "detach": "detach", "firstres": "first_residual", "norm": "normalize"}
     unknown = [f for f in flags if f not in known]
     if unknown:
         raise EndlessError(f"unknown fam option {unknown[0]!r}; options: {', '.join(known)}")

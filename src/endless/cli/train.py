@@ -93,9 +93,12 @@ def _add_tiny(tsub) -> None:
     p.add_argument("--rsp", type=float, default=d.rsp, metavar="P",
                    help="random state passing with probability P (PAPERS.md; off by default)")
     p.add_argument("--rsp-after", type=int, default=d.rsp_after, metavar="STEP", help="first step of RSP (default: %(default)s)")
-    p.add_argument("--warm", type=int, default=d.warm, metavar="N",
-                   help="with probability 1/2 start a step from the FAM left by up to N random filler tokens "
-                        "(ours; default: %(default)s, off)")
+    p.add_argument("--carry", type=int, default=d.carry, metavar="N",
+                   help="ours: with probability --carry-p a batch's key lies in a prefix of up to N tokens read "
+                        "without gradient, so the FAM must hold it (default: %(default)s, off)")
+    p.add_argument("--carry-p", type=float, default=d.carry_p, metavar="P", help="(default: %(default)s)")
+    p.add_argument("--carry-after", type=int, default=d.carry_after, metavar="STEP",
+                   help="first step of --carry (default: %(default)s)")
     p.add_argument("--memories", type=number_list(int, low=0), default=d.memories, help="values of M (default: 0,1)")
     p.add_argument("--policies", default=None, help="comma-free list separated by ';' of specs to run instead of the default set")
     p.add_argument("--ablation", action="store_true", help="add the paper's ablations")
@@ -128,7 +131,8 @@ def run_tiny(args: argparse.Namespace) -> int:
             raise EndlessError(f"--{name.replace('_', '-')} must be >= 1")
     cfg = TinyConfig(steps=args.steps, batch=args.batch, lr=args.lr, block=args.block, fam=args.fam,
                      memories=args.memories, eval_lengths=args.eval_lengths, eval_examples=args.eval_examples,
-                     seed=args.seed, rsp=args.rsp, rsp_after=args.rsp_after, warm=args.warm,
+                     seed=args.seed, rsp=args.rsp, rsp_after=args.rsp_after,
+                     carry=args.carry, carry_p=args.carry_p, carry_after=args.carry_after,
                      **({"warmup": 0, "cosine": False} if args.constant_lr else {}))
     only = [s.strip() for s in args.policies.split(";") if s.strip()] if args.policies else None
     if only:

@@ -104,7 +104,9 @@ def fam_update(
     attn = model.layers[i].self_attn.o_proj(o.transpose(1, 2).reshape(b, c, -1))
     # the paper: zero residual on the very first update (``firstres`` keeps it, see FAM)
     a = attn if first and not policy.first_residual else fam + attn
-    if not policy.update_ffn:
-        return a
-    layer = model.layers[i]
-    return a + layer.mlp(layer.post_attention_layernorm(a))
+    if policy.update_ffn:
+        layer = model.layers[i]
+        a = a + layer.mlp(layer.post_attention_layernorm(a))
+    if policy.normalize:  # *ours*: keep the state on the unit-RMS sphere (see FAM.normalize)
+        a = a * torch.rsqrt(a.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(a.dtype)
+    return a

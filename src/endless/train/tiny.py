@@ -10,8 +10,9 @@ whose window covered every training sequence.
 Schedule (*ours*, PAPERS.md leaves it open): AdamW, linear warm-up then cosine decay, batch 128,
 weights drawn with std 0.07. With a constant rate, std 0.02 and batch 32 FAM reached 0.30 exact
 match at 96 tokens in the same steps; with this schedule it learns the training lengths exactly.
-``rsp`` is the paper's random state passing; ``warm`` (*ours*) starts a step from the FAM left by
-a random stretch of filler, a state with a long history but no stale key.
+``rsp`` is the paper's random state passing; ``carry`` (*ours*, ``carried_batch``) puts the key
+of some batches in a prefix read without gradient, so the graded part must hold a FAM that has
+already been held for up to ``carry`` tokens.
 
 ``ablations`` are the paper's negative results: static query, no FFN on the update,
 stop-gradient between updates, and F in {1, 4, 16}. The static-query ablation is scored with the
@@ -63,13 +64,16 @@ class TinyConfig:
     cosine: bool = True  # cosine decay to zero (constant lr: 0.30 at 96 tokens, cosine: 0.88)
     rsp: float = 0.0  # random state passing: probability of starting from the last final FAM
     rsp_after: int = 0  # ... from this step on (PAPERS.md: enable once the task is learned)
-    warm: int = 0  # *ours*: start from the FAM left by up to this many filler tokens (0: off)
-    warm_p: float = 0.5  # ... with this probability per step
+    carry: int = 0  # *ours*: the key may sit in a no-gradient prefix of up to this many tokens (0: off)
+    carry_p: float = 0.5  # ... with this probability per step
+    carry_after: int = 0  # ... from this step on
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not (0 <= self.rsp <= 1 and 0 <= self.warm_p <= 1) or self.warm < 0:
-            raise EndlessError("--rsp must be in [0, 1] and --warm >= 0")
+        if not (0 <= self.rsp <= 1 and 0 <= self.carry_p <= 1) or self.carry < 0:
+            raise EndlessError("--rsp and --carry-p must be in [0, 1] and --carry >= 0")
+        if self.carry and self.carry < self.block:
+            raise EndlessError(f"--carry must be 0 or at least one block ({self.block} tokens)")
 
 
 @dataclass
@@ -128,17 +132,27 @@ def lr_factor(step: int, cfg: TinyConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, done)))
 
 
-def warm_state(model: Transformer, policy: FAM, prompt, n: int, *, rng: random.Random, vocab: int,
-               batch: int) -> list[torch.Tensor] | None:
-    """The FAM (per layer, (batch, F, d), detached) after reading ``n`` random filler tokens from
-    the prompt, or None for n=0: a state with a history of n/B updates, as an endless stream has
-    when its key arrives (*ours*, the same idea as RSP without a stale key to overwrite)."""
-    if n == 0:
-        return None
-    ids = torch.tensor([[rng.randrange(FIRST_FILLER, vocab) for _ in range(n)]])
+def carried_batch(model: Transformer, policy: FAM, prompt, n: int, cfg: TinyConfig, rng: random.Random):
+    """(ids, targets, state) of a batch whose key lies in a prefix read without gradient (*ours*).
+
+    Each sequence is a digit PassKey of ``prefix + n`` tokens with its key inside the first
+    ``prefix`` tokens (a random whole number of blocks, up to ``cfg.carry``). The prefix runs
+    under ``no_grad``; the FAM it leaves (per layer (batch, F, d)) starts the graded rest, which
+    is filler, the query and the answer. The only way to the key is the carried FAM: the step
+    trains the update to *hold* a memory it has been holding for a long time, which sequences of
+    16-96 tokens never ask for (truncated back-propagation through time over the FAM).
+    """
+    bl = policy.block
+    prefix = rng.randrange(1, cfg.carry // bl + 1) * bl
+    total = prefix + n
+    fill = total - cfg.digits - 2
+    # depth so that KEY and its digits end inside the prefix
+    batch = [digit_example(total, rng.random() * (prefix - cfg.digits - 1) / fill, rng=rng, vocab=cfg.vocab,
+                           digits=cfg.digits) for _ in range(cfg.batch)]
+    ids, targets = collate(batch)
     with torch.no_grad():
-        _, state = parallel_forward(model, ids, policy, prompt, return_state=True)
-    return [s.expand(batch, -1, -1) for s in state]
+        _, state = parallel_forward(model, ids[:, :prefix], policy, prompt, return_state=True)
+    return ids[:, prefix:], targets[:, prefix:], state
 
 
 def train_policy(spec: str, cfg: TinyConfig, *, progress: bool = True) -> TinyRun:
@@ -154,18 +168,18 @@ def train_policy(spec: str, cfg: TinyConfig, *, progress: bool = True) -> TinyRu
     start = time.perf_counter()
     bar = progress_bar(range(cfg.steps), desc=spec, disable=not progress)
     carried: list[torch.Tensor] | None = None  # RSP: the first example's final FAM, detached
-    rsp_rng = random.Random(cfg.seed + 3)  # apart from the data stream: same data with or without RSP
+    aux_rng = random.Random(cfg.seed + 3)  # RSP and carry draw apart from the plain batches
     for step in bar:
         n = rng.randint(cfg.min_len, cfg.max_len) - cfg.digits
-        batch = [digit_example(n, rng.random(), rng=rng, vocab=cfg.vocab, digits=cfg.digits) for _ in range(cfg.batch)]
-        ids, targets = collate(batch)
-        rsp_on = prompt is not None and cfg.rsp > 0 and step >= cfg.rsp_after
         init = None
-        if rsp_on and carried is not None and rsp_rng.random() < cfg.rsp:
+        if prompt is not None and cfg.carry and step >= cfg.carry_after and aux_rng.random() < cfg.carry_p:
+            ids, targets, init = carried_batch(model, policy, prompt, n, cfg, aux_rng)
+        else:
+            batch = [digit_example(n, rng.random(), rng=rng, vocab=cfg.vocab, digits=cfg.digits) for _ in range(cfg.batch)]
+            ids, targets = collate(batch)
+        rsp_on = prompt is not None and cfg.rsp > 0 and step >= cfg.rsp_after
+        if rsp_on and init is None and carried is not None and aux_rng.random() < cfg.rsp:
             init = [s.expand(ids.shape[0], -1, -1) for s in carried]
-        elif prompt is not None and cfg.warm and rsp_rng.random() < cfg.warm_p:
-            init = warm_state(model, policy, prompt, rsp_rng.randrange(cfg.warm // policy.block + 1) * policy.block,
-                              rng=rsp_rng, vocab=cfg.vocab, batch=ids.shape[0])
         if rsp_on:  # the final FAM costs one more update: only computed when RSP carries it
             logits, state = parallel_forward(model, ids, policy, prompt, init_state=init, return_state=True)
             carried = [s[:1].detach() for s in state]
