@@ -1,7 +1,8 @@
 """Progress bars that suit both a terminal and a log file.
 
 On a terminal the bar is live; when stderr is redirected (nohup, CI, ``> log``) tqdm would write
-every refresh into the file, so the bar refreshes at most once every 30 s there.
+every refresh into the file, so the bar refreshes at most once every 30 s there (and checks the clock on every step:
+tqdm's adaptive step count would otherwise stay silent for minutes when steps slow down).
 """
 
 from __future__ import annotations
@@ -17,4 +18,4 @@ def bar(iterable: Iterable | None = None, *, total: int | None = None, desc: str
 
     tty = sys.stderr.isatty()
     return tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr, leave=leave, disable=disable,
-                dynamic_ncols=tty, mininterval=0.1 if tty else 30.0)
+                dynamic_ncols=tty, mininterval=0.1 if tty else 30.0, miniters=None if tty else 1)

@@ -67,6 +67,17 @@ class FamTrainConfig:
     seed: int = 0
     log_every: int = 10
 
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch", "lora_rank", "min_len", "max_len"):
+            if getattr(self, name) < 1:
+                raise EndlessError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.min_len > self.max_len:
+            raise EndlessError("--min-len must not exceed --max-len")
+        if not 0 <= self.rsp <= 1:
+            raise EndlessError(f"--rsp is a probability, got {self.rsp}")
+        if not 0 <= self.text_fraction <= 1:
+            raise EndlessError(f"--text-fraction is a fraction, got {self.text_fraction}")
+
 
 @dataclass
 class FamTrainResult:
@@ -195,8 +206,6 @@ def train(cfg: FamTrainConfig, *, out: "str | Path | None", cpu: bool | None = N
         cpu = not torch.cuda.is_available()
     # RSP steps skip the prompt (their FAM comes from the previous step): DDP must allow it
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.rsp > 0)
-    if cfg.rsp and not 0 <= cfg.rsp <= 1:
-        raise EndlessError(f"--rsp is a probability, got {cfg.rsp}")
     acc = Accelerator(cpu=cpu, kwargs_handlers=[ddp])
     torch.manual_seed(cfg.seed)
     if hf_model is None:
