@@ -1,8 +1,8 @@
 """Progress bars that suit both a terminal and a log file.
 
 On a terminal the bar is live; when stderr is redirected (nohup, CI, ``> log``) tqdm would write
-every refresh into the file, so the bar refreshes at most once every 30 s there (and checks the clock on every step:
-tqdm's adaptive step count would otherwise stay silent for minutes when steps slow down).
+every refresh into the file, so the bar refreshes at most once every 30 s there. It checks the
+clock on every step: tqdm's adaptive step count would stay silent for minutes when steps slow.
 """
 
 from __future__ import annotations
