@@ -41,7 +41,7 @@ LinearFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _mkldnn_linear(w: torch.Tensor, bias: torch.Tensor | None) -> LinearFn | None:
-    """oneDNN prepacked bf16 weight, or None when this torch/CPU lacks the op."""
+    """oneDNN prepacked weight (float32 or bfloat16), or None when this torch/CPU lacks the op."""
     ops = getattr(torch.ops, "mkldnn", None)
     if ops is None or not hasattr(ops, "_reorder_linear_weight") or not torch.backends.mkldnn.is_available():
         return None

@@ -68,13 +68,6 @@ def write_json(path, payload) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2) + "\n"))
 
 
-def progress(total: int, desc: str, unit: str = "it"):
-    """A tqdm bar on stderr: live on a terminal, one line every 30 s in a log file."""
-    from endless.progress import bar
-
-    return bar(total=total, desc=desc, unit=unit)
-
-
 def number_list(kind: type = int, *, low: float = 1, high: float | None = None, what: str = "values"):
     """An argparse ``type`` for comma-separated numbers ("1024,4096") each within [low, high];
     bad input becomes argparse's one-line usage error (exit code 2)."""

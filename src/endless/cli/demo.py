@@ -7,7 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from endless.cli.common import add_model_args, inference_model, load_from_args, progress, write_json
+from endless.cli.common import add_model_args, inference_model, load_from_args, write_json
+from endless.progress import bar
 
 POLICIES = ("dense", "window:256", "sinks:4+252")
 
@@ -49,8 +50,8 @@ def run(args: argparse.Namespace) -> int:
           f"context {context}) under {', '.join(POLICIES)}.", flush=True)
     results = []
     for spec in POLICIES:
-        with progress(ids.numel(), spec, "tok") as bar:
-            results.append(evaluate(model, ids, spec, chunk=256, progress=bar.update))
+        with bar(total=ids.numel(), desc=spec, unit="tok") as pbar:
+            results.append(evaluate(model, ids, spec, chunk=256, progress=pbar.update))
     print(table(results, reference="dense"))
     by = {r.policy: r for r in results}
     win, sinks, dense = by["window:256"], by["sinks:4+252"], by["dense"]

@@ -6,8 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from endless.cli.common import add_model_args, inference_model, load_from_args, progress, write_json
+from endless.cli.common import add_model_args, inference_model, load_from_args, write_json
 from endless.errors import EndlessError
+from endless.progress import bar
 
 REFERENCE = "one-at-a-time"
 
@@ -50,11 +51,11 @@ def run(args: argparse.Namespace) -> int:
     model = inference_model(hf)
     runs = []
     if not args.no_reference:
-        with progress(len(questions), REFERENCE, "q") as bar:
-            runs.append((REFERENCE, isolated(model, tok, questions, progress=bar.update)))
+        with bar(total=len(questions), desc=REFERENCE, unit="q") as pbar:
+            runs.append((REFERENCE, isolated(model, tok, questions, progress=pbar.update)))
     for pol in policies:
-        with progress(len(questions), pol.spec, "q") as bar:
-            runs.append((pol.spec, streaming_arc(model, tok, questions, pol, chunk=args.chunk, progress=bar.update)))
+        with bar(total=len(questions), desc=pol.spec, unit="q") as pbar:
+            runs.append((pol.spec, streaming_arc(model, tok, questions, pol, chunk=args.chunk, progress=pbar.update)))
     print(f"ARC-Easy, {len(questions)} questions in one stream ({args.fam or args.model}, {args.dtype})")
     print(f"{'policy':22s} {'answered':>9s} {'accuracy':>9s} {'tokens':>8s}")
     results = []

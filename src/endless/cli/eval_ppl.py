@@ -7,8 +7,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from endless.cli.common import add_model_args, inference_model, load_from_args, progress, write_json
+from endless.cli.common import add_model_args, inference_model, load_from_args, write_json
 from endless.errors import EndlessError
+from endless.progress import bar
 
 DEFAULT_POLICIES = ("sinks:4+1020", "window:1024", "dense")
 
@@ -66,9 +67,9 @@ def run_policies(args: argparse.Namespace, specs, *, title: str, reference: str 
     ids = text_ids(tok, args.text, args.tokens, longer_than=max(spans, default=0))
     results = []
     for pol in policies:
-        with progress(ids.numel(), pol.spec, "tok") as bar:
+        with bar(total=ids.numel(), desc=pol.spec, unit="tok") as pbar:
             results.append(evaluate(model, ids, pol, chunk=args.chunk, recompute_every=args.recompute_every,
-                                    progress=bar.update))
+                                    progress=pbar.update))
     print(f"{ids.numel()} tokens of {args.text or 'kjv'}, {args.dtype}")
     print(table(results, reference=reference))
     if args.json:

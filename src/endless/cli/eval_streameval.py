@@ -7,8 +7,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from endless.cli.common import add_model_args, inference_model, load_from_args, number_list, progress, write_json
+from endless.cli.common import add_model_args, inference_model, load_from_args, number_list, write_json
 from endless.errors import EndlessError
+from endless.progress import bar
 
 
 def add_to(sub: argparse._SubParsersAction) -> None:
@@ -63,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
     results, curves, summary = [], {}, []
     distance = None
     for pol in policies:
-        with progress(len(segments), pol.spec, "seg") as bar:
-            outcomes = run_streameval(model, tok, segments, pol, chunk=args.chunk, progress=bar.update)
+        with bar(total=len(segments), desc=pol.spec, unit="seg") as pbar:
+            outcomes = run_streameval(model, tok, segments, pol, chunk=args.chunk, progress=pbar.update)
         rows = accuracy_by_length(outcomes, args.bucket)
         curves[pol.spec] = rows
         results += [{"policy": pol.spec, "length": end, "accuracy": acc, "n": n} for end, acc, n in rows]

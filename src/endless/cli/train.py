@@ -126,10 +126,8 @@ def run_tiny(args: argparse.Namespace) -> int:
     from endless.train.tiny import TinyConfig, config_dict, run_experiment
 
     _threads(args)
-    for name in ("steps", "batch", "eval_examples"):
-        if getattr(args, name) < 1:
-            raise EndlessError(f"--{name.replace('_', '-')} must be >= 1")
-    cfg = TinyConfig(steps=args.steps, batch=args.batch, lr=args.lr, block=args.block, fam=args.fam,
+    cfg = TinyConfig(  # validates itself
+                     steps=args.steps, batch=args.batch, lr=args.lr, block=args.block, fam=args.fam,
                      memories=args.memories, eval_lengths=args.eval_lengths, eval_examples=args.eval_examples,
                      seed=args.seed, rsp=args.rsp, rsp_after=args.rsp_after,
                      carry=args.carry, carry_p=args.carry_p, carry_after=args.carry_after,

@@ -151,8 +151,9 @@ def load_fam(path: "str | Path", *, dtype: "str | torch.dtype" = "float32", base
     """``(model, tokenizer, policy)`` from a checkpoint: the base model (or ``base_model``, if
     it moved) with the LoRA merged, ``model.fam_prompt`` set and a checkpoint-specific identity.
     ``pack`` adds the packed inference weights (faster streaming, one more copy)."""
-    from endless.models import load, model_identity
+    from endless.models import as_dtype, load, model_identity
 
+    want = as_dtype(dtype)  # a bad dtype fails before anything loads
     path = Path(path)
     meta = read_meta(path)
     policy = parse_policy(meta["policy"])
@@ -176,7 +177,6 @@ def load_fam(path: "str | Path", *, dtype: "str | torch.dtype" = "float32", base
     except Exception as e:
         raise EndlessError(f"cannot apply the adapter in {path / ADAPTER}: {type(e).__name__}: {str(e)[:120]}") from None
     merged.eval()
-    want = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype))
     if want != merged.dtype:
         merged = merged.to(want)
     model = Transformer(merged, pack=pack)

@@ -16,6 +16,6 @@ string saved streams record to check they are resumed on the same weights.
 """
 
 from endless.models.arch import SUPPORTED_MODEL_TYPES, check_supported, model_identity
-from endless.models.load import EMBEDDED, cache_dir, load, resolve
+from endless.models.load import EMBEDDED, as_dtype, cache_dir, load, resolve
 
-__all__ = ["load", "resolve", "EMBEDDED", "cache_dir", "SUPPORTED_MODEL_TYPES", "check_supported", "model_identity"]
+__all__ = ["load", "resolve", "as_dtype", "EMBEDDED", "cache_dir", "SUPPORTED_MODEL_TYPES", "check_supported", "model_identity"]

@@ -72,7 +72,8 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     return target
 
 
-def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+def as_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A supported torch dtype from its name or itself; one clear error otherwise."""
     if isinstance(dtype, str):
         dtype = DTYPES.get(dtype.removeprefix("torch."), dtype)
     if dtype not in DTYPES.values():
@@ -96,7 +97,7 @@ def load(
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    dtype = _dtype(dtype)
+    dtype = as_dtype(dtype)
     folder = resolve(name_or_path)
     in_cache = cache_dir() in folder.parents
     redo = f"; delete {folder} to convert it again" if in_cache else ""

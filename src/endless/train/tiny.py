@@ -70,6 +70,9 @@ class TinyConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("steps", "batch", "eval_examples"):
+            if getattr(self, name) < 1:
+                raise EndlessError(f"--{name.replace('_', '-')} must be >= 1")
         if not (0 <= self.rsp <= 1 and 0 <= self.carry_p <= 1) or self.carry < 0:
             raise EndlessError("--rsp and --carry-p must be in [0, 1] and --carry >= 0")
         if self.carry and self.carry < self.block:
