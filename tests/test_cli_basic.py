@@ -151,3 +151,10 @@ def test_truncated_gguf_through_the_process_with_verbose(tmp_path, make_gguf):
 
 def test_registry_is_a_list_of_module_names():
     assert isinstance(main_module.COMMANDS, list) and all(isinstance(c, str) for c in COMMANDS)
+
+
+def test_compile_with_bfloat16_is_one_line_and_exit_2(capsys):
+    # refused before anything loads: the compiled kernels only pay off in float32 (endless.gemv)
+    assert main(["generate", "hi", "--compile", "--dtype", "bfloat16", "--threads", "1", "--model", "nope"]) == 2
+    captured = capsys.readouterr()
+    assert "--compile speeds up float32 only" in one_line(captured.err)

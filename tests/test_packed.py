@@ -61,3 +61,27 @@ def test_replaced_module_and_autograd_use_the_modules():
     with torch.inference_mode():
         assert model._fast(0) is None and model._fast(1) is not None
     assert model._fast(1) is None  # autograd on: training and LoRA see transformers' modules
+
+
+@pytest.mark.slow
+def test_compiled_one_token_kernels_equal_the_packed_path():
+    """endless.gemv: decoding (one row) runs the compiled kernels, chunks the packed ones; both
+    give the unpacked logprobs. Compiles 5 tiny shapes (~10-30 s with a cold inductor cache)."""
+    hf = tiny_model("llama", seed=6, initializer_range=0.2)
+    model = Transformer(hf, pack=True, compile=True)
+    n_layers = hf.config.num_hidden_layers
+    if model.packed.compiled == 0:
+        pytest.skip("TorchInductor cannot compile here (no C++ compiler?)")
+    assert model.packed.compiled == 4 * n_layers + 1  # q/k/v, o, gate/up, down per layer and the head
+    ids = ids_of(40, seed=4)
+    want = Stream(Transformer(hf), "sinks:4+20", chunk=8).feed(ids)
+    s = Stream(model, "sinks:4+20", chunk=8)
+    got = torch.cat([s.feed(ids[:, :16])] + [s.feed(ids[:, i : i + 1]) for i in range(16, 40)], dim=1)
+    assert torch.allclose(got, want, atol=1e-5, equal_nan=True)
+    # a stale snapshot is never served: an edited layer falls back to its modules
+    with torch.no_grad():
+        hf.model.layers[0].mlp.up_proj.weight.mul_(0.5)
+    want = Stream(Transformer(hf), "dense").feed(ids[:, :12])
+    s = Stream(model, "dense")
+    got = torch.cat([s.feed(ids[:, i : i + 1]) for i in range(12)], dim=1)
+    assert torch.allclose(got, want, atol=1e-5, equal_nan=True)

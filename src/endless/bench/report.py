@@ -67,7 +67,9 @@ def _fmt(x: float | None, spec: str = ".1f") -> str:
 
 def decode_table(result: dict) -> str:
     """Markdown: per-token latency of every implementation at every cache length."""
-    names = ["sinks", "dense", "recompute", "transformers", "llama.cpp", "llama.cpp Q4_1"]
+    names = ["sinks", "sinks uncompiled", "dense", "recompute", "transformers", "llama.cpp", "llama.cpp Q4_1"]
+    present = {n for run in result["runs"].values() for c in run["decode"] for n in c["impls"]}
+    names = [n for n in names if n in present or n in ("sinks", "dense", "recompute", "transformers")]
     lines = ["| dtype | cache | " + " | ".join(f"{n} ms" for n in names)
              + " | recompute/sinks | transformers/sinks | sinks tok/s | sinks GB/s |",
              "|---|---:|" + "---:|" * (len(names) + 4)]
@@ -121,6 +123,12 @@ def render(result: dict) -> str:
         f"load {', '.join(f'{x:.2f}' for x in mach['load_average'])}; torch {mach['torch']}, "
         f"transformers {mach['transformers']}",
         f"bandwidth: copy {bw['copy_gbs']:.1f} GB/s, read {bw['read_gbs']:.1f} GB/s",
+    ]
+    for dtype, run in result["runs"].items():
+        if run.get("compiled_matrices"):
+            parts.append(f"{dtype}: {run['compiled_matrices']} matrices with compiled one-token kernels "
+                         f"(endless.gemv), packed and compiled in {run['pack_seconds']:.0f} s")
+    parts += [
         "", "Decode, per token (median of interleaved steps):", decode_table(result),
         "", "Stream position (sinks):", positions_table(result),
     ]

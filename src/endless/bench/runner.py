@@ -18,7 +18,7 @@ import torch
 
 from endless.bench import llamacpp
 from endless.bench.bandwidth import bandwidth
-from endless.bench.decode import decode_cell, weight_bytes
+from endless.bench.decode import OursDecoder, decode_cell, weight_bytes
 from endless.bench.memory import measure
 from endless.bench.positions import position_sweep
 from endless.bench.ppl import ppl_throughput
@@ -37,6 +37,7 @@ class BenchConfig:
     dtypes: tuple[str, ...] = ("float32", "bfloat16")
     threads: int = 1
     pack: bool = True
+    compile: bool = True  # float32: compiled one-token kernels (endless.gemv), timed against the uncompiled path
     chunk: int = 128
     caches: tuple[int, ...] = (256, 512, 1024, 2048, 4096)
     rounds: int = 48
@@ -57,8 +58,9 @@ class BenchConfig:
 QUICK = BenchConfig(  # about a minute on one loaded core
     dtypes=("float32",), caches=(256, 512), rounds=8, recompute_steps=1, positions=(512, 1536),
     position_window=252, position_rounds=8, ppl_tokens=128, ppl_policy="sinks:4+60",
-    with_llamacpp=False, isolated_memory=False,
+    with_llamacpp=False, isolated_memory=False, compile=False,
 )
+UNCOMPILED = "sinks uncompiled"  # the packed path without endless.gemv, timed beside the compiled one
 
 
 def load_model(name: str, dtype: str):
@@ -117,10 +119,17 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict:
     cpp_dtype = "bfloat16" if "bfloat16" in config.dtypes else config.dtypes[-1]
     for dtype in config.dtypes:
         hf, tok = load_model(config.model, dtype)
-        model = Transformer(hf, pack=config.pack)
+        compile = config.compile and config.pack and dtype == "float32"  # bfloat16: oneDNN is faster (endless.gemv)
+        t0 = time.perf_counter()
+        model = Transformer(hf, pack=config.pack, compile=compile)
         ids = token_ids(tok, hf.config.vocab_size, need, config.seed)
-        run: dict = {"weight_bytes": weight_bytes(model), "packed_bytes": model.packed.nbytes if model.packed else 0}
+        run: dict = {"weight_bytes": weight_bytes(model), "packed_bytes": model.packed.nbytes if model.packed else 0,
+                     "compiled_matrices": model.packed.compiled if model.packed else 0,
+                     "pack_seconds": time.perf_counter() - t0}
         extra = {}
+        if run["compiled_matrices"]:
+            eager = Transformer(hf, pack=True)
+            extra[UNCOMPILED] = lambda length, m=eager, ids_=ids: OursDecoder(m, f"sinks:4+{length - 4}", ids_, length)
         if gguf is not None:
             # llama.cpp on the same weights in this dtype and, once, on the shipped Q4_1 file.
             files = {"llama.cpp": llamacpp.dequantized_gguf(gguf, dtype)}
@@ -138,6 +147,7 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict:
                 with_hf=config.with_hf, extra=extra,
             ))
         extra.clear()
+        eager = None
         gc.collect()
         with tqdm(total=max(config.positions), desc=f"positions {dtype}", disable=not progress) as bar:
             run["positions"] = position_sweep(model, ids, list(config.positions), rounds=config.position_rounds,

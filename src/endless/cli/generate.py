@@ -7,7 +7,7 @@ import resource
 import sys
 import time
 
-from endless.cli.common import add_model_args, load_from_args
+from endless.cli.common import add_model_args, inference_model, load_from_args
 from endless.errors import EndlessError
 
 
@@ -22,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("prompt", help="the prompt text (use - to read it from stdin)")
-    add_model_args(p, dtype_default="bfloat16")
+    add_model_args(p, dtype_default="bfloat16", compile=True)
     p.add_argument("--policy", default="sinks:4+1020", help="attention policy spec (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: %(default)s)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -50,8 +50,8 @@ def run(args: argparse.Namespace) -> int:
         raise EndlessError("empty prompt")
     if args.max_new_tokens < 1:
         raise EndlessError("--max-new-tokens must be >= 1")
-    model, tok = load_from_args(args)
-    stream = Stream(model, policy)
+    hf, tok = load_from_args(args)
+    stream = Stream(inference_model(hf, compile=args.compile), policy)
     if args.chat:
         if getattr(tok, "chat_template", None) is None:
             raise EndlessError("this model's tokenizer has no chat template; drop --chat")
