@@ -11,6 +11,8 @@ Targets (issue 5), all ratios measured in one run:
 
 from __future__ import annotations
 
+UNCOMPILED = "sinks uncompiled"  # float32: the packed path without endless.gemv, timed beside the compiled one
+
 
 def _t(name: str, dtype: str, measured: float | None, goal: str, met: bool | None, how: str = "") -> dict:
     return {"target": name, "dtype": dtype, "measured": measured, "goal": goal, "met": met, "how": how}
@@ -67,7 +69,7 @@ def _fmt(x: float | None, spec: str = ".1f") -> str:
 
 def decode_table(result: dict) -> str:
     """Markdown: per-token latency of every implementation at every cache length."""
-    names = ["sinks", "sinks uncompiled", "dense", "recompute", "transformers", "llama.cpp", "llama.cpp Q4_1"]
+    names = ["sinks", UNCOMPILED, "dense", "recompute", "transformers", "llama.cpp", "llama.cpp Q4_1"]
     present = {n for run in result["runs"].values() for c in run["decode"] for n in c["impls"]}
     names = [n for n in names if n in present or n in ("sinks", "dense", "recompute", "transformers")]
     lines = ["| dtype | cache | " + " | ".join(f"{n} ms" for n in names)

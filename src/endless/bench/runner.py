@@ -22,6 +22,7 @@ from endless.bench.decode import OursDecoder, decode_cell, weight_bytes
 from endless.bench.memory import measure
 from endless.bench.positions import position_sweep
 from endless.bench.ppl import ppl_throughput
+from endless.bench.report import UNCOMPILED
 from endless.bench.timing import machine
 from endless.model import Transformer
 
@@ -60,7 +61,6 @@ QUICK = BenchConfig(  # about a minute on one loaded core
     position_window=252, position_rounds=8, ppl_tokens=128, ppl_policy="sinks:4+60",
     with_llamacpp=False, isolated_memory=False, compile=False,
 )
-UNCOMPILED = "sinks uncompiled"  # the packed path without endless.gemv, timed beside the compiled one
 
 
 def load_model(name: str, dtype: str):
