@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from endless.bench.report import UNCOMPILED
+
 STYLE = {"float32": "-", "bfloat16": "--"}
-COLORS = {"sinks": "C0", "dense": "C1", "recompute": "C3", "transformers": "C2", "llama.cpp": "C4", "llama.cpp Q4_1": "C5"}
+COLORS = {"sinks": "C0", UNCOMPILED: "C8", "dense": "C1", "recompute": "C3", "transformers": "C2", "llama.cpp": "C4", "llama.cpp Q4_1": "C5"}
 
 
 def _tokens(x: float, _pos=None) -> str:
@@ -29,7 +31,8 @@ def plot(result: dict, path: "str | Path") -> None:
             ys = [c["impls"][name]["median_ms"] if name in c["impls"] else None for c in run["decode"]]
             pts = [(x, y) for x, y in zip(caches, ys, strict=True) if y is not None]
             if pts:
-                a.plot(*zip(*pts, strict=True), STYLE.get(dtype, ":"), marker="o", color=color, label=f"{name} {dtype}")
+                label = f"{name} {dtype}" + (" (compiled)" if name == "sinks" and run.get("compiled_matrices") else "")
+                a.plot(*zip(*pts, strict=True), STYLE.get(dtype, ":"), marker="o", color=color, label=label)
         rows = run["positions"]["checkpoints"]
         xs = [r["position"] for r in rows]
         b.errorbar(xs, [r["decode"]["median_ms"] for r in rows],

@@ -58,6 +58,8 @@ class TinyConfig:
     eval_lengths: tuple[int, ...] = (96, 384, 6144)
     eval_examples: int = 100
     vocab: int = 128
+    kv_heads: int = 2  # of 4 heads (endless.models.tiny's GQA default)
+    ffn: int = 128  # MLP width
     init_std: float = 0.07  # initializer_range of the random weights (0.02 learns 3x slower)
     out_std: float | None = None  # std of the o_proj/down_proj weights (None: init_std)
     warmup: int = 100  # steps of linear warm-up
@@ -109,7 +111,7 @@ def build_model(policy: Policy, cfg: TinyConfig) -> Transformer:
 
     span = policy.span() or cfg.max_len
     hf = tiny_model("llama", seed=cfg.seed, vocab_size=cfg.vocab, max_position_embeddings=max(256, 2 * span),
-                    initializer_range=cfg.init_std)
+                    initializer_range=cfg.init_std, num_key_value_heads=cfg.kv_heads, intermediate_size=cfg.ffn)
     if cfg.out_std is not None:  # the projections that write into the residual streams (and the FAM)
         with torch.no_grad():
             for layer in hf.model.layers:
