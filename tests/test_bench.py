@@ -7,7 +7,7 @@ import pytest
 from endless.cli.main import main
 
 TINY = ["--quick", "--model", "tiny:llama:2", "--caches", "24,40", "--positions", "48,120", "--window", "20",
-        "--rounds", "3", "--ppl-tokens", "30", "--no-llamacpp"]
+        "--rounds", "3", "--ppl-tokens", "30", "--no-llamacpp", "--compile"]
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +27,20 @@ def test_top_level_schema(result):
 
 
 def test_decode_cells_have_every_implementation(result):
-    cells = result["runs"]["float32"]["decode"]
+    run = result["runs"]["float32"]
+    cells = run["decode"]
     assert [c["cache"] for c in cells] == [24, 40]
+    # --compile: sinks runs the compiled one-token kernels, timed beside the uncompiled path
+    # (none when this machine cannot compile: then only the packed path runs)
+    compiled = run["compiled_matrices"] > 0
+    assert run["compiled_matrices"] in (0, 4 * 2 + 1)
     for c in cells:
-        assert set(c["impls"]) == {"sinks", "dense", "recompute", "transformers"}
+        assert set(c["impls"]) == {"sinks", "dense", "recompute", "transformers"} | ({"sinks uncompiled"} if compiled else set())
         for r in c["impls"].values():
             assert {"median_ms", "p10_ms", "p90_ms", "n", "tokens_per_s", "bytes_per_token", "gb_per_s"} <= set(r)
             assert r["n"] >= 1 and r["median_ms"] > 0
-        assert set(c["ratios"]) == {"dense/sinks", "recompute/sinks", "transformers/sinks"}
+        assert set(c["ratios"]) == {"dense/sinks", "recompute/sinks", "transformers/sinks"} | (
+            {"sinks uncompiled/sinks"} if compiled else set())
 
 
 def test_positions_and_perplexity(result):
