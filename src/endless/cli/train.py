@@ -89,6 +89,8 @@ def _add_tiny(tsub) -> None:
     p.add_argument("--lr", type=float, default=d.lr, help="(default: %(default)s)")
     p.add_argument("--block", type=int, default=d.block, help="B (default: %(default)s)")
     p.add_argument("--fam", type=int, default=d.fam, help="F (default: %(default)s)")
+    p.add_argument("--kv-heads", type=int, default=d.kv_heads, choices=(1, 2, 4), help="key/value heads of 4 (default: %(default)s)")
+    p.add_argument("--ffn", type=int, default=d.ffn, help="MLP width (default: %(default)s)")
     p.add_argument("--constant-lr", action="store_true", help="no warm-up and cosine decay (the lr stays at --lr)")
     p.add_argument("--rsp", type=float, default=d.rsp, metavar="P",
                    help="random state passing with probability P (PAPERS.md; off by default)")
@@ -128,6 +130,7 @@ def run_tiny(args: argparse.Namespace) -> int:
     _threads(args)
     cfg = TinyConfig(  # validates itself
                      steps=args.steps, batch=args.batch, lr=args.lr, block=args.block, fam=args.fam,
+                     kv_heads=args.kv_heads, ffn=args.ffn,
                      memories=args.memories, eval_lengths=args.eval_lengths, eval_examples=args.eval_examples,
                      seed=args.seed, rsp=args.rsp, rsp_after=args.rsp_after,
                      carry=args.carry, carry_p=args.carry_p, carry_after=args.carry_after,

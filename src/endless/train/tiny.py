@@ -72,7 +72,7 @@ class TinyConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch", "eval_examples"):
+        for name in ("steps", "batch", "eval_examples", "ffn"):
             if getattr(self, name) < 1:
                 raise EndlessError(f"--{name.replace('_', '-')} must be >= 1")
         if not (0 <= self.rsp <= 1 and 0 <= self.carry_p <= 1) or self.carry < 0:
