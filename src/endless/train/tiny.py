@@ -69,6 +69,7 @@ class TinyConfig:
     carry: int = 0  # *ours*: the key may sit in a no-gradient prefix of up to this many tokens (0: off)
     carry_p: float = 0.5  # ... with this probability per step
     carry_after: int = 0  # ... from this step on
+    carry_grad: bool = False  # *ours*: back-propagate through the prefix too (a long sequence, key early)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -155,6 +156,8 @@ def carried_batch(model: Transformer, policy: FAM, prompt, n: int, cfg: TinyConf
     batch = [digit_example(total, rng.random() * (prefix - cfg.digits - 1) / fill, rng=rng, vocab=cfg.vocab,
                            digits=cfg.digits) for _ in range(cfg.batch)]
     ids, targets = collate(batch)
+    if cfg.carry_grad:  # the whole hold is graded: gradients reach every update of the prefix
+        return ids, targets, None
     with torch.no_grad():
         _, state = parallel_forward(model, ids[:, :prefix], policy, prompt, return_state=True)
     return ids[:, prefix:], targets[:, prefix:], state
