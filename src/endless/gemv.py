@@ -51,9 +51,12 @@ class _Linear(torch.nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+_unavailable: list[str] = []  # the first failure's reason: later calls give up at once, without a warning each
+
+
 def compiled_gemv(w: torch.Tensor, bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """``x (1, in) -> x @ w.T + bias`` as a compiled kernel, or None if it cannot be built here."""
-    if w.dtype != torch.float32 or w.device.type != "cpu":
+    if w.dtype != torch.float32 or w.device.type != "cpu" or _unavailable:
         return None
     try:
         import torch._inductor as inductor
@@ -65,8 +68,8 @@ def compiled_gemv(w: torch.Tensor, bias: torch.Tensor | None) -> Callable[[torch
             fn = inductor.compile(gm, [example], options=OPTIONS)
             out = fn(torch.ones_like(example))
     except Exception as e:  # inductor raises many kinds (compiler missing, lowering, ...)
-        log.warning("cannot compile a %s matrix-vector kernel here (%s); using the eager one", tuple(w.shape),
-                    str(e).splitlines()[0] if str(e) else type(e).__name__)
+        _unavailable.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        log.warning("cannot compile matrix-vector kernels here (%s); using the eager ones", _unavailable[0])
         return None
     if not isinstance(out, torch.Tensor) or out.shape != (1, w.shape[0]):
         return None

@@ -82,7 +82,7 @@ class Transformer:
     def pack(self, *, compile: bool = False) -> "Transformer":
         """Build (or rebuild, after changing weights) the packed inference weights; returns self.
 
-        ``compile`` also compiles the one-token products (``endless.gemv``: float32, 1.4x
+        ``compile`` also compiles the one-token products (``endless.gemv``: float32, 1.15-1.5x
         faster per decoded token, a second copy of the weights, 20-60 s now)."""
         self.packed = Packed(self.layers, self.lm_head, self._act, compile=compile)
         return self

@@ -25,7 +25,7 @@ transposed layout (float32) or ``F.linear``.
 - Memory: one extra copy of the decoder and LM-head weights, allocated once (reported by
   ``nbytes``). That is the price of the speed; ``Transformer(..., pack=False)`` does without.
 - ``compile=True`` (float32): one-token products run compiled kernels (``endless.gemv``, 1.4x
-  faster; a second copy of the weights, and 20-60 s at load); chunks keep oneDNN's.
+  the weight streaming rate; a second copy of the weights, and 20-60 s at load); chunks keep oneDNN's.
 """
 
 from __future__ import annotations

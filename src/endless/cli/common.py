@@ -24,8 +24,8 @@ def add_model_args(parser: argparse.ArgumentParser, *, dtype_default: str = "flo
                             "learned FAM prompt (replaces --model; use its fam:BxM+F policy)")
     if compile:
         g.add_argument("--compile", action="store_true",
-                       help="float32: compile the one-token weight products with TorchInductor (1.4x faster per "
-                            "token, 20-60 s at start, one more copy of the weights; needs a C++ compiler)")
+                       help="float32: compile the one-token weight products with TorchInductor (1.15-1.5x faster "
+                            "per token, 20-60 s at start, one more copy of the weights; needs a C++ compiler)")
 
 
 def set_threads(args: argparse.Namespace) -> None:
