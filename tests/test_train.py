@@ -61,6 +61,10 @@ def test_carried_batch_starts_from_the_streaming_fam_after_its_prefix():
     for layer, s in enumerate(state):
         assert s.shape == (2, 4, 64)
         assert torch.allclose(s, stream.fam[layer], atol=1e-4)
+    # carry_grad: the same draws as one whole graded sequence, no carried state
+    g_ids, g_targets, g_state = carried_batch(model, policy, model.fam_prompt, 30,
+                                              TinyConfig(batch=2, carry=40, carry_grad=True), random.Random(0))
+    assert g_state is None and torch.equal(g_ids, whole) and torch.equal(g_targets[:, prefix:], targets)
 
 
 @pytest.fixture(scope="module")

@@ -98,6 +98,8 @@ def _add_tiny(tsub) -> None:
     p.add_argument("--carry", type=int, default=d.carry, metavar="N",
                    help="ours: with probability --carry-p a batch's key lies in a prefix of up to N tokens read "
                         "without gradient, so the FAM must hold it (default: %(default)s, off)")
+    p.add_argument("--carry-grad", action="store_true",
+                   help="back-propagate through the carried prefix too: the whole hold is trained (slower)")
     p.add_argument("--carry-p", type=float, default=d.carry_p, metavar="P", help="(default: %(default)s)")
     p.add_argument("--carry-after", type=int, default=d.carry_after, metavar="STEP",
                    help="first step of --carry (default: %(default)s)")
@@ -133,7 +135,7 @@ def run_tiny(args: argparse.Namespace) -> int:
                      kv_heads=args.kv_heads, ffn=args.ffn,
                      memories=args.memories, eval_lengths=args.eval_lengths, eval_examples=args.eval_examples,
                      seed=args.seed, rsp=args.rsp, rsp_after=args.rsp_after,
-                     carry=args.carry, carry_p=args.carry_p, carry_after=args.carry_after,
+                     carry=args.carry, carry_p=args.carry_p, carry_after=args.carry_after, carry_grad=args.carry_grad,
                      **({"warmup": 0, "cosine": False} if args.constant_lr else {}))
     only = [s.strip() for s in args.policies.split(";") if s.strip()] if args.policies else None
     if only:

@@ -12,7 +12,8 @@ weights drawn with std 0.07. With a constant rate, std 0.02 and batch 32 FAM rea
 match at 96 tokens in the same steps; with this schedule it learns the training lengths exactly.
 ``rsp`` is the paper's random state passing; ``carry`` (*ours*, ``carried_batch``) puts the key
 of some batches in a prefix read without gradient, so the graded part must hold a FAM that has
-already been held for up to ``carry`` tokens.
+already been held for up to ``carry`` tokens; with ``carry_grad`` the prefix is back-propagated
+through as well (the sequence is then simply longer, its key early).
 
 ``ablations`` are the paper's negative results: static query, no FFN on the update,
 stop-gradient between updates, and F in {1, 4, 16}. The static-query ablation is scored with the
