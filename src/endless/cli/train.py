@@ -97,7 +97,7 @@ def _add_tiny(tsub) -> None:
     p.add_argument("--rsp-after", type=int, default=d.rsp_after, metavar="STEP", help="first step of RSP (default: %(default)s)")
     p.add_argument("--carry", type=int, default=d.carry, metavar="N",
                    help="ours: with probability --carry-p a batch's key lies in a prefix of up to N tokens read "
-                        "without gradient, so the FAM must hold it (default: %(default)s, off)")
+                        "without gradient (with --carry-grad: with), so the FAM must hold it (default: %(default)s, off)")
     p.add_argument("--carry-grad", action="store_true",
                    help="back-propagate through the carried prefix too: the whole hold is trained (slower)")
     p.add_argument("--carry-p", type=float, default=d.carry_p, metavar="P", help="(default: %(default)s)")

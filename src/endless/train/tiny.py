@@ -148,6 +148,8 @@ def carried_batch(model: Transformer, policy: FAM, prompt, n: int, cfg: TinyConf
     is filler, the query and the answer. The only way to the key is the carried FAM: the step
     trains the update to *hold* a memory it has been holding for a long time, which sequences of
     16-96 tokens never ask for (truncated back-propagation through time over the FAM).
+    With ``cfg.carry_grad`` it returns the whole sequences instead, (ids, targets, None): the
+    prefix's updates are trained too (the no-gradient prefix never teaches them not to leak).
     """
     bl = policy.block
     prefix = rng.randrange(1, cfg.carry // bl + 1) * bl
