@@ -37,9 +37,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", type=int, help="timed decode steps per implementation and cache length")
     p.add_argument("--ppl-tokens", type=int, help="tokens of text for the perplexity throughput")
     p.add_argument("--no-pack", action="store_true", help="run our path without packed weights (endless.packed)")
-    p.add_argument("--no-compile", action="store_true",
-                   help="float32: no compiled one-token kernels (endless.gemv; the full run times both)")
-    p.add_argument("--compile", action="store_true", help="with --quick: compile the float32 one-token kernels too")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="float32: compiled one-token kernels (endless.gemv), timed beside the uncompiled path "
+                        "(default: on for the full run, off with --quick)")
     p.add_argument("--no-transformers", action="store_true", help="skip transformers' own decoding")
     p.add_argument("--no-llamacpp", action="store_true", help="skip llama.cpp even if installed")
     p.add_argument("--no-isolated-rss", action="store_true", help="skip the one-process-per-cell peak RSS runs")
@@ -69,8 +69,8 @@ def config_from_args(args: argparse.Namespace):
         changes["ppl_tokens"] = args.ppl_tokens
     if args.no_pack:
         changes["pack"] = False
-    if args.no_compile or args.compile:
-        changes["compile"] = args.compile and not args.no_compile
+    if args.compile is not None:
+        changes["compile"] = args.compile
     if args.no_transformers:
         changes["with_hf"] = False
     if args.no_llamacpp:
