@@ -30,10 +30,20 @@ from endless.policies import make_state
 log = logging.getLogger(__name__)
 
 
+LOGPROB_ROWS = 16  # rows per block in token_logprobs: (16, V) float32 temporaries, 3 MB at V=49k
+
+
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[target] for (B, C, V) float logits and (B, C) targets, without
-    writing the (B, C, V) log-softmax (a chunk's whole vocabulary is costlier than its target)."""
-    return logits.gather(2, targets[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)
+    """log softmax(logits)[target] in float32 for (B, C, V) logits of any float dtype and (B, C)
+    targets, without writing the (B, C, V) log-softmax: a chunk's whole vocabulary is costlier
+    than its target. Rows go in blocks of ``LOGPROB_ROWS`` so the float32 temporaries stay a few
+    MB (a chunk's are ~25 MB: freshly mapped and page-faulted, they cost more than the math)."""
+    out = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
+    for lo in range(0, targets.shape[1], LOGPROB_ROWS):
+        block = logits[:, lo : lo + LOGPROB_ROWS].float()
+        target = targets[:, lo : lo + LOGPROB_ROWS, None]
+        out[:, lo : lo + LOGPROB_ROWS] = block.gather(2, target)[..., 0] - torch.logsumexp(block, dim=-1)
+    return out
 
 
 def as_transformer(model) -> Transformer:
@@ -89,14 +99,14 @@ class Stream:
         out = [] if logprobs else None
         for lo in range(0, ids.shape[1], self.chunk):
             part = ids[:, lo : lo + self.chunk]
-            logits = self.state.forward(part, last_only=not logprobs).float()
+            logits = self.state.forward(part, last_only=not logprobs)  # model dtype
             if logprobs:
                 prev = torch.full((self.batch, 1), float("nan"))
                 if self.last_logits is not None:
                     prev = token_logprobs(self.last_logits[:, None], part[:, :1])
                 inner = token_logprobs(logits[:, :-1], part[:, 1:])  # token c given <= c-1
                 out.append(torch.cat([prev, inner], dim=1))
-            self.last_logits = logits[:, -1]
+            self.last_logits = logits[:, -1].float()
         return torch.cat(out, dim=1) if logprobs else None
 
     def feed(self, ids, *, logprobs: bool = True) -> torch.Tensor | None:

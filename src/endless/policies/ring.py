@@ -60,7 +60,7 @@ class RingKV:
         self.t = 0  # stream indices seen so far
         self._step: _Step | None = None
         self._sink_tables: tuple | None = None  # (n, cos, sin, matrix) of the steady-state sink query
-        self._sink_cols = torch.arange(self.capacity) < self.n_sinks  # (N,) which slots are sinks
+        self._buffers: dict[str, torch.Tensor] = {}  # chunk attention's reused score buffers
 
     # -- bookkeeping -------------------------------------------------------------------------
 
@@ -100,6 +100,7 @@ class RingKV:
         if isinstance(self.policy, Sinks) and self.n_sinks and int(pos[-1]) > self.policy.sinks + self.policy.window:
             sink = self._sink_query_tables(pos, scale)
         st = _Step(pos, slots, bias)
+        st.occupied = min(self.t + n, self.capacity)
         if n == 1:
             # Decoding: each rotation is one (D, D) matrix product, the query's at t and (past
             # S+W) at S+W side by side in one (D, 2D) matrix -- 2 ops per layer instead of 15.
@@ -110,6 +111,7 @@ class RingKV:
             st.rq = (rq if sink is None else torch.cat([rq, sink[2]], dim=1)).to(dtype)
         else:
             st.cos, st.sin, st.qcos, st.qsin = (t.to(dtype) for t in (cos, sin, cos * scale, sin * scale))
+            st.bias = bias.to(dtype)  # 0 / -inf: exact in any dtype, added to the scores in place
             st.sink = None if sink is None else tuple(t.to(dtype) for t in sink[:2])
         self._step = st
 
@@ -135,34 +137,58 @@ class RingKV:
             return self._attend_one(st, kbuf, vbuf, q, k, v)
         kbuf.index_copy_(2, st.slots, _rotate(k, st.cos, st.sin))
         vbuf.index_copy_(2, st.slots, v)
+        # Slots fill in stream order until the ring wraps: only the first ``occupied`` can be
+        # visible, so a young stream scores (and soft-maxes) only the keys it has.
+        keys, values, bias = kbuf[:, :, : st.occupied], vbuf[:, :, : st.occupied], st.bias[:, : st.occupied]
         qr = _rotate(q, st.qcos, st.qsin)  # (B, H, C, D), scaled
         qs = None if st.sink is None else _rotate(q, *st.sink)
         b, h, c, _ = q.shape
         # Queries in row blocks so a block's scores stay under SCORE_BLOCK elements: a long
-        # dense cache would otherwise make (B, H, C, N) float32 temporaries of hundreds of MB,
-        # freshly mapped (and page-faulted) on every layer. Rows are independent: same numbers.
-        rows = max(1, min(c, SCORE_BLOCK // max(1, b * h * kbuf.shape[2])))
+        # dense cache would otherwise need (B, H, C, N) float32 score buffers of hundreds of MB.
+        # Rows are independent: same numbers.
+        rows = max(1, min(c, SCORE_BLOCK // max(1, b * h * st.occupied)))
         if rows == c:
-            return gqa_mix(self._probs(qr, qs, kbuf, st.bias, vbuf.dtype), vbuf)
+            return self._attention(qr, qs, keys, values, bias)
         out = torch.empty_like(qr)
         for lo in range(0, c, rows):
             hi = min(c, lo + rows)
-            p = self._probs(qr[:, :, lo:hi], None if qs is None else qs[:, :, lo:hi], kbuf, st.bias[lo:hi], vbuf.dtype)
-            out[:, :, lo:hi] = gqa_mix(p, vbuf)
+            out[:, :, lo:hi] = self._attention(qr[:, :, lo:hi], None if qs is None else qs[:, :, lo:hi], keys, values,
+                                               bias[lo:hi])
         return out
 
-    def _probs(self, qr, qs, kbuf, bias, dtype) -> torch.Tensor:
-        """Attention probabilities (B, KV, G, C, N) of rotated queries ``qr`` over the cache;
-        with sinks past S+W the sink columns are scored by ``qs`` (queries at S+W)."""
-        scores = gqa_scores(qr, kbuf)  # (B, KV, G, C, N)
-        if qs is not None:
-            # Sinks sit at in-cache positions 0..S-1 and the query at min(t, S+W).
+    def _scratch(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A reused buffer of ``shape``: the score and probability matrices of a chunk are MBs,
+        and a fresh allocation of that size is mapped and page-faulted anew on every layer
+        (measured: 4x the attention's arithmetic in bfloat16). Grows only with the dense cache."""
+        n = 1
+        for size in shape:
+            n *= size
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            buf = self._buffers[name] = torch.empty(n, dtype=dtype)
+        return buf[:n].view(shape)
+
+    def _attention(self, qr, qs, keys, values, bias) -> torch.Tensor:
+        """Softmax attention (B, H, C, D) of rotated queries ``qr`` over ``keys``/``values``
+        (B, KV, N, D) with the additive ``bias`` (C, N); with sinks past S+W the sink columns are
+        scored by ``qs`` (queries at S+W). Scores and probabilities live in reused buffers; the
+        softmax runs in float32 and, as the one-token path, hands the values the KV dtype."""
+        b, h, c, d = qr.shape
+        kv, n = keys.shape[1], keys.shape[2]
+        g = h // kv
+        if torch.is_grad_enabled() and (qr.requires_grad or keys.requires_grad or values.requires_grad):
+            return _plain_attention(qr, qs, keys, values, bias, self.n_sinks)
+        scores = self._scratch("scores", (b * kv, g * c, n), keys.dtype)
+        torch.bmm(qr.reshape(b * kv, g * c, d), keys.reshape(b * kv, n, d).transpose(1, 2), out=scores)
+        if qs is not None:  # sinks sit at in-cache positions 0..S-1 and the query at min(t, S+W)
             s = self.n_sinks
-            scores[..., :s] = gqa_scores(qs, kbuf[:, :, :s])
-        if scores.dtype == torch.float32:
-            return torch.softmax(scores.add_(bias), dim=-1)
-        # softmax in float32 (the bias promotes), probabilities back in the KV dtype
-        return torch.softmax(scores + bias, dim=-1).to(dtype)
+            scores[:, :, :s] = torch.bmm(qs.reshape(b * kv, g * c, d), keys[:, :, :s].reshape(b * kv, s, d).transpose(1, 2))
+        # rows (g, c): the (C, N) bias broadcasts over batch, heads and groups. Adding 0 / -inf is
+        # exact in any dtype, and softmax of bfloat16 computes in float32 and rounds once.
+        probs = scores.view(b * kv, g, c, n).add_(bias)
+        torch.softmax(probs, dim=-1, out=probs)  # in place: each row is read before it is written
+        out = torch.bmm(scores, values.reshape(b * kv, n, d))  # (B*KV, G*C, D)
+        return out.view(b, h, c, d)
 
     def _attend_one(self, st: "_Step", kbuf, vbuf, q, k, v) -> torch.Tensor:
         """``attend`` for a single new token, in as few tensor ops as possible (it runs for every
@@ -224,11 +250,22 @@ class _Step:
     and either (chunks) key tables (cos, signed sin), query tables with the attention scale
     folded in and sink tables, or (one token) the key and query rotation matrices."""
 
-    __slots__ = ("pos", "slots", "bias", "cos", "sin", "qcos", "qsin", "sink", "rk", "rq")
+    __slots__ = ("pos", "slots", "bias", "occupied", "cos", "sin", "qcos", "qsin", "sink", "rk", "rq")
 
     def __init__(self, pos, slots, bias):
         self.pos, self.slots, self.bias = pos, slots, bias
+        self.occupied = bias.shape[1]
         self.cos = self.sin = self.qcos = self.qsin = self.sink = self.rk = self.rq = None
+
+
+def _plain_attention(qr, qs, keys, values, bias, n_sinks: int) -> torch.Tensor:
+    """``RingKV._attention`` with fresh tensors, for autograd (``out=`` buffers cannot carry a
+    graph): the same operations in the same order, so the same numbers."""
+    scores = gqa_scores(qr, keys)  # (B, KV, G, C, N)
+    if qs is not None:
+        scores[..., :n_sinks] = gqa_scores(qs, keys[:, :, :n_sinks])
+    probs = torch.softmax(scores.float() + bias, dim=-1).to(values.dtype)
+    return gqa_mix(probs, values)
 
 
 def _rotation_matrix(cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
