@@ -262,7 +262,7 @@ class _Step:
 
 def _plain_attention(qr, qs, keys, values, bias, n_sinks: int) -> torch.Tensor:
     """``RingKV._attention`` with fresh tensors, for autograd (``out=`` buffers cannot carry a
-    graph): the same operations in the same order, so the same numbers."""
+    graph): the same products, softmax in float32, probabilities rounded once to the KV dtype."""
     scores = gqa_scores(qr, keys)  # (B, KV, G, C, N)
     if qs is not None:
         scores[..., :n_sinks] = gqa_scores(qs, keys[:, :, :n_sinks])
