@@ -159,3 +159,43 @@ def test_generate_greedy_is_deterministic_and_long(model):
     toks = list(s.generate(300))  # far past the tiny model's 256 trained positions
     assert len(toks) == 300 and s.position == 305
     assert s.state.capacity == 4 + 20 + 128
+
+
+def test_token_logprobs_in_row_blocks_equal_the_whole_log_softmax():
+    """Blocks of LOGPROB_ROWS rows, any logits dtype, float32 out: the whole log-softmax's values."""
+    from endless.stream import LOGPROB_ROWS, token_logprobs
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3 * LOGPROB_ROWS + 5, 50, generator=gen) * 4
+    targets = torch.randint(0, 50, logits.shape[:2], generator=gen)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = logits.to(dtype)
+        want = torch.log_softmax(x.float(), dim=-1).gather(2, targets[..., None])[..., 0]
+        got = token_logprobs(x, targets)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_buffered_chunk_attention_equals_the_autograd_path(dtype, monkeypatch):
+    """Chunks under inference use reused score buffers; with gradients the plain tensors: the
+    same scores (sinks past S+W included), one rounding of the probabilities apart at most."""
+    from endless.policies import ring
+
+    m = Transformer(tiny_model("llama", seed=0, initializer_range=0.2).to(dtype))
+    ids = ids_of(70, seed=3)
+    want = Stream(m, "sinks:4+20", chunk=16).feed(ids)  # inference: the buffers
+    plain, original = [], ring._plain_attention
+    monkeypatch.setattr(ring, "_plain_attention", lambda *a: plain.append(1) or original(*a))
+    s = Stream(m, "sinks:4+20", chunk=16)
+    with torch.enable_grad():
+        for p in m.hf.parameters():
+            p.requires_grad_(True)
+        try:
+            got = torch.cat([s.state.forward(ids[:, lo : lo + 16]).detach() for lo in range(0, 70, 16)], dim=1)
+        finally:
+            for p in m.hf.parameters():
+                p.requires_grad_(False)
+    assert len(plain) == 5 * m.dims.n_layers  # every chunk of every layer took the autograd path
+    tol = 1e-5 if dtype == torch.float32 else 0.1
+    torch.testing.assert_close(logprobs_from_logits(got, ids), want[:, 1:], rtol=0, atol=tol)
