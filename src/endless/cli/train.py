@@ -104,7 +104,7 @@ def _add_tiny(tsub) -> None:
     p.add_argument("--carry-after", type=int, default=d.carry_after, metavar="STEP",
                    help="first step of --carry (default: %(default)s)")
     p.add_argument("--memories", type=number_list(int, low=0), default=d.memories, help="values of M (default: 0,1)")
-    p.add_argument("--policies", default=None, help="comma-free list separated by ';' of specs to run instead of the default set")
+    p.add_argument("--policies", default=None, help="specs separated by ';' to run instead of the default set (a spec may hold commas: 'fam:8x1+4,norm')")
     p.add_argument("--ablation", action="store_true", help="add the paper's ablations")
     p.add_argument("--eval-lengths", type=number_list(int), default=d.eval_lengths, help="(default: 96,384,6144)")
     p.add_argument("--eval-examples", type=int, default=d.eval_examples, help="examples per length (default: %(default)s)")

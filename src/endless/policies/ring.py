@@ -102,8 +102,7 @@ class RingKV:
         sink = None
         if isinstance(self.policy, Sinks) and self.n_sinks and int(pos[-1]) > self.policy.sinks + self.policy.window:
             sink = self._sink_query_tables(pos, scale)
-        st = _Step(pos, slots, bias)
-        st.occupied = min(self.t + n, self.capacity)
+        st = _Step(pos, slots, bias, min(self.t + n, self.capacity))
         if n == 1:
             # Decoding: each rotation is one (D, D) matrix product, the query's at t and (past
             # S+W) at S+W side by side in one (D, 2D) matrix -- 2 ops per layer instead of 15.
@@ -249,15 +248,15 @@ class RingKV:
 
 
 class _Step:
-    """What ``begin`` prepares for all layers: positions, slots, additive mask (0 / -inf, float32),
-    and either (chunks) key tables (cos, signed sin), query tables with the attention scale
-    folded in and sink tables, or (one token) the key and query rotation matrices."""
+    """What ``begin`` prepares for all layers: positions, slots, additive mask (0 / -inf; float32
+    for one token, the model dtype for chunks), how many slots are filled, and either (chunks) key
+    tables (cos, signed sin), query tables with the attention scale folded in and sink tables, or
+    (one token) the key and query rotation matrices."""
 
     __slots__ = ("pos", "slots", "bias", "occupied", "cos", "sin", "qcos", "qsin", "sink", "rk", "rq")
 
-    def __init__(self, pos, slots, bias):
-        self.pos, self.slots, self.bias = pos, slots, bias
-        self.occupied = bias.shape[1]
+    def __init__(self, pos, slots, bias, occupied: int):
+        self.pos, self.slots, self.bias, self.occupied = pos, slots, bias, occupied
         self.cos = self.sin = self.qcos = self.qsin = self.sink = self.rk = self.rq = None
 
 
