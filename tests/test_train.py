@@ -165,10 +165,14 @@ def test_checkpoint_on_another_base_model_is_refused(trained, tmp_path):
 def test_cli_fam_tiny_json(tmp_path):
     path = tmp_path / "tiny.json"
     assert main(["train", "fam-tiny", "--steps", "3", "--batch", "4", "--policies", "fam:8x0+4;bswa:8x1",
-                 "--eval-lengths", "24,40", "--eval-examples", "3", "--json", str(path)]) == 0
+                 "--eval-lengths", "24,40", "--eval-examples", "3", "--diagnose", "160", "--json", str(path)]) == 0
     data = json.loads(path.read_text())
     assert {(r["policy"], r["length"]) for r in data["results"]} == {(p, n) for p in ("fam:8x0+4", "bswa:8x1") for n in (24, 40)}
     assert all(len(r["loss"]) == 3 for r in data["runs"])
+    fam, bswa = data["runs"]
+    assert fam["memory"]["length"] == 160 and fam["memory"]["short"] == 96 and len(fam["memory"]["layers"]) == 2
+    assert "memory" not in bswa  # no state to diagnose
+    assert main(["train", "fam-tiny", "--steps", "3", "--diagnose", "100"]) == 2  # shorter than training + 3 blocks
 
 
 def test_two_processes_with_torchrun(folder, tmp_path):

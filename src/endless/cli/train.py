@@ -103,6 +103,10 @@ def _add_tiny(tsub) -> None:
     p.add_argument("--carry-p", type=float, default=d.carry_p, metavar="P", help="(default: %(default)s)")
     p.add_argument("--carry-after", type=int, default=d.carry_after, metavar="STEP",
                    help="first step of --carry (default: %(default)s)")
+    p.add_argument("--diagnose", type=int, default=0, metavar="N",
+                   help="after training, report per layer where each FAM's memory goes on N-token prompts "
+                        "with the key in the first block (attention share of the update on the block; "
+                        "exact match with one layer's FAM put back from a training-length stream)")
     p.add_argument("--memories", type=number_list(int, low=0), default=d.memories, help="values of M (default: 0,1)")
     p.add_argument("--policies", default=None, help="specs separated by ';' to run instead of the default set (a spec may hold commas: 'fam:8x1+4,norm')")
     p.add_argument("--ablation", action="store_true", help="add the paper's ablations")
@@ -137,6 +141,9 @@ def run_tiny(args: argparse.Namespace) -> int:
                      seed=args.seed, rsp=args.rsp, rsp_after=args.rsp_after,
                      carry=args.carry, carry_p=args.carry_p, carry_after=args.carry_after, carry_grad=args.carry_grad,
                      **({"warmup": 0, "cosine": False} if args.constant_lr else {}))
+    if args.diagnose and args.diagnose < cfg.max_len + 3 * cfg.block:
+        raise EndlessError(f"--diagnose must be at least {cfg.max_len + 3 * cfg.block} tokens (the longest "
+                           "training sequence plus three blocks)")
     only = [s.strip() for s in args.policies.split(";") if s.strip()] if args.policies else None
     if only:
         from endless.config import parse_policy
@@ -147,6 +154,18 @@ def run_tiny(args: argparse.Namespace) -> int:
     results = [r for run in runs for r in run.results]
     print(table(results))
     print()
+    memory = {}
+    if args.diagnose:
+        from endless.config import FAM, parse_policy
+        from endless.fam.diagnose import report_table
+        from endless.train.tiny import diagnose
+
+        for run in runs:
+            policy = parse_policy(run.policy)
+            if isinstance(policy, FAM) and policy.fam and not policy.static_query:
+                memory[run.policy] = diagnose(run, cfg, args.diagnose)
+                print(f"{run.policy}: {report_table(memory[run.policy])}")
+                print()
     for run in runs:
         tail = run.losses[-50:]
         print(f"{run.policy:24s} trained {cfg.steps} steps in {run.seconds:5.0f} s, final loss {sum(tail) / len(tail):.3f}")
@@ -155,7 +174,8 @@ def run_tiny(args: argparse.Namespace) -> int:
             "results": [r.as_dict() for r in results],
             "config": config_dict(cfg),
             "ablation": args.ablation,
-            "runs": [{"policy": r.policy, "seconds": round(r.seconds, 1), "loss": [round(x, 4) for x in r.losses]} for r in runs],
+            "runs": [{"policy": r.policy, "seconds": round(r.seconds, 1), "loss": [round(x, 4) for x in r.losses],
+                      **({"memory": memory[r.policy]} if r.policy in memory else {})} for r in runs],
             "command": "endless " + " ".join(sys.argv[1:]),
         })
     if args.plot:

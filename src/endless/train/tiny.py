@@ -227,6 +227,17 @@ def evaluate(run: TinyRun, cfg: TinyConfig, *, progress: bool = True) -> list[Pa
     return run.results
 
 
+def diagnose(run: TinyRun, cfg: TinyConfig, length: int, *, examples: int = 64) -> dict:
+    """Where a FAM run's memory goes (``endless.fam.diagnose``) on ``length``-token prompts with
+    the key in the first block; the reference stream has the longest training length."""
+    from endless.fam.diagnose import memory_report
+
+    rng = random.Random(cfg.seed + 4)
+    batch = [digit_example(length, 0.0, rng=rng, vocab=cfg.vocab, digits=cfg.digits) for _ in range(examples)]
+    short = cfg.max_len // cfg.block * cfg.block
+    return memory_report(run.model, parse_policy(run.policy), batch, short=short, trained_updates=short // cfg.block)
+
+
 def run_experiment(cfg: TinyConfig, *, ablation: bool = False, only: list[str] | None = None,
                    progress: bool = True) -> list[TinyRun]:
     """Train and evaluate every policy of the experiment (or ``only`` these specs)."""
@@ -243,4 +254,4 @@ def config_dict(cfg: TinyConfig) -> dict:
     return asdict(cfg)
 
 
-__all__ = ["TinyConfig", "TinyRun", "policies", "build_model", "train_policy", "evaluate", "run_experiment"]
+__all__ = ["TinyConfig", "TinyRun", "policies", "build_model", "train_policy", "evaluate", "diagnose", "run_experiment"]
