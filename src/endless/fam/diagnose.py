@@ -5,8 +5,8 @@ it is filler the FAM has to carry the key through:
 
 - **block share**: per layer, the mean attention mass the FAM-update queries put on the current
   block's keys (the rest goes to the previous FAM's own keys), over the updates a training
-  sequence has and over the later ones. A residual state that takes a large share of every
-  filler block dilutes what it read earlier.
+  sequence has and over the later ones. It says where the update looks, not how much it writes:
+  a state can take most of its attention from every filler block and still hold (measured).
 - **swap**: per layer, greedy exact match on the long prompts when, before the last two blocks,
   that layer's FAM is replaced by the FAM the same prompt left after only ``short`` tokens (a
   stream of training length that read the same key). If putting back one layer's FAM restores
