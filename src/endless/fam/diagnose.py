@@ -46,15 +46,16 @@ class _RecordingState(FamState):
         super()._update(block)
 
 
-def _greedy(state: FamState, tail: torch.Tensor, steps: int) -> torch.Tensor:
-    """Feed ``tail`` (B, C), then decode ``steps`` tokens greedily: (B, steps)."""
+def _exact(state: FamState, tail: torch.Tensor, answers: torch.Tensor) -> float:
+    """Feed ``tail`` (B, C), decode greedily as many tokens as ``answers`` (B, A) has, and return
+    the share of rows reproduced exactly."""
     logits = state.forward(tail, last_only=True)[:, -1]
     out = []
-    for _ in range(steps):
+    for _ in range(answers.shape[1]):
         tok = logits.argmax(-1)
         out.append(tok)
         logits = state.forward(tok[:, None], last_only=True)[:, -1]
-    return torch.stack(out, dim=1)
+    return (torch.stack(out, dim=1) == answers).all(dim=1).float().mean().item()
 
 
 @torch.inference_mode()
@@ -86,10 +87,10 @@ def memory_report(model: Transformer, policy: FAM, examples: list[Example], *, s
         for layer in swap:
             state.fam[layer] = held[layer]
         state._load_fam_kv(cut // bl)  # the swapped FAM's keys at the long stream's positions
-        return (_greedy(state, ids[:, cut:], n_answer) == answers).all(dim=1).float().mean().item()
+        return _exact(state, ids[:, cut:], answers)
 
     recording = _RecordingState(model, policy, batch=batch)
-    base = (_greedy(recording, ids, n_answer) == answers).all(dim=1).float().mean().item()
+    base = _exact(recording, ids, answers)
     shares = recording.shares[: n // bl]  # updates while reading the prompt
     layers = []
     for i in range(model.dims.n_layers):
