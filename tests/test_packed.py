@@ -31,6 +31,25 @@ def test_packed_bfloat16_close_to_unpacked():
     assert (got - want)[:, 1:].abs().max().item() < 0.1
 
 
+def test_one_row_rms_norm_equals_the_module_in_bfloat16():
+    # a decoded token's norm runs as the layer norm of [x, -x]; it must round as the module does
+    from endless.packed import fast_rms_norm
+
+    hf = tiny_model("llama", seed=5).to(torch.bfloat16)
+    module = hf.model.layers[0].input_layernorm
+    with torch.no_grad():
+        module.weight.copy_(torch.rand(module.weight.shape, generator=torch.Generator().manual_seed(0)) + 0.5)
+    norm = fast_rms_norm(module)
+    assert norm is not None
+    x = (torch.randn(200, 1, 1, module.weight.shape[0], generator=torch.Generator().manual_seed(1)) * 4).to(torch.bfloat16)
+    with torch.no_grad():
+        got = torch.cat([norm(r) for r in x]).float()
+        want = module(x).float().flatten(0, 1)
+    ulp = want.abs() * 2.0**-7  # one bfloat16 step at most, and nearly always none
+    assert ((got - want).abs() <= ulp).all()
+    assert (got == want).float().mean() > 0.99
+
+
 def test_decode_equals_chunked_when_packed():
     model = Transformer(tiny_model("llama", seed=3, initializer_range=0.2), pack=True)
     ids = ids_of(50, seed=2)

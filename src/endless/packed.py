@@ -148,13 +148,20 @@ def fast_rms_norm(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Ten
         def norm(x: torch.Tensor) -> torch.Tensor:
             return F.rms_norm(x, shape, weight, eps)
     else:
+        double = (2 * shape[0],)
 
         def norm(x: torch.Tensor) -> torch.Tensor:
+            if x.numel() == shape[0]:
+                # one row (a decoded token): x / rms(x) is the layer norm of [x, -x] (mean 0,
+                # variance mean(x^2)), one fused kernel that computes in float32 and rounds
+                # once, where rms_norm of a cast runs ~8 small ops: 6.9 against 11.6 us
+                return weight * F.layer_norm(torch.cat([x, -x], dim=-1), double, None, None, eps)[..., : shape[0]]
             return weight * F.rms_norm(x.float(), shape, None, eps).to(x.dtype)
 
     x = torch.randn(2, shape[0], generator=torch.Generator().manual_seed(1)).to(weight.dtype)
-    with torch.no_grad():
-        ok = torch.allclose(norm(x).float(), module(x).float(), rtol=1e-4 if weight.dtype == torch.float32 else 2e-2, atol=1e-5)
+    rtol = 1e-4 if weight.dtype == torch.float32 else 2e-2
+    with torch.no_grad():  # both routes: the rows together and one row alone
+        ok = all(torch.allclose(norm(r).float(), module(r).float(), rtol=rtol, atol=1e-5) for r in (x, x[:1]))
     return norm if ok else None
 
 
