@@ -75,6 +75,20 @@ def test_chunked_equals_token_by_token(model, policy):
     assert torch.allclose(torch.cat(parts, dim=1), one, atol=1e-4, equal_nan=True)
 
 
+@pytest.mark.parametrize("pack", [False, True])
+def test_bfloat16_chunks_write_the_keys_token_by_token_writes(pack):
+    # both paths rotate in float32 and round once, so the cache is the same bit for bit
+    hf = tiny_model("llama", seed=3, initializer_range=0.2).to(torch.bfloat16)
+    m = Transformer(hf, pack=pack)
+    ids = ids_of(40, seed=5)
+    chunked, single = Stream(m, "sinks:4+20", chunk=16), Stream(m, "sinks:4+20", chunk=16)
+    chunked.feed(ids)
+    for i in range(ids.shape[1]):
+        single.feed(ids[:, i : i + 1])
+    assert torch.equal(chunked.state.k, single.state.k)
+    assert torch.equal(chunked.state.v, single.state.v)
+
+
 @pytest.mark.parametrize("policy", POLICIES + ["dense"])
 def test_batch_equals_single_streams(model, policy):
     ids = ids_of(50, seed=4, batch=3)

@@ -110,16 +110,19 @@ class RingKV:
             # ~20 us on this CPU, the same in float32 plus the casts ~4 us (x 30 layers per token)
             st.rk = _rotation_matrix(cos[0], sin[0]).float()
             rq = _rotation_matrix(cos[0], sin[0]) * scale
-            # the query's too, from the same entries rounded to the model dtype (the chunk path's
-            # tables): a (H, D) x (D, 2D) product costs 13 us in bfloat16, 6 us in float32 with casts
-            st.rq = (rq if sink is None else torch.cat([rq, sink[2]], dim=1)).to(dtype).float()
+            # the query's too: a (H, D) x (D, 2D) product costs 13 us in bfloat16, 6 us in
+            # float32 with the casts; and so both rotations round once, as the chunk path's
+            st.rq = (rq if sink is None else torch.cat([rq, sink[2]], dim=1)).float()
         else:
-            st.cos, st.sin, st.qcos, st.qsin = (t.to(dtype) for t in (cos, sin, cos * scale, sin * scale))
+            # float32 tables: rotations compute in float32 and round once to the model dtype, as
+            # the one-token path's matrix products do (bfloat16 tables and products rounded each
+            # step put chunked and token-by-token log-probs further apart)
+            st.cos, st.sin, st.qcos, st.qsin = (t.float() for t in (cos, sin, cos * scale, sin * scale))
             # 0 / -inf, exact in any dtype; one copy per query group (rows (g, c) of the score
             # matrix), so the score product adds it in its own epilogue (baddbmm)
             g = self.model.dims.n_heads // self.model.dims.n_kv_heads
             st.bias = bias.to(dtype).expand(g, -1, -1).contiguous()
-            st.sink = None if sink is None else tuple(t.to(dtype) for t in sink[:2])
+            st.sink = None if sink is None else tuple(t.float() for t in sink[:2])
         self._step = st
 
     def _sink_query_tables(self, pos: torch.Tensor, scale: float) -> tuple:
@@ -306,8 +309,10 @@ def _signed_tables(rope, positions: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """``endless.rope.rotate`` in three ops: rotate_half(x) = roll(x, D/2) * [-1.., +1..], and the
-    sign is in ``signed_sin`` already (negation is exact, so the values are the same)."""
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), signed_sin)
+    sign is in ``signed_sin`` already (negation is exact, so the values are the same). Computed
+    in the tables' dtype (float32) and rounded once to ``x``'s."""
+    xf = x.to(cos.dtype)
+    return torch.addcmul(xf * cos, xf.roll(x.shape[-1] // 2, -1), signed_sin).to(x.dtype)
 
 
 __all__ = ["RingKV"]
