@@ -192,3 +192,25 @@ def test_two_processes_with_torchrun(folder, tmp_path):
     data = json.loads((tmp_path / "runs" / "train.json").read_text())
     assert data["processes"] == 2 and len(data["loss"]) == 2 and data["results"][0]["policy"] == "fam:32x0+2"
     assert load_fam(out)[2].spec == "fam:32x0+2"
+
+
+def test_key_depth_fixes_where_the_key_sits_and_keeps_the_other_draws():
+    import random
+
+    from endless.config import parse_policy
+    from endless.train.data import KEY_MARK
+    from endless.train.tiny import build_model, carried_batch
+
+    assert TinyConfig(key_depth=0.0).key_depth == 0.0
+    with pytest.raises(EndlessError):
+        TinyConfig(key_depth=1.5)
+    # with --key-depth 0 a carried batch's key opens every sequence; the filler is the same draw
+    policy = parse_policy("fam:8x1+4")
+    model = build_model(policy, TinyConfig(batch=3, carry=40))
+    fixed, _, _ = carried_batch(model, policy, model.fam_prompt, 30, TinyConfig(batch=3, carry=40, carry_grad=True,
+                                                                                key_depth=0.0), random.Random(0))
+    free, _, _ = carried_batch(model, policy, model.fam_prompt, 30, TinyConfig(batch=3, carry=40, carry_grad=True),
+                               random.Random(0))
+    assert (fixed[:, 0] == KEY_MARK).all() and fixed.shape == free.shape
+    assert not (free[:, 0] == KEY_MARK).all()
+    assert torch.equal(torch.sort(fixed[:, :-5], dim=1).values, torch.sort(free[:, :-5], dim=1).values)

@@ -103,6 +103,9 @@ def _add_tiny(tsub) -> None:
     p.add_argument("--carry-p", type=float, default=d.carry_p, metavar="P", help="(default: %(default)s)")
     p.add_argument("--carry-after", type=int, default=d.carry_after, metavar="STEP",
                    help="first step of --carry (default: %(default)s)")
+    p.add_argument("--key-depth", type=float, default=None, metavar="D",
+                   help="put the key at depth D in [0, 1] of every training and test prompt (0: the first tokens, "
+                        "the paper's PassKey layout; default: uniform at random)")
     p.add_argument("--diagnose", type=int, default=0, metavar="N",
                    help="after training, report per layer where each FAM's memory goes on N-token prompts "
                         "with the key in the first block (attention share of the update on the block; "
@@ -140,6 +143,7 @@ def run_tiny(args: argparse.Namespace) -> int:
                      memories=args.memories, eval_lengths=args.eval_lengths, eval_examples=args.eval_examples,
                      seed=args.seed, rsp=args.rsp, rsp_after=args.rsp_after,
                      carry=args.carry, carry_p=args.carry_p, carry_after=args.carry_after, carry_grad=args.carry_grad,
+                     key_depth=args.key_depth,
                      **({"warmup": 0, "cosine": False} if args.constant_lr else {}))
     if args.diagnose and args.diagnose < cfg.max_len + 3 * cfg.block:
         raise EndlessError(f"--diagnose must be at least {cfg.max_len + 3 * cfg.block} tokens (the longest "

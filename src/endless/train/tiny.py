@@ -71,6 +71,7 @@ class TinyConfig:
     carry_p: float = 0.5  # ... with this probability per step
     carry_after: int = 0  # ... from this step on
     carry_grad: bool = False  # *ours*: back-propagate through the prefix too (a long sequence, key early)
+    key_depth: float | None = None  # where the key sits in training and test prompts (None: uniform at random)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -79,6 +80,8 @@ class TinyConfig:
                 raise EndlessError(f"--{name.replace('_', '-')} must be >= 1")
         if not (0 <= self.rsp <= 1 and 0 <= self.carry_p <= 1) or self.carry < 0:
             raise EndlessError("--rsp and --carry-p must be in [0, 1] and --carry >= 0")
+        if self.key_depth is not None and not 0 <= self.key_depth <= 1:
+            raise EndlessError("--key-depth must be in [0, 1]")
         if self.carry and self.carry < self.block:
             raise EndlessError(f"--carry must be 0 or at least one block ({self.block} tokens)")
 
@@ -129,6 +132,12 @@ def build_model(policy: Policy, cfg: TinyConfig) -> Transformer:
     return model
 
 
+def _depth(draw: float, cfg: TinyConfig) -> float:
+    """The key's depth: the random draw, or the fixed ``key_depth`` (the draw is still made, so the
+    rest of the data is the same either way)."""
+    return draw if cfg.key_depth is None else cfg.key_depth
+
+
 def lr_factor(step: int, cfg: TinyConfig) -> float:
     """Learning-rate multiplier at ``step``: linear warm-up, then constant or cosine to zero."""
     if step < cfg.warmup:
@@ -156,7 +165,7 @@ def carried_batch(model: Transformer, policy: FAM, prompt, n: int, cfg: TinyConf
     total = prefix + n
     fill = total - cfg.digits - 2
     # depth so that KEY and its digits end inside the prefix
-    batch = [digit_example(total, rng.random() * (prefix - cfg.digits - 1) / fill, rng=rng, vocab=cfg.vocab,
+    batch = [digit_example(total, _depth(rng.random(), cfg) * (prefix - cfg.digits - 1) / fill, rng=rng, vocab=cfg.vocab,
                            digits=cfg.digits) for _ in range(cfg.batch)]
     ids, targets = collate(batch)
     if cfg.carry_grad:  # the whole hold is graded: gradients reach every update of the prefix
@@ -186,7 +195,8 @@ def train_policy(spec: str, cfg: TinyConfig, *, progress: bool = True) -> TinyRu
         if prompt is not None and cfg.carry and step >= cfg.carry_after and aux_rng.random() < cfg.carry_p:
             ids, targets, init = carried_batch(model, policy, prompt, n, cfg, aux_rng)
         else:
-            batch = [digit_example(n, rng.random(), rng=rng, vocab=cfg.vocab, digits=cfg.digits) for _ in range(cfg.batch)]
+            batch = [digit_example(n, _depth(rng.random(), cfg), rng=rng, vocab=cfg.vocab, digits=cfg.digits)
+                     for _ in range(cfg.batch)]
             ids, targets = collate(batch)
         rsp_on = prompt is not None and cfg.rsp > 0 and step >= cfg.rsp_after
         if rsp_on and init is None and carried is not None and aux_rng.random() < cfg.rsp:
@@ -217,7 +227,7 @@ def evaluate(run: TinyRun, cfg: TinyConfig, *, progress: bool = True) -> list[Pa
     method = "parallel" if isinstance(policy, FAM) and policy.static_query else "stream"
     rng = random.Random(cfg.seed + 2)  # the same test set for every policy
     examples = [
-        digit_example(n, rng.random(), rng=rng, vocab=cfg.vocab, digits=cfg.digits)
+        digit_example(n, _depth(rng.random(), cfg), rng=rng, vocab=cfg.vocab, digits=cfg.digits)
         for n in cfg.eval_lengths
         for _ in range(cfg.eval_examples)
     ]
