@@ -136,7 +136,9 @@ def fast_rms_norm(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Ten
     """``module``'s RMSNorm as one fused kernel, or None if it is not the standard one.
 
     transformers' Llama-family RMSNorm normalises in float32, casts back, then multiplies by the
-    weight; for float32 that is ``F.rms_norm`` itself, for bfloat16 the cast stays where it was.
+    weight; for float32 that is ``F.rms_norm`` itself, for bfloat16 the cast stays where it was,
+    and a single row (a decoded token) goes through ``F.layer_norm`` instead (see below). Both
+    routes are probed against the module; a disagreeing one means no fast norm at all.
     """
     weight = getattr(module, "weight", None)
     eps = getattr(module, "variance_epsilon", None)
