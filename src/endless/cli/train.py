@@ -183,7 +183,8 @@ def run_tiny(args: argparse.Namespace) -> int:
             "command": "endless " + " ".join(sys.argv[1:]),
         })
     if args.plot:
-        plot(results, args.plot, title=f"PassKey, tiny model from scratch ({cfg.steps} steps, trained on {cfg.min_len}-{cfg.max_len} tokens)")
+        longest = cfg.max_len + (cfg.carry if cfg.carry_grad else 0)  # a graded carried prefix lengthens the sequences
+        plot(results, args.plot, title=f"PassKey, tiny model from scratch ({cfg.steps} steps, {cfg.min_len}-{longest}-token sequences)")
     return 0
 
 
