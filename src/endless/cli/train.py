@@ -184,7 +184,7 @@ def run_tiny(args: argparse.Namespace) -> int:
         })
     if args.plot:
         longest = cfg.max_len + (cfg.carry if cfg.carry_grad else 0)  # a graded carried prefix lengthens the sequences
-        plot(results, args.plot, title=f"PassKey, tiny model from scratch ({cfg.steps} steps, {cfg.min_len}-{longest}-token sequences)")
+        plot(results, args.plot, title=f"PassKey, tiny from scratch: {cfg.steps} steps on {cfg.min_len}-{longest} tokens")
     return 0
 
 
