@@ -139,3 +139,22 @@ def test_gradients_flow_through_the_recurrence(model):
         logits = parallel_forward(model, ids, pol, prompt)
         logits[0, -1].sum().backward()
         assert (prompt.embeddings.grad is not None and prompt.embeddings.grad.abs().sum() > 0) == expect
+
+
+@pytest.mark.parametrize("spec", ["fam:8x1+4", "fam:8x0+4", "fam:5x2+3", "fam:4x1+1,firstres", "fam:8x3+16"])
+def test_both_forms_equal_the_spec_oracle(spec):
+    """PAPERS.md section 3 written out on transformers' own modules (``naive_fam_logits``, no code
+    of ours in its path) gives the same logits as the parallel and the streaming form."""
+    from endless.reference import naive_fam_logits
+
+    pol = parse_policy(spec)
+    model = Transformer(tiny_model("llama", seed=0, initializer_range=0.2))
+    prompt = FamPrompt(torch.randn(pol.fam, model.dims.hidden, generator=torch.Generator().manual_seed(5)))
+    model.fam_prompt = prompt  # what the stream reads
+    ids = ids_of(43, seed=6, batch=2)  # not a whole number of blocks
+    want = naive_fam_logits(model.hf, ids, spec, prompt.embeddings)
+    with torch.no_grad():
+        par = parallel_forward(model, ids, pol, prompt)
+    assert (par - want).abs().max().item() <= 1e-4
+    stream = Stream(model, spec, batch=2, chunk=7)
+    assert (stream.feed(ids)[:, 1:] - lp_of(want, ids)).abs().max().item() <= 1e-4

@@ -6,13 +6,19 @@ possible: tokens one at a time; every layer keeps the un-rotated key and the val
 afresh at their in-cache positions 0..n-1 (the query sits at n-1) and attends with a plain
 softmax. O(n) re-rotation per token and unbounded memory -- exactly what ``RingKV`` avoids -- but
 obviously right, so "the sinks policy equals the naive reference at every step" is checkable.
+
+``naive_fam_logits`` is TransformerFAM read straight off PAPERS.md section 3 ("One layer, one
+block" and the mask table), on transformers' own modules and rotary embedding: none of
+``endless.model``, ``endless.rope`` or ``endless.fam`` is used, so it checks the spec, not our
+factoring of it. It runs in the streaming order (block by block, every layer per block) while
+``endless.fam.parallel_forward`` runs layer by layer over all blocks.
 """
 
 from __future__ import annotations
 
 import torch
 
-from endless.config import Policy, Sinks, parse_policy
+from endless.config import FAM, Policy, Sinks, parse_policy
 from endless.model import Transformer
 from endless.rope import rotate
 
@@ -51,3 +57,79 @@ def naive_stream_logits(model: Transformer, ids: torch.Tensor, policy: "Policy |
             x = model.finish(i, x, p @ vv)
         out.append(model.logits(x))
     return torch.cat(out, dim=1)[:, prefix:]
+
+
+def _attend(layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """The HF layer's output projection of softmax attention (q (B, H, n, D); k, v (B, KV, m, D))."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * layer.self_attn.scaling
+    p = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    b, _, n, _ = q.shape
+    return layer.self_attn.o_proj((p @ v).transpose(1, 2).reshape(b, n, -1))
+
+
+def _qkv(hf, layer, x: torch.Tensor, positions: torch.Tensor):
+    """Rotated q (B, H, n, D), k and v (B, KV, n, D) of rows ``x`` at ``positions``."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    b, n, _ = x.shape
+    d = hf.config.head_dim
+    h = layer.input_layernorm(x)
+    q = layer.self_attn.q_proj(h).view(b, n, -1, d).transpose(1, 2)
+    k = layer.self_attn.k_proj(h).view(b, n, -1, d).transpose(1, 2)
+    v = layer.self_attn.v_proj(h).view(b, n, -1, d).transpose(1, 2)
+    cos, sin = hf.model.rotary_emb(x, positions[None].expand(b, -1))
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    return q, k, v
+
+
+def _ffn(layer, a: torch.Tensor) -> torch.Tensor:
+    return a + layer.mlp(layer.post_attention_layernorm(a))
+
+
+@torch.no_grad()
+def naive_fam_logits(hf, ids: torch.Tensor, policy: "FAM | str", prompt: torch.Tensor) -> torch.Tensor:
+    """Logits (B, T, V) of ``ids`` (B, T) under a FAM policy, for a Llama ``hf`` (transformers) and
+    the learned prompt embeddings ``prompt`` (F, d). Covers the paper's update and ``firstres``."""
+    policy = parse_policy(policy)
+    if not isinstance(policy, FAM) or policy.static_query or policy.detach or policy.normalize or not policy.update_ffn:
+        raise ValueError("the oracle covers the paper's FAM update (and firstres) only")
+    bl, m, f = policy.block, policy.memory, policy.fam
+    layers = hf.model.layers
+    bsz = ids.shape[0]
+    # initial FAM: the prompt passed up the stack, full attention among its own rows, positions -F..-1
+    x = prompt[None].expand(bsz, -1, -1).to(hf.dtype)
+    fam_pos = torch.arange(-f, 0)
+    fam = []
+    for layer in layers:
+        fam.append(x)
+        q, k, v = _qkv(hf, layer, x, fam_pos)
+        x = _ffn(layer, x + _attend(layer, q, k, v, torch.ones(f, f, dtype=torch.bool)))
+    past: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in layers]  # every earlier block's k, v
+    out = []
+    for start in range(0, ids.shape[1], bl):
+        h = hf.model.embed_tokens(ids[:, start : start + bl])
+        n = h.shape[1]
+        pos = torch.arange(start, start + n)
+        fam_pos = torch.arange(start - f, start)  # the last F positions of the block before
+        for i, layer in enumerate(layers):
+            q, k, v = _qkv(hf, layer, h, pos)
+            fq, fk, fv = _qkv(hf, layer, fam[i], fam_pos)
+            mem = past[i][-m:] if m else []
+            mk = [t[0] for t in mem]
+            mv = [t[1] for t in mem]
+            width = sum(t.shape[2] for t in mk)
+            # block row t: every memory key, every FAM key, its own block causally (the mask table)
+            causal = torch.ones(n, n, dtype=torch.bool).tril()
+            visible = torch.cat([torch.ones(n, width + f, dtype=torch.bool), causal], dim=1)
+            a = h + _attend(layer, q, torch.cat([*mk, fk, k], dim=2), torch.cat([*mv, fv, v], dim=2), visible)
+            # FAM rows: every FAM key and the whole current block, no memory blocks
+            fa = _attend(layer, fq, torch.cat([fk, k], dim=2), torch.cat([fv, v], dim=2),
+                         torch.ones(f, f + n, dtype=torch.bool))
+            first = start == 0 and not policy.first_residual  # the paper: zero residual on the very first update
+            fam[i] = _ffn(layer, fa if first else fam[i] + fa)
+            past[i].append((k, v))
+            h = _ffn(layer, a)
+        out.append(hf.lm_head(hf.model.norm(h)))
+    return torch.cat(out, dim=1)
