@@ -158,3 +158,19 @@ def test_both_forms_equal_the_spec_oracle(spec):
     assert (par - want).abs().max().item() <= 1e-4
     stream = Stream(model, spec, batch=2, chunk=7)
     assert (stream.feed(ids)[:, 1:] - lp_of(want, ids)).abs().max().item() <= 1e-4
+
+
+def test_replace_fam_with_its_own_rows_changes_nothing(model):
+    """``FamState.replace_fam`` re-keys a FAM at the next block's positions: putting back a layer's
+    own rows leaves the continuation bit-identical; mid-block it is refused."""
+    ids = ids_of(40, seed=7)
+    plain = Stream(model, "fam:8x1+4")
+    plain.feed(ids[:, :32])
+    want = plain.feed(ids[:, 32:])
+    swapped = Stream(model, "fam:8x1+4")
+    swapped.feed(ids[:, :32])
+    swapped.state.replace_fam(1, swapped.state.fam[1].clone())
+    assert torch.equal(swapped.feed(ids[:, 32:]), want)
+    swapped.feed(ids[:, :3])
+    with pytest.raises(ValueError, match="block boundary"):
+        swapped.state.replace_fam(0, swapped.state.fam[0].clone())

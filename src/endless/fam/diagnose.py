@@ -84,9 +84,8 @@ def memory_report(model: Transformer, policy: FAM, examples: list[Example], *, s
     def accuracy(swap: list[int]) -> float:
         state = FamState(model, policy, batch=batch)
         state.forward(ids[:, :cut])
-        for layer in swap:
-            state.fam[layer] = held[layer]
-        state._load_fam_kv(cut // bl)  # the swapped FAM's keys at the long stream's positions
+        for layer in swap:  # keyed at the long stream's positions
+            state.replace_fam(layer, held[layer])
         return _exact(state, ids[:, cut:], answers)
 
     recording = _RecordingState(model, policy, batch=batch)

@@ -63,6 +63,14 @@ class FamState:
             self.k[i, :, :, self.ring :] = k
             self.v[i, :, :, self.ring :] = v
 
+    def replace_fam(self, layer: int, rows: torch.Tensor) -> None:
+        """Put ``rows`` (B, F, d) in as layer ``layer``'s FAM at a block boundary, keyed at the
+        positions the next block reads it at (diagnostics: ``endless.fam.diagnose``)."""
+        if self.t % self.policy.block:
+            raise ValueError(f"a FAM can only be replaced at a block boundary (position {self.t})")
+        self.fam[layer] = rows
+        self._load_fam_kv(self.t // self.policy.block)
+
     @torch.no_grad()
     def _update(self, block: int) -> None:
         """Block ``block`` is complete: every layer updates its FAM (section 3)."""
