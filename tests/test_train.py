@@ -214,3 +214,23 @@ def test_key_depth_fixes_where_the_key_sits_and_keeps_the_other_draws():
     assert (fixed[:, 0] == KEY_MARK).all() and fixed.shape == free.shape
     assert not (free[:, 0] == KEY_MARK).all()
     assert torch.equal(torch.sort(fixed[:, :-5], dim=1).values, torch.sort(free[:, :-5], dim=1).values)
+
+
+def test_tiny_model_and_data_options_reach_the_run(tmp_path):
+    """--vocab, --min-len/--max-len, --init-std and --out-std set the tiny run (results 7.2's
+    variants); out of range is one line and exit code 2."""
+    from endless.config import parse_policy
+    from endless.train.tiny import build_model
+
+    model = build_model(parse_policy("fam:8x1+4"), TinyConfig(vocab=32, out_std=0.0, init_std=0.5))
+    assert model.hf.config.vocab_size == 32
+    assert all(float(layer.self_attn.o_proj.weight.abs().max()) == 0 for layer in model.hf.model.layers)
+    assert 0.4 < float(model.hf.model.layers[0].mlp.up_proj.weight.std()) < 0.6
+    path = tmp_path / "t.json"
+    assert main(["train", "fam-tiny", "--steps", "2", "--batch", "2", "--policies", "fam:8x1+4", "--vocab", "20",
+                 "--min-len", "12", "--max-len", "20", "--eval-lengths", "24", "--eval-examples", "2",
+                 "--json", str(path)]) == 0
+    cfg = json.loads(path.read_text())["config"]
+    assert (cfg["vocab"], cfg["min_len"], cfg["max_len"]) == (20, 12, 20)
+    for bad in (["--vocab", "13"], ["--min-len", "9"], ["--min-len", "30", "--max-len", "20"], ["--init-std", "0"]):
+        assert main(["train", "fam-tiny", "--steps", "1", *bad]) == 2

@@ -24,7 +24,7 @@ DESCRIPTION = (
 def _configure(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--policy", action="append", default=None, metavar="SPEC",
-                   help="policy to evaluate; repeat for several (default: the checkpoint's, else fam:64x1+16)")
+                   help="policy to evaluate; repeat for several (default: the checkpoint's, else fam:64x1+16,firstres)")
     p.add_argument("--lengths", type=number_list(int, what="lengths"), default=(1024, 2048, 4096, 8192), metavar="N,N",
                    help="prompt lengths in tokens (default: 1024,2048,4096,8192)")
     p.add_argument("--depths", type=number_list(float, low=0, high=1, what="depths"), default=(0.1, 0.3, 0.5, 0.7, 0.9), metavar="D,D",
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
             specs = [parse_policy(read_meta(args.fam)["policy"])]
         else:
-            specs = [parse_policy("fam:64x1+16")]
+            specs = [parse_policy("fam:64x1+16,firstres")]  # an untrained FAM: keep the first residual
     prompt = getattr(model, "fam_prompt", None)
     for pol in specs:
         if isinstance(pol, FAM) and pol.fam and prompt is not None and prompt.rows != pol.fam:

@@ -91,6 +91,12 @@ def _add_tiny(tsub) -> None:
     p.add_argument("--fam", type=int, default=d.fam, help="F (default: %(default)s)")
     p.add_argument("--kv-heads", type=int, default=d.kv_heads, choices=(1, 2, 4), help="key/value heads of 4 (default: %(default)s)")
     p.add_argument("--ffn", type=int, default=d.ffn, help="MLP width (default: %(default)s)")
+    p.add_argument("--vocab", type=int, default=d.vocab, help="10 digits, 2 markers, the rest filler symbols (default: %(default)s)")
+    p.add_argument("--min-len", type=int, default=d.min_len, help="shortest training sequence (default: %(default)s)")
+    p.add_argument("--max-len", type=int, default=d.max_len, help="longest training sequence (default: %(default)s)")
+    p.add_argument("--init-std", type=float, default=d.init_std, help="std of the random weights (default: %(default)s)")
+    p.add_argument("--out-std", type=float, default=None,
+                   help="std of the o_proj/down_proj weights, which write into the residual streams (default: --init-std)")
     p.add_argument("--constant-lr", action="store_true", help="no warm-up and cosine decay (the lr stays at --lr)")
     p.add_argument("--rsp", type=float, default=d.rsp, metavar="P",
                    help="random state passing with probability P (PAPERS.md; off by default)")
@@ -139,7 +145,8 @@ def run_tiny(args: argparse.Namespace) -> int:
     _threads(args)
     cfg = TinyConfig(  # validates itself
                      steps=args.steps, batch=args.batch, lr=args.lr, block=args.block, fam=args.fam,
-                     kv_heads=args.kv_heads, ffn=args.ffn,
+                     kv_heads=args.kv_heads, ffn=args.ffn, vocab=args.vocab, min_len=args.min_len, max_len=args.max_len,
+                     init_std=args.init_std, out_std=args.out_std,
                      memories=args.memories, eval_lengths=args.eval_lengths, eval_examples=args.eval_examples,
                      seed=args.seed, rsp=args.rsp, rsp_after=args.rsp_after,
                      carry=args.carry, carry_p=args.carry_p, carry_after=args.carry_after, carry_grad=args.carry_grad,

@@ -47,10 +47,12 @@ class FamTrainConfig:
     """Everything a run depends on; stored in the checkpoint's ``fam.json``."""
 
     model: str = "smollm2-135m"
-    policy: str = "fam:64x1+16"
+    # *ours*: ``firstres`` by default, since the paper's zero first residual makes an untrained FAM
+    # wreck a pretrained model (docs/results.md 7.3: PassKey answer loss 8.75 against 0.17)
+    policy: str = "fam:64x1+16,firstres"
     steps: int = 300
     batch: int = 1  # per process
-    lr: float = 3e-4
+    lr: float = 1e-3  # 3e-4 learnt nothing in 250 steps; every SmolLM2 run of results 7.3 used 1e-3
     prompt_lr: float = 3e-3
     lora_rank: int = 16
     lora_alpha: float = 32.0

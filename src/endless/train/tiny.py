@@ -82,6 +82,12 @@ class TinyConfig:
             raise EndlessError("--rsp and --carry-p must be in [0, 1] and --carry >= 0")
         if self.key_depth is not None and not 0 <= self.key_depth <= 1:
             raise EndlessError("--key-depth must be in [0, 1]")
+        if not 2 * self.digits + 2 <= self.min_len <= self.max_len:  # the whole sequence: prompt and answer
+            raise EndlessError(f"need {2 * self.digits + 2} <= --min-len <= --max-len, got {self.min_len} and {self.max_len}")
+        if self.vocab <= FIRST_FILLER + 1:
+            raise EndlessError(f"--vocab must be more than {FIRST_FILLER + 1} (digits, two markers, filler)")
+        if self.init_std <= 0 or (self.out_std is not None and self.out_std < 0):
+            raise EndlessError("--init-std must be > 0 and --out-std >= 0")
         if self.carry and self.carry < self.block:
             raise EndlessError(f"--carry must be 0 or at least one block ({self.block} tokens)")
 
