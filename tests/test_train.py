@@ -234,3 +234,20 @@ def test_tiny_model_and_data_options_reach_the_run(tmp_path):
     assert (cfg["vocab"], cfg["min_len"], cfg["max_len"]) == (20, 12, 20)
     for bad in (["--vocab", "13"], ["--min-len", "9"], ["--min-len", "30", "--max-len", "20"], ["--init-std", "0"]):
         assert main(["train", "fam-tiny", "--steps", "1", *bad]) == 2
+
+
+def test_diverging_tiny_training_stops_with_one_clear_line():
+    """A loss that is no longer finite ends the run at that step with an EndlessError (the CLI's
+    one line and exit code 2), instead of training on NaN weights to the end."""
+    from endless.train.tiny import train_policy
+
+    with pytest.raises(EndlessError, match="not finite at step"):
+        train_policy("fam:8x1+4", TinyConfig(steps=50, batch=2, lr=1e30, warmup=1), progress=False)
+
+
+def test_diverging_lora_training_stops_with_one_clear_line(folder, tmp_path):
+    cfg = FamTrainConfig(model=str(folder), policy="fam:32x1+4", steps=30, lr=1e30, prompt_lr=1e30, lora_rank=2,
+                         min_len=250, max_len=260)
+    with pytest.raises(EndlessError, match="not finite at step"):
+        train(cfg, out=tmp_path / "never", progress=False)
+    assert not (tmp_path / "never").exists()  # nothing half-written

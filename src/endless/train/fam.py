@@ -245,6 +245,8 @@ def train(cfg: FamTrainConfig, *, out: "str | Path | None", cpu: bool | None = N
             carried = [s[:1].detach() for s in state]
         mean = acc.reduce(loss.detach(), reduction="mean").item()
         losses.append(mean)
+        if not math.isfinite(mean):  # the reduced loss: every process stops at the same step
+            raise EndlessError(f"the loss is not finite at step {step + 1}: training diverged (try a lower --lr)")
         if (step + 1) % cfg.log_every == 0:
             recent = sum(losses[-cfg.log_every:]) / cfg.log_every
             bar.set_postfix(loss=f"{recent:.3f}", refresh=False)

@@ -219,6 +219,9 @@ def train_policy(spec: str, cfg: TinyConfig, *, progress: bool = True) -> TinyRu
         opt.step()
         sched.step()
         losses.append(loss.item())
+        if not math.isfinite(losses[-1]):  # stop now, not after the remaining steps
+            raise EndlessError(f"{spec}: the loss is not finite at step {step + 1}: training diverged "
+                               "(a lower --lr, or ',norm' to bound the FAM)")
         if len(losses) % 50 == 0:
             bar.set_postfix(loss=f"{sum(losses[-50:]) / 50:.3f}", refresh=False)
     model.hf.eval()
