@@ -37,6 +37,7 @@ DIGITS = 10
 KEY_MARK = 10
 QUERY_MARK = 11
 FIRST_FILLER = 12
+MIN_VOCAB = FIRST_FILLER + 2  # digits, the two markers and at least two filler symbols
 
 
 @dataclass(frozen=True)
@@ -97,8 +98,8 @@ def passkey_example(tokenizer, length: int, depth: float, *, rng: random.Random,
 def digit_example(length: int, depth: float, *, rng: random.Random, vocab: int, digits: int = 4) -> Example:
     """Tiny-vocabulary PassKey: ``length`` prompt tokens of random filler symbols holding
     ``KEY d1..dn`` at ``depth`` and ending with ``QUERY``; the answer is ``d1..dn``."""
-    if vocab <= FIRST_FILLER + 1:
-        raise EndlessError(f"the digit task needs a vocabulary larger than {FIRST_FILLER + 1}")
+    if vocab < MIN_VOCAB:
+        raise EndlessError(f"the digit task needs a vocabulary of at least {MIN_VOCAB}")
     n_fill = length - digits - 2
     if n_fill < 0:
         raise EndlessError(f"a digit PassKey prompt needs at least {digits + 2} tokens")
@@ -140,4 +141,4 @@ def answer_positions(example: Example) -> slice:
 
 __all__ = ["Example", "PasskeyFormat", "passkey_example", "digit_example", "text_example", "collate",
            "random_key", "answer_positions", "INSTRUCTION", "FILLER", "KEY_SENTENCE", "QUESTION",
-           "KEY_MARK", "QUERY_MARK", "FIRST_FILLER"]
+           "KEY_MARK", "QUERY_MARK", "FIRST_FILLER", "MIN_VOCAB"]

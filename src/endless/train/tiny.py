@@ -38,7 +38,7 @@ from endless.eval.passkey import PasskeyResult, passkey_accuracy, summarize
 from endless.fam import FamPrompt, parallel_forward
 from endless.model import Transformer
 from endless.progress import bar as progress_bar
-from endless.train.data import FIRST_FILLER, collate, digit_example
+from endless.train.data import FIRST_FILLER, MIN_VOCAB, collate, digit_example
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +84,8 @@ class TinyConfig:
             raise EndlessError("--key-depth must be in [0, 1]")
         if not 2 * self.digits + 2 <= self.min_len <= self.max_len:  # the whole sequence: prompt and answer
             raise EndlessError(f"need {2 * self.digits + 2} <= --min-len <= --max-len, got {self.min_len} and {self.max_len}")
-        if self.vocab <= FIRST_FILLER + 1:
-            raise EndlessError(f"--vocab must be more than {FIRST_FILLER + 1} (digits, two markers, filler)")
+        if self.vocab < MIN_VOCAB:
+            raise EndlessError(f"--vocab must be at least {MIN_VOCAB} (digits, two markers, filler)")
         if self.init_std <= 0 or (self.out_std is not None and self.out_std < 0):
             raise EndlessError("--init-std must be > 0 and --out-std >= 0")
         if self.carry and self.carry < self.block:
