@@ -251,3 +251,41 @@ def test_diverging_lora_training_stops_with_one_clear_line(folder, tmp_path):
     with pytest.raises(EndlessError, match="not finite at step"):
         train(cfg, out=tmp_path / "never", progress=False)
     assert not (tmp_path / "never").exists()  # nothing half-written
+
+
+def test_tiny_save_load_and_init(tmp_path):
+    """--save writes a model that --load evaluates to the same accuracies and the same logits,
+    and --init trains further from (its first loss is the saved model's, not a fresh one's);
+    a damaged folder or contradicting flags are one line and exit code 2."""
+    from endless.config import parse_policy
+    from endless.train.tiny_checkpoint import load_tiny
+
+    common = ["--eval-lengths", "24,48", "--eval-examples", "4"]
+    first, again = tmp_path / "a.json", tmp_path / "b.json"
+    assert main(["train", "fam-tiny", "--steps", "20", "--batch", "4", "--vocab", "20", "--policies", "fam:8x1+4",
+                 "--save", str(tmp_path / "m"), *common, "--json", str(first)]) == 0
+    folder = tmp_path / "m" / "fam-8x1+4"
+    assert main(["train", "fam-tiny", "--load", str(folder), *common, "--json", str(again)]) == 0
+    a, b = json.loads(first.read_text()), json.loads(again.read_text())
+    assert a["results"] == b["results"] and b["config"]["vocab"] == 20
+    run, cfg = load_tiny(folder)
+    assert (run.policy, cfg.steps, cfg.vocab, len(run.losses)) == ("fam:8x1+4", 20, 20, 20)
+    assert not run.model.hf.training
+    ids = torch.randint(0, 20, (2, 40))
+    policy = parse_policy(run.policy)
+    again_run, _ = load_tiny(folder)
+    torch.testing.assert_close(parallel_forward(run.model, ids, policy, run.model.fam_prompt),
+                               parallel_forward(again_run.model, ids, policy, again_run.model.fam_prompt), rtol=0, atol=0)
+    fresh = tmp_path / "fresh.json"
+    cont = tmp_path / "cont.json"
+    assert main(["train", "fam-tiny", "--steps", "1", "--batch", "4", "--vocab", "20", "--policies", "fam:8x1+4",
+                 *common, "--json", str(fresh)]) == 0
+    assert main(["train", "fam-tiny", "--init", str(folder), "--steps", "1", "--batch", "4", *common,
+                 "--json", str(cont)]) == 0
+    start_loss = json.loads(cont.read_text())["runs"][0]["loss"][0]
+    assert start_loss < json.loads(fresh.read_text())["runs"][0]["loss"][0] - 0.3  # trained weights, not new ones
+    for bad in (["--load", str(folder), "--policies", "bswa:8x1"], ["--load", str(folder), "--init", str(folder)],
+                ["--load", str(tmp_path / "none")], ["--load", str(folder), "--save", str(tmp_path / "x")]):
+        assert main(["train", "fam-tiny", *bad]) == 2
+    (folder / "model.safetensors").write_bytes(b"damaged")
+    assert main(["train", "fam-tiny", "--load", str(folder)]) == 2

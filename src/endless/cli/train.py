@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from endless.cli.common import add_model_args, number_list, write_json
@@ -123,6 +124,15 @@ def _add_tiny(tsub) -> None:
     p.add_argument("--eval-examples", type=int, default=d.eval_examples, help="examples per length (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
+    p.add_argument("--save", type=Path, default=None, metavar="DIR",
+                   help="write each trained model to DIR/SPEC (':' and ',' as '-' and '_', e.g. DIR/fam-8x1+4) "
+                        "before it is evaluated, for --load and --init")
+    p.add_argument("--load", type=Path, default=None, metavar="MODEL",
+                   help="evaluate a model folder written by --save instead of training (its policy and data "
+                        "settings; --eval-lengths, --eval-examples, --diagnose and --threads apply)")
+    p.add_argument("--init", type=Path, default=None, metavar="MODEL",
+                   help="train a model folder written by --save further with this command's budget "
+                        "(its policy, shape and data alphabet; a curriculum)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH")
     p.add_argument("--plot", type=Path, default=None, metavar="PNG", help="accuracy against length")
     p.set_defaults(func=run_tiny)
@@ -161,7 +171,24 @@ def run_tiny(args: argparse.Namespace) -> int:
 
         for s in only:
             parse_policy(s)
-    runs = run_experiment(cfg, ablation=args.ablation, only=only, progress=True)
+    if args.save:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # save_pretrained's shard bar between the training and evaluation bars
+    saved = _saved_tiny(args)
+    if saved is not None:
+        run, trained = saved
+        # the model's shape and data alphabet are the saved ones; budget and evaluation are this command's
+        shape = {k: getattr(trained, k) for k in ("vocab", "digits", "block", "fam", "kv_heads", "ffn", "init_std", "out_std")}
+        cfg = replace(trained if args.load else cfg, **shape, eval_lengths=cfg.eval_lengths, eval_examples=cfg.eval_examples)
+    if args.load:
+        from endless.train.tiny import evaluate
+
+        evaluate(run, cfg)
+        runs = [run]
+    else:
+        runs = run_experiment(cfg, ablation=args.ablation, only=only, progress=True, save=args.save,
+                              start=saved[0] if saved is not None else None)
     results = [r for run in runs for r in run.results]
     print(table(results))
     print()
@@ -179,7 +206,8 @@ def run_tiny(args: argparse.Namespace) -> int:
                 print()
     for run in runs:
         tail = run.losses[-50:]
-        print(f"{run.policy:24s} trained {cfg.steps} steps in {run.seconds:5.0f} s, final loss {sum(tail) / len(tail):.3f}")
+        what = f"loaded from {args.load}, trained" if args.load else "trained"
+        print(f"{run.policy:24s} {what} {len(run.losses)} steps in {run.seconds:5.0f} s, final loss {sum(tail) / max(1, len(tail)):.3f}")
     if args.json:
         write_json(args.json, {
             "results": [r.as_dict() for r in results],
@@ -193,6 +221,22 @@ def run_tiny(args: argparse.Namespace) -> int:
         longest = cfg.max_len + (cfg.carry if cfg.carry_grad else 0)  # a graded carried prefix lengthens the sequences
         plot(results, args.plot, title=f"PassKey, tiny from scratch: {cfg.steps} steps on {cfg.min_len}-{longest} tokens")
     return 0
+
+
+def _saved_tiny(args: argparse.Namespace):
+    """(run, its TinyConfig) of ``--load`` or ``--init``, or None; refuses flags that contradict them."""
+    if args.load and args.init:
+        raise EndlessError("--load evaluates a saved model and --init trains one further: give one of them")
+    folder = args.load or args.init
+    if folder is None:
+        return None
+    if args.policies or args.ablation:
+        raise EndlessError("--load and --init take the policy from the saved model: drop --policies and --ablation")
+    if args.load and args.save:
+        raise EndlessError("--load trains nothing, so there is nothing to --save")
+    from endless.train.tiny_checkpoint import load_tiny
+
+    return load_tiny(folder)
 
 
 def run_fam(args: argparse.Namespace) -> int:

@@ -20,10 +20,6 @@ checkpoint's digest, so a stream saved on FAM weights is never resumed on the ba
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -31,25 +27,13 @@ import torch
 from endless.config import BSWA, FAM, parse_policy
 from endless.errors import EndlessError
 from endless.fam.memory import FamPrompt
+from endless.folder_io import read_folder_meta, write_folder
 from endless.model import Transformer
 
 FORMAT = "endless-fam/1"
 META = "fam.json"
 PROMPT = "prompt.safetensors"
 ADAPTER = "adapter"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _files(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): _sha256(p)
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != META}
 
 
 def digest(meta: dict) -> str:
@@ -70,62 +54,23 @@ def save_fam(path: "str | Path", peft_model, prompt: FamPrompt | None, policy: "
     """
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    def fill(tmp: Path) -> dict:
         peft_model.save_pretrained(str(tmp / ADAPTER))
         rows = prompt.embeddings.detach().float().cpu().contiguous() if prompt is not None else torch.zeros(0)
         save_file({"embeddings": rows}, str(tmp / PROMPT))
-        meta = {
-            "format": FORMAT,
-            "policy": policy.spec,
-            "base_model": base_model,
-            "base_identity": base_identity,
-            "train": train_config or {},
-            "files": _files(tmp),
-        }
-        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
-        for p in tmp.rglob("*"):
-            if p.is_file():
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
-        os.chmod(tmp, 0o755)
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+        return {"format": FORMAT, "policy": policy.spec, "base_model": base_model,
+                "base_identity": base_identity, "train": train_config or {}}
+
+    return write_folder(path, fill, meta_name=META)
 
 
 def read_meta(path: "str | Path") -> dict:
     """The verified ``fam.json`` of a checkpoint (every listed file present with its hash)."""
     path = Path(path)
-    if not path.is_dir():
-        raise EndlessError(f"no FAM checkpoint at {path} (expected a folder written by `endless train fam`)")
-    try:
-        meta = json.loads((path / META).read_text())
-    except FileNotFoundError:
-        raise EndlessError(f"{path} is not a FAM checkpoint: {META} is missing") from None
-    except (OSError, ValueError) as e:
-        raise EndlessError(f"{path / META} is unreadable ({type(e).__name__}); the checkpoint is damaged") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise EndlessError(f"{path} is not an {FORMAT} checkpoint (format {meta.get('format') if isinstance(meta, dict) else None!r})")
-    for key in ("policy", "base_model", "base_identity", "files"):
+    meta = read_folder_meta(path, meta_name=META, fmt=FORMAT, what="FAM checkpoint", writer="endless train fam")
+    for key in ("policy", "base_model", "base_identity"):
         if key not in meta:
             raise EndlessError(f"{path / META} lacks {key!r}; the checkpoint is damaged")
-    for name, sha in meta["files"].items():
-        f = path / name
-        if not f.is_file():
-            raise EndlessError(f"{path} is incomplete: {name} is missing")
-        if _sha256(f) != sha:
-            raise EndlessError(f"{path} is corrupt: checksum mismatch in {name}")
     for required in (PROMPT, f"{ADAPTER}/adapter_config.json"):
         if required not in meta["files"]:
             raise EndlessError(f"{path} is incomplete: {required} is missing")

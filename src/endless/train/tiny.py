@@ -28,6 +28,7 @@ import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -181,10 +182,13 @@ def carried_batch(model: Transformer, policy: FAM, prompt, n: int, cfg: TinyConf
     return ids[:, prefix:], targets[:, prefix:], state
 
 
-def train_policy(spec: str, cfg: TinyConfig, *, progress: bool = True) -> TinyRun:
-    """Train a fresh tiny model under ``spec`` with the shared budget; loss on the answer digits."""
+def train_policy(spec: str, cfg: TinyConfig, *, progress: bool = True, start: Transformer | None = None) -> TinyRun:
+    """Train a fresh tiny model under ``spec`` with the shared budget; loss on the answer digits.
+    ``start`` (a model trained under ``spec``, e.g. from ``load_tiny``) is trained further instead:
+    a curriculum, with this budget's own warm-up and decay."""
     policy = parse_policy(spec)
-    model = build_model(policy, cfg)
+    model = start if start is not None else build_model(policy, cfg)
+    model.hf.train()
     prompt = model.fam_prompt
     params = list(model.hf.parameters()) + ([prompt.embeddings] if prompt is not None else [])
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -257,13 +261,25 @@ def diagnose(run: TinyRun, cfg: TinyConfig, length: int, *, examples: int = 64) 
     return memory_report(run.model, parse_policy(run.policy), batch, short=short, trained_updates=short // cfg.block)
 
 
+def save_name(spec: str) -> str:
+    """The folder ``--save`` gives a policy's model: its spec with ':' and ',' made path-safe."""
+    return spec.replace(":", "-").replace(",", "_")
+
+
 def run_experiment(cfg: TinyConfig, *, ablation: bool = False, only: list[str] | None = None,
-                   progress: bool = True) -> list[TinyRun]:
-    """Train and evaluate every policy of the experiment (or ``only`` these specs)."""
+                   progress: bool = True, save: "Path | None" = None, start: TinyRun | None = None) -> list[TinyRun]:
+    """Train and evaluate every policy of the experiment (or ``only`` these specs). ``save``: a
+    folder that receives each trained model (``save / save_name(spec)``) before it is evaluated;
+    ``start``: continue training that saved run instead (its policy only)."""
+    from endless.train.tiny_checkpoint import save_tiny
+
     torch.manual_seed(cfg.seed)
     runs = []
-    for spec in only or policies(cfg, ablation=ablation):
-        run = train_policy(spec, cfg, progress=progress)
+    specs = [start.policy] if start is not None else only or policies(cfg, ablation=ablation)
+    for spec in specs:
+        run = train_policy(spec, cfg, progress=progress, start=start.model if start is not None else None)
+        if save is not None:
+            log.info("%s: saved to %s", spec, save_tiny(save / save_name(spec), run, cfg))
         evaluate(run, cfg, progress=progress)
         runs.append(run)
     return runs
@@ -273,4 +289,4 @@ def config_dict(cfg: TinyConfig) -> dict:
     return asdict(cfg)
 
 
-__all__ = ["TinyConfig", "TinyRun", "policies", "build_model", "train_policy", "evaluate", "diagnose", "run_experiment"]
+__all__ = ["TinyConfig", "TinyRun", "policies", "build_model", "train_policy", "evaluate", "diagnose", "run_experiment", "save_name"]
