@@ -11,7 +11,7 @@ from fam_helpers import byte_tokenizer, tiny_folder
 
 from endless.config import parse_policy
 from endless.errors import EndlessError
-from endless.eval.passkey import passkey_accuracy, plot, summarize, table
+from endless.eval.passkey import passkey_accuracy, passkey_answer_loss, plot, summarize, table
 from endless.model import Transformer
 from endless.models.tiny import tiny_model
 from endless.stream import Stream
@@ -99,6 +99,23 @@ def test_accuracy_is_greedy_exact_match_stream_and_parallel_agree(model, spec):
     assert [(r.length, r.accuracy, r.n) for r in res] == [(20, 0.5, 2), (33, 1.0, 1)]
 
 
+@pytest.mark.parametrize("spec", ["fam:8x1+4", "bswa:8x1"])
+def test_answer_loss_equals_the_streams_log_probs(model, spec):
+    """The answer loss (parallel schedule, LM head on the answer only) is the mean negative
+    log-prob the stream gives the answer tokens, teacher-forced; summarize averages it."""
+    rng = random.Random(2)
+    examples = [digit_example(n, rng.random(), rng=rng, vocab=128) for n in (20, 20, 41)]
+    losses = passkey_answer_loss(model, spec, examples, batch=2)
+    for e, got in zip(examples, losses, strict=True):
+        lp = Stream(model, spec).feed(e.ids)
+        assert got == pytest.approx(float(-lp[0, len(e.prompt):].mean()), abs=1e-4)
+    res = summarize(spec, examples, [True, False, True], losses=losses)
+    assert res[0].loss == pytest.approx((losses[0] + losses[1]) / 2, abs=1e-4) and res[1].loss == pytest.approx(losses[2], abs=1e-4)
+    assert "answer loss" in table(res)
+    with pytest.raises(ValueError, match="fam/bswa"):
+        passkey_answer_loss(model, "sinks:4+60", examples)
+
+
 def test_table_and_plot(tmp_path):
     from endless.eval.passkey import PasskeyResult
 
@@ -119,13 +136,13 @@ def run_cli(*args):
 def test_cli_eval_passkey_json(tmp_path):
     folder = tiny_folder(tmp_path / "tiny")
     code, out, err = run_cli("eval", "passkey", "--model", str(folder), "--policy", "fam:32x1+4", "--policy", "bswa:32x1",
-                             "--lengths", "250,300", "--depths", "0.5", "--examples", "2", "--threads", "1",
+                             "--lengths", "250,300", "--depths", "0.5", "--examples", "2", "--threads", "1", "--loss",
                              "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png"))
     assert code == 0, err
     data = json.loads((tmp_path / "r.json").read_text())
     cells = {(r["policy"], r["length"]) for r in data["results"]}
     assert cells == {(p, n) for p in ("fam:32x1+4", "bswa:32x1") for n in (250, 300)}
-    assert all(0 <= r["accuracy"] <= 1 and r["n"] == 2 for r in data["results"])
+    assert all(0 <= r["accuracy"] <= 1 and r["n"] == 2 and r["loss"] > 0 for r in data["results"])
     assert "fam:32x1+4" in out and (tmp_path / "r.png").is_file()
 
 
@@ -133,6 +150,8 @@ def test_cli_eval_passkey_bad_input_is_one_line(tmp_path):
     folder = tiny_folder(tmp_path / "tiny")
     code, _, err = run_cli("eval", "passkey", "--model", str(folder), "--lengths", "50", "--threads", "1")
     assert code == 2 and "Traceback" not in err and "at least" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli("eval", "passkey", "--model", str(folder), "--policy", "sinks:4+60", "--loss", "--threads", "1")
+    assert code == 2 and "--loss" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli("eval", "passkey", "--fam", str(tmp_path / "nothing"), "--threads", "1")
     assert code == 2 and "no FAM checkpoint" in err and "Traceback" not in err
 

@@ -191,6 +191,7 @@ def test_two_processes_with_torchrun(folder, tmp_path):
     assert sorted(x.name for x in (tmp_path / "runs").iterdir()) == ["fam", "train.json"]
     data = json.loads((tmp_path / "runs" / "train.json").read_text())
     assert data["processes"] == 2 and len(data["loss"]) == 2 and data["results"][0]["policy"] == "fam:32x0+2"
+    assert data["results"][0]["loss"] > 0  # the answer loss of the evaluation
     assert load_fam(out)[2].spec == "fam:32x0+2"
 
 

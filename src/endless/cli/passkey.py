@@ -35,6 +35,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk", type=int, default=256, help="tokens per forward while reading (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the keys (default: %(default)s)")
     p.add_argument("--by-depth", action="store_true", help="also report accuracy per depth")
+    p.add_argument("--loss", action="store_true",
+                   help="also report the answer loss (nats per answer token, teacher-forced; fam/bswa policies): "
+                        "it moves while exact match is still 0")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the results as JSON")
     p.add_argument("--plot", type=Path, default=None, metavar="PNG", help="plot accuracy against length")
     p.set_defaults(func=run)
@@ -48,14 +51,16 @@ def add_to(eval_sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from endless.config import FAM, parse_policy
-    from endless.eval.passkey import passkey_accuracy, plot, summarize, table
+    from endless.config import BSWA, FAM, parse_policy
+    from endless.eval.passkey import passkey_accuracy, passkey_answer_loss, plot, summarize, table
     from endless.train.data import PasskeyFormat, random_key
 
     for name in ("examples", "batch", "chunk", "digits"):
         if getattr(args, name) < 1:
             raise EndlessError(f"--{name} must be >= 1")
     specs = [parse_policy(s) for s in args.policy or []]  # bad specs fail before the model loads
+    if args.loss and any(not isinstance(p, (FAM, BSWA)) for p in specs):
+        raise EndlessError("--loss is measured for fam:... and bswa:... policies only")
     hf, tok = load_from_args(args)
     model = inference_model(hf)
     if not specs:
@@ -82,14 +87,16 @@ def run(args: argparse.Namespace) -> int:
         with tqdm(total=len(examples), desc=pol.spec, disable=not sys.stderr.isatty()) as bar:
             correct = passkey_accuracy(model, pol, examples, tokenizer=tok, batch=args.batch, chunk=args.chunk,
                                        progress=bar.update)
-        results += summarize(pol.spec, examples, correct)
+        losses = passkey_answer_loss(model, pol, examples, batch=args.batch) if args.loss else None
+        results += summarize(pol.spec, examples, correct, losses=losses)
         if args.by_depth:
-            results += summarize(pol.spec, examples, correct, by_depth=True)
+            results += summarize(pol.spec, examples, correct, by_depth=True, losses=losses)
     print(table(results))
     if args.by_depth:
         for r in results:
             if r.depth is not None:
-                print(f"{r.policy}  length {r.length}  depth {r.depth:.2f}: {r.accuracy:.2f} ({r.n})")
+                loss = "" if r.loss is None else f", answer loss {r.loss:.3f}"
+                print(f"{r.policy}  length {r.length}  depth {r.depth:.2f}: {r.accuracy:.2f} ({r.n}){loss}")
     if args.json:
         write_json(args.json, {
             "results": [r.as_dict() for r in results],

@@ -286,10 +286,11 @@ def run_fam(args: argparse.Namespace) -> int:
 
 
 def _evaluate(module, tok, cfg, lengths, n: int):
-    """PassKey accuracy of the freshly trained weights (streaming, keys at evenly spread depths)."""
+    """PassKey accuracy (streaming) and answer loss (parallel schedule) of the freshly trained
+    weights, keys at evenly spread depths."""
     import random
 
-    from endless.eval.passkey import passkey_accuracy, summarize
+    from endless.eval.passkey import passkey_accuracy, passkey_answer_loss, summarize
     from endless.train.data import PasskeyFormat, random_key
 
     fmt = PasskeyFormat(tok)
@@ -299,5 +300,6 @@ def _evaluate(module, tok, cfg, lengths, n: int):
     model = module.model
     model.fam_prompt = module.prompt
     correct = passkey_accuracy(model, module.policy, examples, tokenizer=tok, batch=max(1, min(n, 4)))
+    losses = passkey_answer_loss(model, module.policy, examples, batch=max(1, min(n, 4)))
     spec = module.policy.spec if module.policy.fam else module.policy.as_bswa().spec
-    return summarize(spec, examples, correct)
+    return summarize(spec, examples, correct, losses=losses)

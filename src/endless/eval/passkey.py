@@ -38,6 +38,7 @@ class PasskeyResult:
     accuracy: float
     n: int
     depth: float | None = None
+    loss: float | None = None  # mean answer loss (nats per token), when measured
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -99,15 +100,8 @@ def passkey_accuracy(
 ) -> list[bool]:
     """Correctness of each example (see the module docstring), in the order given."""
     policy = parse_policy(policy)
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt))
     correct = [False] * len(examples)
-    groups: list[list[int]] = []
-    for i in order:  # batches of equal prompt length (a batch of streams advances in lockstep)
-        if groups and len(groups[-1]) < batch and len(examples[groups[-1][0]].prompt) == len(examples[i].prompt):
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    for group in groups:
+    for group in _groups(examples, batch):
         items = [examples[i] for i in group]
         if method == "stream":
             ok = _stream_batch(model, policy, items, tokenizer, chunk)
@@ -122,13 +116,66 @@ def passkey_accuracy(
     return correct
 
 
-def summarize(policy: str, examples: list[Example], correct: list[bool], *, by_depth: bool = False) -> list[PasskeyResult]:
-    """Accuracy per prompt length (and per depth with ``by_depth``), sorted by length."""
-    cells: dict[tuple, list[bool]] = {}
-    for e, ok in zip(examples, correct, strict=True):
-        cells.setdefault((len(e.prompt), e.depth if by_depth else None), []).append(ok)
+def _groups(examples: list[Example], batch: int) -> list[list[int]]:
+    """Indices in batches of at most ``batch`` examples of equal prompt length (a batch of
+    streams advances in lockstep; a parallel batch needs one length)."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(examples)), key=lambda i: len(examples[i].prompt)):
+        if groups and len(groups[-1]) < batch and len(examples[groups[-1][0]].prompt) == len(examples[i].prompt):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+@torch.inference_mode()
+def passkey_answer_loss(model: Transformer, policy: "Policy | str", examples: list[Example], *,
+                        batch: int = 8) -> list[float]:
+    """Each example's answer loss: mean cross-entropy (nats per token) of its answer tokens given
+    the prompt and the answer's earlier tokens, through ``endless.fam.parallel_forward`` (FAM and
+    BSWA policies; an untrained FAM without ``model.fam_prompt`` gets the neutral prompt).
+
+    Finer than exact match while a model learns: a five-digit key scores 0 until every digit is
+    right, the loss moves with each digit (2.3 nats is a uniform guess among ten digits).
+    """
+    import torch.nn.functional as F
+
+    from endless.fam import FamPrompt, parallel_forward
+
+    policy = parse_policy(policy)
+    if not isinstance(policy, (FAM, BSWA)):
+        raise ValueError(f"the answer loss is measured for fam/bswa policies, not {policy.spec}")
+    prompt = None
+    if isinstance(policy, FAM) and policy.fam:
+        prompt = getattr(model, "fam_prompt", None) or FamPrompt.neutral(model, policy.fam)
+    out = [0.0] * len(examples)
+    for group in _groups(examples, batch):
+        items = [examples[i] for i in group]
+        n = max(len(e.ids) for e in items)
+        ids = torch.zeros(len(items), n, dtype=torch.long)
+        select = torch.zeros(len(items), n, dtype=torch.bool)
+        targets = []
+        for b, e in enumerate(items):
+            ids[b, : len(e.ids)] = torch.tensor(e.ids)
+            select[b, answer_positions(e)] = True
+            targets += e.answer
+        logits = parallel_forward(model, ids, policy, prompt, select=select)
+        losses = F.cross_entropy(logits.float(), torch.tensor(targets), reduction="none")
+        for i, part in zip(group, losses.split([len(e.answer) for e in items]), strict=True):
+            out[i] = float(part.mean())
+    return out
+
+
+def summarize(policy: str, examples: list[Example], correct: list[bool], *, by_depth: bool = False,
+              losses: list[float] | None = None) -> list[PasskeyResult]:
+    """Accuracy (and mean answer loss, when ``losses`` are given) per prompt length, and per
+    depth with ``by_depth``, sorted by length."""
+    cells: dict[tuple, list[int]] = {}
+    for i, e in enumerate(examples):
+        cells.setdefault((len(e.prompt), e.depth if by_depth else None), []).append(i)
     return [
-        PasskeyResult(policy, length, sum(v) / len(v), len(v), depth)
+        PasskeyResult(policy, length, sum(correct[i] for i in v) / len(v), len(v), depth,
+                      None if losses is None else round(sum(losses[i] for i in v) / len(v), 4))
         for (length, depth), v in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0.0))
     ]
 
@@ -140,10 +187,14 @@ def table(results: Iterable[PasskeyResult]) -> str:
     policies = list(dict.fromkeys(r.policy for r in results))
     cell = {(r.policy, r.length): r.accuracy for r in results}
     width = max([len("policy")] + [len(p) for p in policies])
+    loss = {(r.policy, r.length): r.loss for r in results if r.loss is not None}
     lines = [f"{'policy':<{width}}  " + "  ".join(f"{n:>6}" for n in lengths)]
     for p in policies:
         vals = [f"{cell[(p, n)]:>6.2f}" if (p, n) in cell else f"{'-':>6}" for n in lengths]
         lines.append(f"{p:<{width}}  " + "  ".join(vals))
+        if any((p, n) in loss for n in lengths):
+            vals = [f"{loss[(p, n)]:>6.3f}" if (p, n) in loss else f"{'-':>6}" for n in lengths]
+            lines.append(f"{'  answer loss':<{width}}  " + "  ".join(vals))
     return "\n".join(lines)
 
 
@@ -172,4 +223,4 @@ def plot(results: Iterable[PasskeyResult], path, *, title: str = "PassKey") -> N
     save_png(fig, path)
 
 
-__all__ = ["PasskeyResult", "passkey_accuracy", "summarize", "table", "plot"]
+__all__ = ["PasskeyResult", "passkey_accuracy", "passkey_answer_loss", "summarize", "table", "plot"]

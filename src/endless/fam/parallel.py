@@ -43,11 +43,15 @@ def parallel_forward(
     *,
     init_state: list[torch.Tensor] | None = None,
     return_state: bool = False,
+    select: torch.Tensor | None = None,
 ):
     """Logits (B, N, V) of ``ids`` (B, N) under FAM (or BSWA) from the stream's start.
 
     ``init_state`` (per layer (B, F, d)) replaces the initial FAM (random state passing); with
     ``return_state`` the final FAM of every layer is returned too, as ``(logits, state)``.
+    ``select`` (bool (B, N)) returns the logits of the selected positions only, (K, V) in
+    row-major order: scoring a few answer tokens then skips the LM head over a large vocabulary
+    at every other position (it costs more than all the layers of a small model).
     """
     if isinstance(policy, BSWA):
         policy = FAM(policy.block, policy.memory, 0)
@@ -98,5 +102,6 @@ def parallel_forward(
         p = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).to(vw.dtype)
         o = torch.einsum("bkgnqs,bknsd->bkgnqd", p, vw).reshape(bsz, d.n_heads, nb * bl, d.head_dim)
         x = model.finish(i, x, o)
-    logits = model.logits(x[:, :n])
+    x = x[:, :n]
+    logits = model.logits(x) if select is None else model.logits(x[select][None])[0]
     return (logits, final) if return_state else logits

@@ -118,16 +118,13 @@ class FamModule(nn.Module):
     def forward(self, ids: torch.Tensor, targets: torch.Tensor, offset: int = 0,
                 init_state: list[torch.Tensor] | None = None):
         """(mean loss over targeted positions, final FAM per layer)."""
-        view = copy.copy(self.model)
-        # The LM head over a ~50k vocabulary on every position would cost more than all the
-        # layers when only the answer's few tokens are scored: take hidden states out of the
-        # parallel schedule and apply the head to the targeted positions only.
-        view.logits = lambda x: x
+        model = self.model
         if offset:
-            view.rope = _Offset(self.model.rope, offset)
-        hidden, state = parallel_forward(view, ids, self.policy, self.prompt, init_state=init_state, return_state=True)
-        keep = targets != -100
-        logits = self.model.logits(hidden[keep])
+            model = copy.copy(self.model)
+            model.rope = _Offset(self.model.rope, offset)
+        keep = targets != -100  # the LM head only where a target is scored
+        logits, state = parallel_forward(model, ids, self.policy, self.prompt, init_state=init_state,
+                                         return_state=True, select=keep)
         return F.cross_entropy(logits.float(), targets[keep]), state
 
 
