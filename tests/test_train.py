@@ -109,6 +109,19 @@ def test_checkpoint_round_trip_identical_logits(trained, folder):
     assert model.identity != base.model.identity and model.identity.startswith(base.model.identity.split("+")[0][:6])
 
 
+def test_init_trains_a_checkpoint_further(trained, folder, tmp_path):
+    """--init starts from the checkpoint's adapter and prompt (its first loss, on the same first
+    batch, is the trained model's, not a fresh one's) and refuses another policy."""
+    res, out = trained
+    cfg = FamTrainConfig(model=str(folder), policy="fam:32x1+4", steps=2, lr=1e-2, prompt_lr=1e-2, lora_rank=4,
+                         min_len=250, max_len=270, init=str(out))
+    again = train(cfg, out=tmp_path / "more", progress=False)
+    assert again.losses[0] < res.losses[0] - 0.5
+    assert load_fam(tmp_path / "more")[2].spec == "fam:32x1+4"
+    with pytest.raises(EndlessError, match="trained as fam:32x1\\+4"):
+        train(FamTrainConfig(model=str(folder), policy="fam:32x0+4", steps=1, init=str(out)), out=None, progress=False)
+
+
 def test_float32_checkpoint_loads_in_bfloat16(trained):
     """The base is checked and the LoRA merged in the training dtype, then cast: a bfloat16 load
     gives the float32 model's weights rounded, not a refusal."""

@@ -64,6 +64,9 @@ def _add_fam(tsub) -> None:
     p.add_argument("--rsp", type=float, default=0.0, metavar="P",
                    help="random state passing: start a step from the last step's final FAM with probability P (paper: 0.8; off by default)")
     p.add_argument("--prompt-init", default=d.prompt_init, help="text whose token embeddings initialise the prompt (default: %(default)r)")
+    p.add_argument("--init", default=None, metavar="CHECKPOINT",
+                   help="train a checkpoint of `endless train fam` further with this command's budget and data "
+                        "(its policy, LoRA rank and alpha, prompt and base model; --out may be another folder)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-lengths", type=number_list(int), default=None, metavar="N,N",
                    help="after training, PassKey accuracy at these prompt lengths (default: --max-len)")
@@ -244,6 +247,15 @@ def run_fam(args: argparse.Namespace) -> int:
     from endless.train.fam import FamTrainConfig, train
 
     parse_policy(args.policy)  # a bad spec fails before the model loads
+    if args.init:  # the checkpoint's shape wins: its policy, LoRA and base model
+        from endless.fam.checkpoint import read_meta
+
+        meta = read_meta(args.init)
+        trained = meta.get("train", {})
+        args.policy, args.model = meta["policy"], meta["base_model"]
+        args.lora_rank = int(trained.get("lora_rank", args.lora_rank))
+        args.lora_alpha = float(trained.get("lora_alpha", args.lora_alpha))
+        args.dtype = str(trained.get("dtype", args.dtype))
     _threads(args)
     if args.eval_examples < 1:
         raise EndlessError("--eval-examples must be >= 1")
@@ -251,7 +263,7 @@ def run_fam(args: argparse.Namespace) -> int:
         model=args.model, policy=args.policy, steps=args.steps, batch=args.batch, lr=args.lr, prompt_lr=args.prompt_lr,
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, min_len=args.min_len, max_len=args.max_len,
         digits=args.digits, text=args.text, text_fraction=args.text_fraction, all_tokens=args.all_tokens,
-        rpo=args.rpo, rsp=args.rsp, prompt_init=args.prompt_init, dtype=args.dtype, seed=args.seed,
+        rpo=args.rpo, rsp=args.rsp, prompt_init=args.prompt_init, init=args.init, dtype=args.dtype, seed=args.seed,
     )
     from transformers.utils import logging as hf_logging
 

@@ -65,6 +65,7 @@ class FamTrainConfig:
     rpo: bool = False
     rsp: float = 0.0  # probability of starting from the previous step's final FAM
     prompt_init: str = " summary"
+    init: str | None = None  # a checkpoint to train further (its policy, LoRA shape and prompt)
     dtype: str = "float32"
     seed: int = 0
     log_every: int = 10
@@ -142,6 +143,8 @@ def build(cfg: FamTrainConfig, hf_model, tokenizer) -> FamModule:
     if not isinstance(policy, FAM):
         raise EndlessError(f"train fam needs a fam:BxM+F or bswa:BxM policy, got {policy.spec}")
     hf_model.requires_grad_(False)
+    if cfg.init is not None:
+        return _resume(cfg, hf_model, policy)
     lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                       target_modules=list(LORA_TARGETS), bias="none")
     peft_model = get_peft_model(hf_model, lora)
@@ -152,6 +155,28 @@ def build(cfg: FamTrainConfig, hf_model, tokenizer) -> FamModule:
             raise EndlessError(f"--prompt-init {cfg.prompt_init!r} gives no tokens")
         prompt = FamPrompt.from_tokens(Transformer(peft_model.base_model.model), init, policy.fam)
     return FamModule(peft_model, prompt, policy)
+
+
+def _resume(cfg: FamTrainConfig, hf_model, policy: FAM) -> FamModule:
+    """The module of checkpoint ``cfg.init`` (its adapter trainable, its prompt) over ``hf_model``,
+    which must be the base model it was trained on; ``cfg.policy`` must be its policy."""
+    from peft import PeftModel
+
+    from endless.fam.checkpoint import ADAPTER, load_prompt, read_meta
+    from endless.models import model_identity
+
+    path = Path(cfg.init)
+    meta = read_meta(path)
+    saved = parse_policy(meta["policy"])
+    if saved.spec != parse_policy(cfg.policy).spec:
+        raise EndlessError(f"{path} was trained as {saved.spec}, not {cfg.policy}")
+    if model_identity(hf_model) != meta["base_identity"]:
+        raise EndlessError(f"{path} was trained on another base model than {cfg.model}")
+    try:
+        peft_model = PeftModel.from_pretrained(hf_model, str(path / ADAPTER), is_trainable=True)
+    except Exception as e:
+        raise EndlessError(f"cannot apply the adapter in {path / ADAPTER}: {type(e).__name__}: {str(e)[:120]}") from None
+    return FamModule(peft_model, load_prompt(path, policy), policy)
 
 
 class Sampler:
