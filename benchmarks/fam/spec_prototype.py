@@ -38,7 +38,12 @@ p.add_argument("--act", default="gelu", help="gelu or relu")
 p.add_argument("--norm", default="rms", help="rms (RMSNorm) or ln (LayerNorm)")
 p.add_argument("--zero_first", type=int, default=1, help="1: the paper's zero residual on the first update")
 p.add_argument("--loss_all", type=int, default=0, help="1: loss on every token, not only the answer")
+p.add_argument("--leak", default="none",
+               help="a mistake a parallel prototype could make, to see what it buys: none (the spec); past "
+                    "(the FAM update sees every earlier token, not only the current block); allfams (block "
+                    "rows see the FAM of every earlier block, not only the latest)")
 p.add_argument("--lens", default="96,384,1536,6144")
+p.add_argument("--eval_batch", type=int, default=25, help="keys per evaluation batch (allfams needs fewer)")
 p.add_argument("--n_eval", type=int, default=100)
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--threads", type=int, default=1)
@@ -149,17 +154,28 @@ class Model(nn.Module):
                     fks.append(fk)
                     fvs.append(fv)
                     if j < nb - 1:  # update from the previous FAM and the whole block
-                        blk = slice(j * BL, (j + 1) * BL)
+                        blk = slice(0 if a.leak == "past" else j * BL, (j + 1) * BL)
                         o = Fn.scaled_dot_product_attention(
                             fq, torch.cat([fk, k[:, :, blk]], 2), torch.cat([fv, v[:, :, blk]], 2))
                         att = layer.o(o.transpose(1, 2).reshape(b, NF, D))
                         af = att if (j == 0 and a.zero_first) else fam + att
                         fam = af + layer.ffn(af)
-                kw = torch.cat([kw, torch.stack(fks, 2)], 3)
-                vw = torch.cat([vw, torch.stack(fvs, 2)], 3)
-            scores = torch.einsum("bhnqd,bhnsd->bhnqs", q.view(b, H, nb, BL, HD), kw) / math.sqrt(HD)
-            probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
-            o = torch.einsum("bhnqs,bhnsd->bhnqd", probs, vw).reshape(b, H, nb * BL, HD)
+                if a.leak != "allfams":
+                    kw = torch.cat([kw, torch.stack(fks, 2)], 3)
+                    vw = torch.cat([vw, torch.stack(fvs, 2)], 3)
+            qb = q.view(b, H, nb, BL, HD)
+            if NF and a.leak == "allfams":  # every block sees the FAM of blocks 0..j: a growing memory
+                fk_all, fv_all = torch.cat(fks, 2), torch.cat(fvs, 2)  # (b, H, nb*NF, HD), block-major
+                seen = torch.arange(nb).repeat_interleave(NF)[None] <= torch.arange(nb)[:, None]  # (nb, nb*NF)
+                s1 = torch.einsum("bhnqd,bhnsd->bhnqs", qb, kw).masked_fill(~mask[..., :w], float("-inf"))
+                s2 = torch.einsum("bhnqd,bhsd->bhnqs", qb, fk_all).masked_fill(~seen[:, None], float("-inf"))
+                probs = (torch.cat([s1, s2], -1) / math.sqrt(HD)).softmax(-1)
+                o = (torch.einsum("bhnqs,bhnsd->bhnqd", probs[..., :w], vw)
+                     + torch.einsum("bhnqs,bhsd->bhnqd", probs[..., w:], fv_all)).reshape(b, H, nb * BL, HD)
+            else:
+                scores = torch.einsum("bhnqd,bhnsd->bhnqs", qb, kw) / math.sqrt(HD)
+                probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+                o = torch.einsum("bhnqs,bhnsd->bhnqd", probs, vw).reshape(b, H, nb * BL, HD)
             x = x + layer.o(o.transpose(1, 2).reshape(b, nb * BL, D))
             x = x + layer.ffn(x)
         return self.head(self.final_norm(x[:, :n]))
@@ -190,12 +206,12 @@ test_rng, results = random.Random(1234), {}
 with torch.no_grad():
     for n in map(int, a.lens.split(",")):
         correct = 0
-        for _ in range(a.n_eval // 25):
-            exs = [example(n, test_rng.random(), test_rng) for _ in range(25)]
+        for _ in range(a.n_eval // a.eval_batch):
+            exs = [example(n, test_rng.random(), test_rng) for _ in range(a.eval_batch)]
             cur = torch.tensor([prompt for prompt, _ in exs])
             for _ in range(4):  # greedy, re-reading the whole prompt (exact, and fast enough here)
                 cur = torch.cat([cur, model(cur)[:, -1].argmax(-1, keepdim=True)], 1)
             correct += (cur[:, -4:] == torch.tensor([key for _, key in exs])).all(-1).sum().item()
-        results[n] = correct / (a.n_eval // 25 * 25)
+        results[n] = correct / (a.n_eval // a.eval_batch * a.eval_batch)
         print("length", n, "exact", results[n], flush=True)
 print(json.dumps({"args": vars(a), "results": results, "final_loss": sum(losses[-100:]) / 100, "train_s": round(train_s)}))
