@@ -71,17 +71,24 @@ def _stream_batch(model: Transformer, policy: Policy, batch: list[Example], toke
     return [_correct(g, e, tokenizer) for g, e in zip(out, batch, strict=True)]
 
 
-@torch.inference_mode()
-def _parallel_batch(model: Transformer, policy: Policy, batch: list[Example]) -> list[bool]:
-    from endless.fam import FamPrompt, parallel_forward
+def _parallel_prompt(model: Transformer, policy: Policy, what: str):
+    """The FAM prompt the parallel schedule runs ``policy`` with: the model's trained one, else
+    the neutral prompt (as a stream does); None for BSWA. Refuses other policies."""
+    from endless.fam import FamPrompt
 
     if not isinstance(policy, (FAM, BSWA)):
-        raise ValueError(f"the parallel method is for fam/bswa policies, not {policy.spec}")
-    prompt = None
-    if isinstance(policy, FAM) and policy.fam:
-        prompt = getattr(model, "fam_prompt", None)
-        if prompt is None:
-            prompt = FamPrompt.neutral(model, policy.fam)
+        raise ValueError(f"{what} is for fam/bswa policies, not {policy.spec}")
+    if not (isinstance(policy, FAM) and policy.fam):
+        return None
+    prompt = getattr(model, "fam_prompt", None)
+    return prompt if prompt is not None else FamPrompt.neutral(model, policy.fam)
+
+
+@torch.inference_mode()
+def _parallel_batch(model: Transformer, policy: Policy, batch: list[Example]) -> list[bool]:
+    from endless.fam import parallel_forward
+
+    prompt = _parallel_prompt(model, policy, "the parallel method")
     ids = torch.tensor([e.ids for e in batch])
     pred = parallel_forward(model, ids, policy, prompt).argmax(-1)
     return [pred[b, answer_positions(e)].tolist() == e.answer for b, e in enumerate(batch)]
@@ -140,14 +147,10 @@ def passkey_answer_loss(model: Transformer, policy: "Policy | str", examples: li
     """
     import torch.nn.functional as F
 
-    from endless.fam import FamPrompt, parallel_forward
+    from endless.fam import parallel_forward
 
     policy = parse_policy(policy)
-    if not isinstance(policy, (FAM, BSWA)):
-        raise ValueError(f"the answer loss is measured for fam/bswa policies, not {policy.spec}")
-    prompt = None
-    if isinstance(policy, FAM) and policy.fam:
-        prompt = getattr(model, "fam_prompt", None) or FamPrompt.neutral(model, policy.fam)
+    prompt = _parallel_prompt(model, policy, "the answer loss")
     out = [0.0] * len(examples)
     for group in _groups(examples, batch):
         items = [examples[i] for i in group]
@@ -170,6 +173,8 @@ def summarize(policy: str, examples: list[Example], correct: list[bool], *, by_d
               losses: list[float] | None = None) -> list[PasskeyResult]:
     """Accuracy (and mean answer loss, when ``losses`` are given) per prompt length, and per
     depth with ``by_depth``, sorted by length."""
+    if len(correct) != len(examples) or (losses is not None and len(losses) != len(examples)):
+        raise ValueError("one correctness flag (and one loss) per example")
     cells: dict[tuple, list[int]] = {}
     for i, e in enumerate(examples):
         cells.setdefault((len(e.prompt), e.depth if by_depth else None), []).append(i)
