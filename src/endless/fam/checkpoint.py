@@ -52,12 +52,9 @@ def save_fam(path: "str | Path", peft_model, prompt: FamPrompt | None, policy: "
     ``endless.models.load`` will be given to rebuild the base weights. ``prompt`` is None for
     a policy without FAM rows.
     """
-    from safetensors.torch import save_file
-
     def fill(tmp: Path) -> dict:
         peft_model.save_pretrained(str(tmp / ADAPTER))
-        rows = prompt.embeddings.detach().float().cpu().contiguous() if prompt is not None else torch.zeros(0)
-        save_file({"embeddings": rows}, str(tmp / PROMPT))
+        save_prompt(tmp, prompt)
         return {"format": FORMAT, "policy": policy.spec, "base_model": base_model,
                 "base_identity": base_identity, "train": train_config or {}}
 
@@ -77,7 +74,16 @@ def read_meta(path: "str | Path") -> dict:
     return meta
 
 
+def save_prompt(folder: Path, prompt: FamPrompt | None) -> None:
+    """Write ``prompt``'s rows to ``folder / PROMPT`` (float32, tensor "embeddings"; (0,) for None)."""
+    from safetensors.torch import save_file
+
+    rows = prompt.embeddings.detach().float().cpu().contiguous() if prompt is not None else torch.zeros(0)
+    save_file({"embeddings": rows}, str(folder / PROMPT))
+
+
 def load_prompt(path: Path, policy: "FAM | BSWA") -> FamPrompt | None:
+    """The prompt of the folder ``path`` for ``policy`` (None without FAM rows), its row count checked."""
     from safetensors.torch import load_file
 
     if not isinstance(policy, FAM) or policy.fam == 0:
@@ -130,4 +136,4 @@ def load_fam(path: "str | Path", *, dtype: "str | torch.dtype" = "float32", base
     return model, tok, policy
 
 
-__all__ = ["save_fam", "load_fam", "read_meta", "load_prompt", "digest", "FORMAT"]
+__all__ = ["save_fam", "load_fam", "read_meta", "load_prompt", "save_prompt", "digest", "FORMAT"]

@@ -23,24 +23,20 @@ import torch
 
 from endless.config import FAM, parse_policy
 from endless.errors import EndlessError
-from endless.fam import FamPrompt
+from endless.fam.checkpoint import PROMPT, load_prompt, save_prompt
 from endless.folder_io import read_folder_meta, write_folder
 from endless.model import Transformer
 
 FORMAT = "endless-tiny/1"
 META = "tiny.json"
-PROMPT = "prompt.safetensors"
 
 
 def save_tiny(path: "str | Path", run, cfg) -> Path:
     """Write ``run`` (an ``endless.train.tiny.TinyRun``) trained under ``cfg`` to the folder ``path``."""
-    from safetensors.torch import save_file
-
     def fill(tmp: Path) -> dict:
         run.model.hf.save_pretrained(str(tmp), safe_serialization=True)
         if run.model.fam_prompt is not None:
-            rows = run.model.fam_prompt.embeddings.detach().float().cpu().contiguous()
-            save_file({"embeddings": rows}, str(tmp / PROMPT))
+            save_prompt(tmp, run.model.fam_prompt)
         return {"format": FORMAT, "policy": run.policy, "config": asdict(cfg),
                 "seconds": round(run.seconds, 1), "loss": [round(x, 5) for x in run.losses]}
 
@@ -50,7 +46,6 @@ def save_tiny(path: "str | Path", run, cfg) -> Path:
 def load_tiny(path: "str | Path"):
     """``(run, cfg)``: the saved ``TinyRun`` (model in eval mode, prompt attached, its losses)
     and the ``TinyConfig`` it was trained with."""
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     from endless.train.tiny import TinyConfig, TinyRun
@@ -75,15 +70,12 @@ def load_tiny(path: "str | Path"):
         raise EndlessError(f"{path}: the model's vocabulary ({hf.config.vocab_size}) is not its config's ({cfg.vocab})")
     hf.eval()
     model = Transformer(hf)
-    model.fam_prompt = None
-    if isinstance(policy, FAM) and policy.fam:
-        if PROMPT not in meta["files"]:
-            raise EndlessError(f"{path} is incomplete: {PROMPT} is missing")
-        rows = load_file(str(path / PROMPT))["embeddings"]
-        if rows.shape != (policy.fam, hf.config.hidden_size):
-            raise EndlessError(f"{path / PROMPT} holds {tuple(rows.shape)}, the policy {policy.spec} needs "
-                               f"({policy.fam}, {hf.config.hidden_size})")
-        model.fam_prompt = FamPrompt(rows)
+    if isinstance(policy, FAM) and policy.fam and PROMPT not in meta["files"]:
+        raise EndlessError(f"{path} is incomplete: {PROMPT} is missing")
+    model.fam_prompt = load_prompt(path, policy)
+    if model.fam_prompt is not None and model.fam_prompt.embeddings.shape[1] != hf.config.hidden_size:
+        raise EndlessError(f"{path / PROMPT} has rows of width {model.fam_prompt.embeddings.shape[1]}, "
+                           f"the model {hf.config.hidden_size}")
     return TinyRun(meta["policy"], model, losses, float(meta.get("seconds", 0.0))), cfg
 
 
