@@ -303,3 +303,18 @@ def test_tiny_save_load_and_init(tmp_path):
         assert main(["train", "fam-tiny", *bad]) == 2
     (folder / "model.safetensors").write_bytes(b"damaged")
     assert main(["train", "fam-tiny", "--load", str(folder)]) == 2
+
+
+def test_max_depth_keeps_the_key_in_the_early_part_and_the_other_draws(folder):
+    from endless.train.fam import Sampler
+
+    tok = load(str(folder))[1]
+    base = FamTrainConfig(model=str(folder), min_len=200, max_len=260, batch=2)
+    free, early = Sampler(base, tok, 0), Sampler(FamTrainConfig(**{**base.__dict__, "max_depth": 0.25}), tok, 0)
+    for _ in range(20):
+        a, b = free.batch(), early.batch()
+        for x, y in zip(a, b, strict=True):
+            assert len(x.prompt) == len(y.prompt) and x.key == y.key  # the same lengths and keys
+            assert y.depth == pytest.approx(x.depth * 0.25) and y.depth <= 0.25
+    with pytest.raises(EndlessError):
+        FamTrainConfig(max_depth=1.5)

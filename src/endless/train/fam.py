@@ -59,6 +59,7 @@ class FamTrainConfig:
     min_len: int = 128  # prompt tokens, PassKey examples
     max_len: int = 1024
     digits: int = 5
+    max_depth: float = 1.0  # the key's depth is drawn uniformly in [0, max_depth] (1: anywhere)
     text: str | None = None  # a corpus name (kjv, shakespeare) or a text file
     text_fraction: float = 0.0
     all_tokens: bool = False
@@ -76,6 +77,8 @@ class FamTrainConfig:
                 raise EndlessError(f"--{name.replace('_', '-')} must be >= 1")
         if self.min_len > self.max_len:
             raise EndlessError("--min-len must not exceed --max-len")
+        if not 0 <= self.max_depth <= 1:
+            raise EndlessError(f"--max-depth must be in [0, 1], got {self.max_depth}")
         if not 0 <= self.rsp <= 1:
             raise EndlessError(f"--rsp is a probability, got {self.rsp}")
         if not 0 <= self.text_fraction <= 1:
@@ -204,7 +207,7 @@ class Sampler:
             return [text_example(self.text_tokens, n, rng=rng) for _ in range(cfg.batch)]
         out = []
         for _ in range(cfg.batch):
-            e = self.fmt.example(n, rng.random(), random_key(rng, cfg.digits))
+            e = self.fmt.example(n, rng.random() * cfg.max_depth, random_key(rng, cfg.digits))
             out.append(Example(e.prompt, e.answer, e.key, e.depth, answer_only=not cfg.all_tokens))
         return out
 
