@@ -318,3 +318,16 @@ def test_max_depth_keeps_the_key_in_the_early_part_and_the_other_draws(folder):
             assert y.depth == pytest.approx(x.depth * 0.25) and y.depth <= 0.25
     with pytest.raises(EndlessError):
         FamTrainConfig(max_depth=1.5)
+
+
+def test_lora_wrap_and_adapter_load_raise_no_dependency_deprecation(trained, folder):
+    import warnings
+
+    from endless.train.fam import build
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        hf, tok = load(str(folder))
+        build(FamTrainConfig(model=str(folder), policy="fam:32x1+4", lora_rank=2), hf, tok)
+        load_fam(trained[1])
+    assert not [w for w in seen if "is_gradient_checkpointing" in str(w.message)]

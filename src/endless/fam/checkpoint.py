@@ -29,6 +29,7 @@ from endless.errors import EndlessError
 from endless.fam.memory import FamPrompt
 from endless.folder_io import read_folder_meta, write_folder
 from endless.model import Transformer
+from endless.peft_quiet import quiet_peft
 
 FORMAT = "endless-fam/1"
 META = "fam.json"
@@ -124,7 +125,8 @@ def load_fam(path: "str | Path", *, dtype: "str | torch.dtype" = "float32", base
             f"{base_model or meta['base_model']} ({model_identity(hf)})"
         )
     try:
-        merged = PeftModel.from_pretrained(hf, str(path / ADAPTER)).merge_and_unload()
+        with quiet_peft():
+            merged = PeftModel.from_pretrained(hf, str(path / ADAPTER)).merge_and_unload()
     except Exception as e:
         raise EndlessError(f"cannot apply the adapter in {path / ADAPTER}: {type(e).__name__}: {str(e)[:120]}") from None
     merged.eval()

@@ -34,6 +34,7 @@ from endless.config import BSWA, FAM, parse_policy
 from endless.errors import EndlessError
 from endless.fam import FamPrompt, parallel_forward
 from endless.model import Transformer
+from endless.peft_quiet import quiet_peft
 from endless.train.data import Example, PasskeyFormat, collate, random_key, text_example
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,8 @@ def build(cfg: FamTrainConfig, hf_model, tokenizer) -> FamModule:
         return _resume(cfg, hf_model, policy)
     lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                       target_modules=list(LORA_TARGETS), bias="none")
-    peft_model = get_peft_model(hf_model, lora)
+    with quiet_peft():
+        peft_model = get_peft_model(hf_model, lora)
     prompt = None
     if policy.fam:
         init = tokenizer(cfg.prompt_init, add_special_tokens=False).input_ids if tokenizer is not None else []
@@ -176,7 +178,8 @@ def _resume(cfg: FamTrainConfig, hf_model, policy: FAM) -> FamModule:
     if model_identity(hf_model) != meta["base_identity"]:
         raise EndlessError(f"{path} was trained on another base model than {cfg.model}")
     try:
-        peft_model = PeftModel.from_pretrained(hf_model, str(path / ADAPTER), is_trainable=True)
+        with quiet_peft():
+            peft_model = PeftModel.from_pretrained(hf_model, str(path / ADAPTER), is_trainable=True)
     except Exception as e:
         raise EndlessError(f"cannot apply the adapter in {path / ADAPTER}: {type(e).__name__}: {str(e)[:120]}") from None
     return FamModule(peft_model, load_prompt(path, policy), policy)
