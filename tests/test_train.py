@@ -238,7 +238,7 @@ def test_tiny_model_and_data_options_reach_the_run(tmp_path):
 
     model = build_model(parse_policy("fam:8x1+4"), TinyConfig(vocab=32, out_std=0.0, init_std=0.5))
     assert model.hf.config.vocab_size == 32
-    assert all(float(layer.self_attn.o_proj.weight.abs().max()) == 0 for layer in model.hf.model.layers)
+    assert all(float(layer.self_attn.o_proj.weight.detach().abs().max()) == 0 for layer in model.hf.model.layers)
     assert 0.4 < float(model.hf.model.layers[0].mlp.up_proj.weight.std()) < 0.6
     path = tmp_path / "t.json"
     assert main(["train", "fam-tiny", "--steps", "2", "--batch", "2", "--policies", "fam:8x1+4", "--vocab", "20",
