@@ -59,7 +59,8 @@ def _add_fam(tsub) -> None:
     p.add_argument("--digits", type=int, default=d.digits, help="digits of the pass key (default: %(default)s)")
     p.add_argument("--max-depth", type=float, default=d.max_depth, metavar="D",
                    help="the key's depth is drawn uniformly in [0, D]; below 1 more keys sit outside the "
-                        "window, where only the memory can answer (default: %(default)s)")
+                        "window, where only the memory can answer (from the start it learns slower: the keys "
+                        "inside the window teach the answer first, docs/results.md 7.3) (default: %(default)s)")
     p.add_argument("--text", default=None, help="plain text to mix in: kjv, shakespeare or a file (default: kjv when --text-fraction > 0)")
     p.add_argument("--text-fraction", type=float, default=0.0, help="share of steps on plain text, loss on every token")
     p.add_argument("--all-tokens", action="store_true", help="loss on every PassKey token, not only the answer")
@@ -266,7 +267,8 @@ def run_fam(args: argparse.Namespace) -> int:
         model=args.model, policy=args.policy, steps=args.steps, batch=args.batch, lr=args.lr, prompt_lr=args.prompt_lr,
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, min_len=args.min_len, max_len=args.max_len,
         digits=args.digits, max_depth=args.max_depth, text=args.text, text_fraction=args.text_fraction,
-        all_tokens=args.all_tokens, rpo=args.rpo, rsp=args.rsp, prompt_init=args.prompt_init, init=args.init, dtype=args.dtype, seed=args.seed,
+        all_tokens=args.all_tokens, rpo=args.rpo, rsp=args.rsp, prompt_init=args.prompt_init, init=args.init,
+        dtype=args.dtype, seed=args.seed,
     )
     from transformers.utils import logging as hf_logging
 
