@@ -239,7 +239,7 @@ def test_tiny_model_and_data_options_reach_the_run(tmp_path):
     model = build_model(parse_policy("fam:8x1+4"), TinyConfig(vocab=32, out_std=0.0, init_std=0.5))
     assert model.hf.config.vocab_size == 32
     assert all(float(layer.self_attn.o_proj.weight.detach().abs().max()) == 0 for layer in model.hf.model.layers)
-    assert 0.4 < float(model.hf.model.layers[0].mlp.up_proj.weight.std()) < 0.6
+    assert 0.4 < float(model.hf.model.layers[0].mlp.up_proj.weight.detach().std()) < 0.6
     path = tmp_path / "t.json"
     assert main(["train", "fam-tiny", "--steps", "2", "--batch", "2", "--policies", "fam:8x1+4", "--vocab", "20",
                  "--min-len", "12", "--max-len", "20", "--eval-lengths", "24", "--eval-examples", "2",
