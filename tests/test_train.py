@@ -331,3 +331,20 @@ def test_lora_wrap_and_adapter_load_raise_no_dependency_deprecation(trained, fol
         build(FamTrainConfig(model=str(folder), policy="fam:32x1+4", lora_rank=2), hf, tok)
         load_fam(trained[1])
     assert not [w for w in seen if "is_gradient_checkpointing" in str(w.message)]
+
+
+def test_prompt_file_missing_or_of_another_shape_is_one_clear_error(tmp_path):
+    from endless.config import parse_policy
+    from endless.fam import FamPrompt
+    from endless.fam.checkpoint import load_prompt, save_prompt
+
+    policy = parse_policy("fam:8x1+4")
+    with pytest.raises(EndlessError, match="incomplete"):
+        load_prompt(tmp_path, policy, 64)
+    save_prompt(tmp_path, FamPrompt(torch.randn(4, 64)))
+    assert load_prompt(tmp_path, policy, 64).embeddings.shape == (4, 64)
+    with pytest.raises(EndlessError, match=r"needs \(4, 32\)"):
+        load_prompt(tmp_path, policy, 32)  # the rows of another model's width
+    with pytest.raises(EndlessError, match=r"needs \(2, 64\)"):
+        load_prompt(tmp_path, parse_policy("fam:8x1+2"), 64)
+    assert load_prompt(tmp_path, parse_policy("bswa:8x1"), 64) is None

@@ -83,18 +83,22 @@ def save_prompt(folder: Path, prompt: FamPrompt | None) -> None:
     save_file({"embeddings": rows}, str(folder / PROMPT))
 
 
-def load_prompt(path: Path, policy: "FAM | BSWA") -> FamPrompt | None:
-    """The prompt of the folder ``path`` for ``policy`` (None without FAM rows), its row count checked."""
+def load_prompt(path: Path, policy: "FAM | BSWA", width: int) -> FamPrompt | None:
+    """The prompt of the folder ``path`` for ``policy`` (None without FAM rows), checked to be
+    there and to hold (F, ``width``) rows for a model of hidden size ``width``."""
     from safetensors.torch import load_file
 
     if not isinstance(policy, FAM) or policy.fam == 0:
         return None
+    if not (path / PROMPT).is_file():
+        raise EndlessError(f"{path} is incomplete: {PROMPT} is missing")
     try:
         rows = load_file(str(path / PROMPT))["embeddings"]
     except Exception as e:
         raise EndlessError(f"{path / PROMPT} is unreadable ({type(e).__name__})") from None
-    if rows.dim() != 2 or rows.shape[0] != policy.fam:
-        raise EndlessError(f"{path / PROMPT} holds {tuple(rows.shape)} rows, the policy {policy.spec} needs {policy.fam}")
+    if tuple(rows.shape) != (policy.fam, width):
+        raise EndlessError(f"{path / PROMPT} holds {tuple(rows.shape)}, the policy {policy.spec} on this model "
+                           f"needs ({policy.fam}, {width})")
     return FamPrompt(rows)
 
 
@@ -133,7 +137,7 @@ def load_fam(path: "str | Path", *, dtype: "str | torch.dtype" = "float32", base
     if want != merged.dtype:
         merged = merged.to(want)
     model = Transformer(merged, pack=pack)
-    model.fam_prompt = load_prompt(path, policy)
+    model.fam_prompt = load_prompt(path, policy, merged.config.hidden_size)
     model.identity = f"{model.identity}+fam-{digest(meta)[:16]}"
     return model, tok, policy
 

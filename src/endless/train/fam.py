@@ -182,7 +182,7 @@ def _resume(cfg: FamTrainConfig, hf_model, policy: FAM) -> FamModule:
             peft_model = PeftModel.from_pretrained(hf_model, str(path / ADAPTER), is_trainable=True)
     except Exception as e:
         raise EndlessError(f"cannot apply the adapter in {path / ADAPTER}: {type(e).__name__}: {str(e)[:120]}") from None
-    return FamModule(peft_model, load_prompt(path, policy), policy)
+    return FamModule(peft_model, load_prompt(path, policy, hf_model.config.hidden_size), policy)
 
 
 class Sampler:

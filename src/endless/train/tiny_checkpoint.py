@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from endless.config import FAM, parse_policy
+from endless.config import parse_policy
 from endless.errors import EndlessError
-from endless.fam.checkpoint import PROMPT, load_prompt, save_prompt
+from endless.fam.checkpoint import load_prompt, save_prompt
 from endless.folder_io import read_folder_meta, write_folder
 from endless.model import Transformer
 
@@ -70,12 +70,7 @@ def load_tiny(path: "str | Path"):
         raise EndlessError(f"{path}: the model's vocabulary ({hf.config.vocab_size}) is not its config's ({cfg.vocab})")
     hf.eval()
     model = Transformer(hf)
-    if isinstance(policy, FAM) and policy.fam and PROMPT not in meta["files"]:
-        raise EndlessError(f"{path} is incomplete: {PROMPT} is missing")
-    model.fam_prompt = load_prompt(path, policy)
-    if model.fam_prompt is not None and model.fam_prompt.embeddings.shape[1] != hf.config.hidden_size:
-        raise EndlessError(f"{path / PROMPT} has rows of width {model.fam_prompt.embeddings.shape[1]}, "
-                           f"the model {hf.config.hidden_size}")
+    model.fam_prompt = load_prompt(path, policy, hf.config.hidden_size)
     return TinyRun(meta["policy"], model, losses, float(meta.get("seconds", 0.0))), cfg
 
 
