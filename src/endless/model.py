@@ -13,6 +13,8 @@ fastest, fused RMSNorm): 1.4-1.7x faster per decoded token, at the cost of one m
 the weights. They are used only without autograd and only while the modules are the ones
 packed, so training and LoRA always run transformers' modules. ``compile=True`` adds compiled
 one-token kernels on top (``endless.gemv``, float32: another 1.4x on the weight products).
+Both are CPU kernels: on CUDA (``device="cuda"`` or a model already there) they are skipped and
+the modules run as they are, attention through PyTorch's own kernels.
 
 A backend is any object with ``attend(layer, q, k, v) -> out`` taking un-rotated ``q`` (B, H, C, D)
 and ``k, v`` (B, KV, C, D) for the C new tokens, and returning (B, H, C, D). Layer 0 is called
@@ -50,10 +52,14 @@ class Dims:
 class Transformer:
     """A Llama-family causal LM seen as embed -> layers (qkv, attention, rest) -> logits."""
 
-    def __init__(self, hf_model: torch.nn.Module, *, pack: bool = False, compile: bool = False) -> None:
+    def __init__(self, hf_model: torch.nn.Module, *, pack: bool = False, compile: bool = False,
+                 device: "str | torch.device | None" = None) -> None:
+        from endless.device import resolve_device
         from endless.models import check_supported, model_identity
 
         check_supported(hf_model.config)
+        if device is not None:
+            hf_model.to(resolve_device(device))
         cfg = hf_model.config
         self.hf = hf_model
         base = hf_model.model
@@ -61,7 +67,7 @@ class Transformer:
         self.layers = list(base.layers)
         self.norm = base.norm
         self.lm_head = hf_model.lm_head
-        self.rope = Rope.from_hf(hf_model)
+        self.rope = Rope.from_hf(hf_model).to(hf_model.model.embed_tokens.weight.device)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.dims = Dims(
             n_layers=cfg.num_hidden_layers,
@@ -75,6 +81,7 @@ class Transformer:
         self.scale = head_dim**-0.5
         self.identity = model_identity(hf_model)
         self.packed: Packed | None = None
+        self._pack_wanted = False
         self._act = getattr(cfg, "hidden_act", None)
         if pack or compile:
             self.pack(compile=compile)
@@ -83,8 +90,31 @@ class Transformer:
         """Build (or rebuild, after changing weights) the packed inference weights; returns self.
 
         ``compile`` also compiles the one-token products (``endless.gemv``: float32, 1.15-1.5x
-        faster per decoded token, a second copy of the weights, 20-60 s now)."""
+        faster per decoded token, a second copy of the weights, 20-60 s now). CPU only: on
+        another device this does nothing (the modules serve every call)."""
+        self._pack_wanted = True
+        if self.device.type != "cpu":
+            self.packed = None
+            return self
         self.packed = Packed(self.layers, self.lm_head, self._act, compile=compile)
+        return self
+
+    def to(self, device: "str | torch.device") -> "Transformer":
+        """Move the weights (and the RoPE tables) to ``device``; returns self. Packed CPU
+        kernels are dropped when leaving the CPU and rebuilt (uncompiled) when coming back."""
+        from endless.device import resolve_device
+
+        device = resolve_device(device)
+        if device == self.device:
+            return self
+        self.hf.to(device)
+        self.rope = self.rope.to(device)
+        prompt = getattr(self, "fam_prompt", None)
+        if prompt is not None:
+            prompt.to(device)
+        self.packed = None
+        if self._pack_wanted:
+            self.pack()
         return self
 
     def _fast(self, i: int) -> PackedLayer | None:
@@ -182,3 +212,14 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype)
     """Softmax over the last axis in float32 where ``mask`` (broadcastable) is True."""
     scores = scores.float().masked_fill(~mask, float("-inf"))
     return torch.softmax(scores, dim=-1).to(dtype)
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """PyTorch's fused attention for scaled, rotated q (B, H, C, D) over k, v (B, KV, N, D) with an
+    additive 0 / -inf ``bias`` broadcastable to (B, H, C, N): what the CUDA paths use (the CPU
+    paths keep their own products, tuned for the CPU). Same maths as ``gqa_scores`` + softmax +
+    ``gqa_mix``; the kernel's softmax accumulates in float32."""
+    g = q.shape[1] // k.shape[1]
+    if g > 1:  # repeat_interleave: head h reads KV head h // G, as gqa_scores groups them
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=1.0)

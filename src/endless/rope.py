@@ -12,6 +12,9 @@ Contract (PAPERS.md section 2, "positions counted inside the cache"):
   ``endless.policies.ring``). That is O(heads x dim) per token instead of O(cache).
 - The inverse frequencies (including Llama-3 / YaRN style scaling) and the attention scaling are
   taken from the transformers model itself, so every rope type it precomputes is supported.
+- Tables are computed on the device the ``Rope`` lives on (``Rope.to``: the model's), whatever
+  device the positions come from: float64 is exact on CUDA too, and the tables then never cross
+  from host to device inside a layer.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ import torch
 class Rope:
     """Cos/sin tables for arbitrary integer positions, computed in float64."""
 
-    def __init__(self, inv_freq: torch.Tensor, attention_scaling: float = 1.0) -> None:
-        self.inv_freq = inv_freq.detach().to(torch.float64).cpu()  # (D/2,)
+    def __init__(self, inv_freq: torch.Tensor, attention_scaling: float = 1.0,
+                 device: "torch.device | str" = "cpu") -> None:
+        self.inv_freq = inv_freq.detach().to(device=device, dtype=torch.float64)  # (D/2,)
         self.attention_scaling = float(attention_scaling)
         self.head_dim = 2 * self.inv_freq.numel()
 
@@ -31,11 +35,20 @@ class Rope:
     def from_hf(cls, hf_model: torch.nn.Module) -> "Rope":
         """Read inv_freq and attention scaling from a transformers model's rotary module."""
         rotary = hf_model.model.rotary_emb
-        return cls(rotary.inv_freq, getattr(rotary, "attention_scaling", 1.0))
+        return cls(rotary.inv_freq, getattr(rotary, "attention_scaling", 1.0), rotary.inv_freq.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.inv_freq.device
+
+    def to(self, device: "torch.device | str") -> "Rope":
+        """The same rotary tables, computed on ``device``."""
+        return Rope(self.inv_freq, self.attention_scaling, device)
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape (len(positions), D) for int64 ``positions``."""
-        angles = positions.to(torch.float64)[:, None] * self.inv_freq[None, :]  # (C, D/2)
+        """cos, sin of shape (len(positions), D) for int64 ``positions``, on this Rope's device."""
+        positions = positions.to(device=self.inv_freq.device, dtype=torch.float64)
+        angles = positions[:, None] * self.inv_freq[None, :]  # (C, D/2)
         angles = torch.cat((angles, angles), dim=-1)  # (C, D), the rotate_half layout
         cos = (angles.cos() * self.attention_scaling).to(dtype)
         sin = (angles.sin() * self.attention_scaling).to(dtype)

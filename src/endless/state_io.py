@@ -121,7 +121,8 @@ def load_stream(cls, path: Path, model, policy):
         stream.state.load_tensors(state, int(meta["t"]))
     except (KeyError, ValueError) as e:
         raise EndlessError(f"{path} does not match its recorded policy: {e}") from None
-    stream.last_logits = tensors.get("last_logits")
+    last = tensors.get("last_logits")
+    stream.last_logits = None if last is None else last.to(model.device)
     stream.fed = int(meta["fed"])
     stream.saved_extra = {k.removeprefix("extra."): v for k, v in meta.items() if k.startswith("extra.")}
     return stream

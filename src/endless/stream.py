@@ -12,7 +12,10 @@ Contract (issue "streaming engine"):
 - ``snapshot()`` / ``restore(snap)`` branch in memory: restoring gives back exactly the state
   (and therefore the log-probs) of the moment of the snapshot.
 - ``save(path)`` / ``Stream.load(path, model)`` round-trip the whole state (see
-  ``endless.state_io``): resuming gives exactly the log-probs of an uninterrupted stream.
+  ``endless.state_io``): resuming gives exactly the log-probs of an uninterrupted stream, on
+  the device it was saved on or any other (a file holds host tensors).
+- The state lives on the model's device (``device=`` moves the model there); ids may come from
+  any device, and the log-probs ``feed`` returns are host tensors.
 """
 
 from __future__ import annotations
@@ -60,8 +63,11 @@ class Stream:
         batch: int = 1,
         chunk: int = 128,
         check_context: bool = True,
+        device: "str | torch.device | None" = None,
     ) -> None:
         self.model = as_transformer(model)
+        if device is not None:  # moves the model: a stream's state lives where its weights do
+            self.model.to(device)
         self.policy = parse_policy(policy)
         if check_context:
             check_fits(self.policy, self.model.dims.context)
@@ -82,7 +88,8 @@ class Stream:
     def _prefix(self) -> None:
         """For ``sinks:S+W,sink=#ID``: the S sink copies go in before the first real token."""
         if isinstance(self.policy, Sinks) and self.policy.sink_token is not None and self.state.t == 0:
-            ids = torch.full((self.batch, self.policy.sinks), self.policy.sink_token, dtype=torch.long)
+            ids = torch.full((self.batch, self.policy.sinks), self.policy.sink_token, dtype=torch.long,
+                             device=self.model.device)
             self._run(ids, logprobs=False)
 
     def _as_ids(self, ids) -> torch.Tensor:
@@ -100,13 +107,13 @@ class Stream:
             part = ids[:, lo : lo + self.chunk]
             logits = self.state.forward(part, last_only=not logprobs)  # model dtype
             if logprobs:
-                prev = torch.full((self.batch, 1), float("nan"))
+                prev = torch.full((self.batch, 1), float("nan"), device=logits.device)
                 if self.last_logits is not None:
                     prev = token_logprobs(self.last_logits[:, None], part[:, :1])
                 inner = token_logprobs(logits[:, :-1], part[:, 1:])  # token c given <= c-1
                 out.append(torch.cat([prev, inner], dim=1))
             self.last_logits = logits[:, -1].float()
-        return torch.cat(out, dim=1) if logprobs else None
+        return torch.cat(out, dim=1).cpu() if logprobs else None
 
     def feed(self, ids, *, logprobs: bool = True) -> torch.Tensor | None:
         """Read ``ids`` ((C,) or (B, C)). Returns (B, C) float32 log-probs of each token given
@@ -127,6 +134,9 @@ class Stream:
         if temperature <= 0:
             return self.last_logits.argmax(dim=-1)
         probs = torch.softmax(self.last_logits / temperature, dim=-1)
+        if generator is None or generator.device.type == "cpu":
+            # drawn on the host: one seed gives the same tokens on every device
+            return torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(probs.device)
         return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
     def generate(
@@ -178,8 +188,13 @@ class Stream:
         save_stream(self, Path(path), extra)
 
     @classmethod
-    def load(cls, path: "str | Path", model, *, policy: "Policy | str | None" = None) -> "Stream":
-        """Restore a saved stream onto ``model``; refuses a different model or policy."""
+    def load(cls, path: "str | Path", model, *, policy: "Policy | str | None" = None,
+             device: "str | torch.device | None" = None) -> "Stream":
+        """Restore a saved stream onto ``model`` (moved to ``device`` if given); refuses a
+        different model or policy. A stream saved on one device resumes on any other."""
         from endless.state_io import load_stream
 
-        return load_stream(cls, Path(path), as_transformer(model), policy)
+        model = as_transformer(model)
+        if device is not None:
+            model.to(device)
+        return load_stream(cls, Path(path), model, policy)

@@ -18,6 +18,7 @@ def add_model_args(parser: argparse.ArgumentParser, *, dtype_default: str = "flo
                    help="compute dtype; float32 is the reference for comparisons (default: %(default)s)")
     g.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: all cores); set it when running several jobs at once")
+    add_device_arg(g)
     if fam:
         g.add_argument("--fam", default=None, metavar="CHECKPOINT",
                        help="a checkpoint from `endless train fam`: its base model with the LoRA merged and the "
@@ -26,6 +27,21 @@ def add_model_args(parser: argparse.ArgumentParser, *, dtype_default: str = "flo
         g.add_argument("--compile", action="store_true",
                        help="float32: compile the one-token weight products with TorchInductor (1.15-1.5x faster "
                             "per token, 20-60 s at start, one more copy of the weights; needs a C++ compiler)")
+
+
+def add_device_arg(parser) -> None:
+    """--device {auto,cpu,cuda}: where the model runs (auto: CUDA when PyTorch sees a GPU)."""
+    from endless.device import CHOICES
+
+    parser.add_argument("--device", choices=CHOICES, default="auto",
+                        help="where the model runs; auto: CUDA when there is a GPU, else the CPU (default: %(default)s)")
+
+
+def device_from_args(args: argparse.Namespace):
+    """The torch device of --device (one clear line, exit 2, for cuda without a GPU)."""
+    from endless.device import resolve_device
+
+    return resolve_device(getattr(args, "device", "auto"))
 
 
 def set_threads(args: argparse.Namespace) -> None:
@@ -52,14 +68,17 @@ def load_from_args(args: argparse.Namespace, *, need_tokenizer: bool = True):
     if getattr(args, "compile", False) and args.dtype != "float32":
         raise EndlessError("--compile speeds up float32 only (bfloat16 already runs oneDNN's faster kernels); "
                            "add --dtype float32 or drop --compile")
+    device = device_from_args(args)
+    if getattr(args, "compile", False) and device.type != "cpu":
+        raise EndlessError("--compile builds CPU kernels; on --device cuda drop it (PyTorch's CUDA kernels run instead)")
     set_threads(args)
     hf_logging.disable_progress_bar()  # weight-loading bars are noise on every start
     if getattr(args, "fam", None):
         from endless.fam.checkpoint import load_fam
 
-        model, tok, _ = load_fam(args.fam, dtype=args.dtype)
+        model, tok, _ = load_fam(args.fam, dtype=args.dtype, device=device)
     else:
-        model, tok = load(args.model, dtype=args.dtype)
+        model, tok = load(args.model, dtype=args.dtype, device=device)
     if tok is None and need_tokenizer:
         raise EndlessError(f"{args.model} has no tokenizer files (tokenizer.json, tokenizer.model, ...); this command needs one")
     return model, tok

@@ -67,6 +67,21 @@ def _add_fam(tsub) -> None:
     p.add_argument("--rpo", action="store_true", help="random position offset (PAPERS.md; off by default)")
     p.add_argument("--rsp", type=float, default=0.0, metavar="P",
                    help="random state passing: start a step from the last step's final FAM with probability P (paper: 0.8; off by default)")
+    p.add_argument("--rsp-shuffle", action="store_true",
+                   help="with --rsp: each sequence starts from the final FAM of a random sequence of the last "
+                        "step (default: all from the first sequence's, the paper's)")
+    p.add_argument("--minutes", type=float, default=None, metavar="M",
+                   help="stop training after M minutes (the checkpoint is written all the same; set --steps high)")
+    p.add_argument("--curriculum", type=number_list(int), default=(), metavar="N,N",
+                   help="longest training sequence of each stage, ascending (RMT's curriculum over the number "
+                        "of memory updates); a stage ends at its share of --steps/--minutes or once learned "
+                        "(--curriculum-loss)")
+    p.add_argument("--curriculum-loss", type=float, default=0.0, metavar="X",
+                   help="end a curriculum stage early once the recent answer loss is below X nats (default: off)")
+    p.add_argument("--mixed-precision", choices=("auto", "no", "bf16"), default="auto",
+                   help="bf16 autocast over float32 weights; auto: bf16 on CUDA, none on the CPU (default: %(default)s)")
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="recompute each layer in the backward pass: activation memory of one layer (long sequences)")
     p.add_argument("--prompt-init", default=d.prompt_init, help="text whose token embeddings initialise the prompt (default: %(default)r)")
     p.add_argument("--init", default=None, metavar="CHECKPOINT",
                    help="train a checkpoint of `endless train fam` further with this command's budget and data "
@@ -268,8 +283,13 @@ def run_fam(args: argparse.Namespace) -> int:
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, min_len=args.min_len, max_len=args.max_len,
         digits=args.digits, max_depth=args.max_depth, text=args.text, text_fraction=args.text_fraction,
         all_tokens=args.all_tokens, rpo=args.rpo, rsp=args.rsp, prompt_init=args.prompt_init, init=args.init,
-        dtype=args.dtype, seed=args.seed,
+        dtype=args.dtype, seed=args.seed, device=args.device, mixed_precision=args.mixed_precision,
+        grad_checkpoint=args.grad_checkpoint, minutes=args.minutes, curriculum=tuple(args.curriculum),
+        curriculum_loss=args.curriculum_loss, rsp_shuffle=args.rsp_shuffle,
     )
+    from endless.cli.common import device_from_args
+
+    device_from_args(args)  # --device cuda without a GPU: one line before anything loads
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -281,7 +301,8 @@ def run_fam(args: argparse.Namespace) -> int:
     if lengths:
         results = _evaluate(res.module, res.tokenizer, cfg, lengths, args.eval_examples)
     tail = res.losses[-10:]
-    print(f"trained {cfg.policy} for {cfg.steps} steps on {res.processes} process(es) in {res.seconds:.0f} s; "
+    print(f"trained {cfg.policy} for {len(res.losses)} steps on {res.processes} process(es) ({res.device}) "
+          f"in {res.seconds:.0f} s; "
           f"final loss {sum(tail) / len(tail):.4f}; checkpoint {res.checkpoint}")
     if results:
         from endless.eval.passkey import table
@@ -295,6 +316,9 @@ def run_fam(args: argparse.Namespace) -> int:
             "loss": [round(x, 5) for x in res.losses],
             "config": asdict(cfg),
             "processes": res.processes,
+            "device": res.device,
+            "steps_done": len(res.losses),
+            "stages": res.stages,
             "seconds": round(res.seconds, 1),
             "checkpoint": str(res.checkpoint),
             "command": "endless " + " ".join(sys.argv[1:]),

@@ -103,10 +103,11 @@ def load_prompt(path: Path, policy: "FAM | BSWA", width: int) -> FamPrompt | Non
 
 
 def load_fam(path: "str | Path", *, dtype: "str | torch.dtype" = "float32", base_model: str | None = None,
-             pack: bool = False) -> tuple[Transformer, object, "FAM | BSWA"]:
+             pack: bool = False, device: "str | torch.device | None" = None) -> tuple[Transformer, object, "FAM | BSWA"]:
     """``(model, tokenizer, policy)`` from a checkpoint: the base model (or ``base_model``, if
-    it moved) with the LoRA merged, ``model.fam_prompt`` set and a checkpoint-specific identity.
-    ``pack`` adds the packed inference weights (faster streaming, one more copy)."""
+    it moved) with the LoRA merged, ``model.fam_prompt`` set and a checkpoint-specific identity,
+    on ``device`` (default: the CPU). ``pack`` adds the packed inference weights (CPU: faster
+    streaming, one more copy). A checkpoint trained on one device loads on any other."""
     from endless.models import as_dtype, load, model_identity
 
     want = as_dtype(dtype)  # a bad dtype fails before anything loads
@@ -136,8 +137,9 @@ def load_fam(path: "str | Path", *, dtype: "str | torch.dtype" = "float32", base
     merged.eval()
     if want != merged.dtype:
         merged = merged.to(want)
-    model = Transformer(merged, pack=pack)
-    model.fam_prompt = load_prompt(path, policy, merged.config.hidden_size)
+    model = Transformer(merged, pack=pack, device=device)
+    prompt = load_prompt(path, policy, merged.config.hidden_size)
+    model.fam_prompt = None if prompt is None else prompt.to(model.device)
     model.identity = f"{model.identity}+fam-{digest(meta)[:16]}"
     return model, tok, policy
 

@@ -33,7 +33,7 @@ class FamPrompt(nn.Module):
         """Initialise from the embeddings of ``token_ids`` (e.g. the word " summary"), cycled to n."""
         if n == 0:
             return cls(model.embed_tokens.weight.new_zeros(0, model.dims.hidden))
-        ids = torch.tensor([token_ids[i % len(token_ids)] for i in range(n)])
+        ids = torch.tensor([token_ids[i % len(token_ids)] for i in range(n)], device=model.device)
         return cls(model.embed_tokens.weight[ids].float())
 
     @classmethod
@@ -74,10 +74,12 @@ def initial_fam(model: Transformer, prompt: FamPrompt) -> list[torch.Tensor]:
     return out
 
 
-def fam_qkv(model: Transformer, i: int, fam: torch.Tensor, positions: torch.Tensor):
-    """Rotated q (B, H, F, D) and k, v (B, KV, F, D) of FAM rows ``fam`` (B, F, d) at ``positions``."""
+def fam_qkv(model: Transformer, i: int, fam: torch.Tensor, positions: torch.Tensor | None = None, *,
+            tables: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """Rotated q (B, H, F, D) and k, v (B, KV, F, D) of FAM rows ``fam`` (B, F, d) at ``positions``
+    (or with their RoPE ``tables`` (F, D) already computed)."""
     q, k, v = model.qkv(i, fam)
-    cos, sin = model.rope.tables(positions, model.dtype)
+    cos, sin = tables if tables is not None else model.rope.tables(positions, model.dtype)
     return rotate(q, cos, sin), rotate(k, cos, sin), v
 
 

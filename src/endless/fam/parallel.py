@@ -8,12 +8,17 @@ evaluation of sequences that fit in memory; ``endless.fam.state.FamState`` is th
 and agrees with this one to float tolerance.
 
 Memory is O(N x (M+1) x B) for the scores (blocks are windowed with ``unfold``), never N^2.
+``checkpoint=True`` keeps only each layer's input for the backward pass and recomputes the layer
+(the FAM recurrence included): what long training sequences on a GPU need. ``fused`` (default:
+on CUDA) runs the windowed attention through PyTorch's fused ``scaled_dot_product_attention``
+with the same mask; the CPU keeps its einsum products.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
 from endless.config import BSWA, FAM
 from endless.fam.memory import FamPrompt, fam_positions, fam_qkv, fam_update, initial_fam
@@ -21,18 +26,38 @@ from endless.model import Transformer
 from endless.rope import rotate
 
 
-def block_mask(policy: FAM, n_blocks: int) -> torch.Tensor:
+def block_mask(policy: FAM, n_blocks: int, device: "torch.device | str" = "cpu") -> torch.Tensor:
     """(nb, Bl, (M+1)*Bl + F) visibility of window and FAM keys for every block's queries."""
     bl, m, f = policy.block, policy.memory, policy.fam
-    s = torch.arange((m + 1) * bl)
-    q = torch.arange(bl)
+    s = torch.arange((m + 1) * bl, device=device)
+    q = torch.arange(bl, device=device)
     own = s[None, :] - m * bl  # index inside the own block (negative: memory blocks)
     causal = own <= q[:, None]  # (Bl, (M+1)Bl)
-    first_key = (torch.arange(n_blocks)[:, None] - m) * bl + s[None, :]  # absolute key index
+    first_key = (torch.arange(n_blocks, device=device)[:, None] - m) * bl + s[None, :]  # absolute key index
     exists = first_key >= 0  # memory blocks before the stream are padding
     win = causal[None] & exists[:, None, :]
-    fam = torch.ones(n_blocks, bl, f, dtype=torch.bool)
+    fam = torch.ones(n_blocks, bl, f, dtype=torch.bool, device=device)
     return torch.cat([win, fam], dim=-1)
+
+
+def _window_attention(q: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, mask: torch.Tensor, n_kv: int,
+                      fused: bool) -> torch.Tensor:
+    """Scaled, rotated q (B, H, nb*Bl, D) over each block's keys kw, vw (B, KV, nb, S, D) where
+    ``mask`` (nb, Bl, S) allows; returns (B, H, nb*Bl, D)."""
+    bsz, h, n, d = q.shape
+    nb, bl, s = mask.shape
+    g = h // n_kv
+    qb = q.reshape(bsz, n_kv, g, nb, bl, d)
+    if not fused:
+        scores = torch.einsum("bkgnqd,bknsd->bkgnqs", qb, kw).float()
+        p = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).to(vw.dtype)
+        return torch.einsum("bkgnqs,bknsd->bkgnqd", p, vw).reshape(bsz, h, n, d)
+    # blocks as heads, the G query heads of a KV head stacked as rows: (B*KV, nb, G*Bl, D)
+    qf = qb.permute(0, 1, 3, 2, 4, 5).reshape(bsz * n_kv, nb, g * bl, d)
+    kf, vf = kw.reshape(bsz * n_kv, nb, s, d), vw.reshape(bsz * n_kv, nb, s, d)
+    mf = mask[:, None].expand(nb, g, bl, s).reshape(nb, g * bl, s)
+    o = F.scaled_dot_product_attention(qf, kf.to(qf.dtype), vf.to(qf.dtype), attn_mask=mf, scale=1.0)
+    return o.reshape(bsz, n_kv, nb, g, bl, d).permute(0, 1, 3, 2, 4, 5).reshape(bsz, h, n, d)
 
 
 def parallel_forward(
@@ -44,6 +69,8 @@ def parallel_forward(
     init_state: list[torch.Tensor] | None = None,
     return_state: bool = False,
     select: torch.Tensor | None = None,
+    checkpoint: bool = False,
+    fused: bool | None = None,
 ):
     """Logits (B, N, V) of ``ids`` (B, N) under FAM (or BSWA) from the stream's start.
 
@@ -52,40 +79,48 @@ def parallel_forward(
     ``select`` (bool (B, N)) returns the logits of the selected positions only, (K, V) in
     row-major order: scoring a few answer tokens then skips the LM head over a large vocabulary
     at every other position (it costs more than all the layers of a small model).
+    ``checkpoint`` recomputes each layer in the backward pass (activation memory of one layer);
+    ``fused`` picks PyTorch's fused attention (default: on CUDA).
     """
     if isinstance(policy, BSWA):
         policy = FAM(policy.block, policy.memory, 0)
+    dev = model.device
+    ids = ids.to(dev)
+    if fused is None:
+        fused = dev.type == "cuda"
     bsz, n = ids.shape
     bl, m, f = policy.block, policy.memory, policy.fam
     nb = -(-n // bl)
     pad = nb * bl - n
     x = model.embed_tokens(F.pad(ids, (0, pad)))  # (B, N', d); padding only follows real tokens
+    fam0: list[torch.Tensor | None] = [None] * model.dims.n_layers
+    first = False
     if f:
         if init_state is not None:
             fam0 = init_state
-            first = False
         else:
             fam0 = [t[None].expand(bsz, -1, -1) for t in initial_fam(model, prompt)]
             first = True
-    cos, sin = model.rope.tables(torch.arange(nb * bl), model.dtype)
-    mask = block_mask(policy, nb)
+    # one table for the FAM positions and the tokens: block b's FAM sits at rows b*Bl .. b*Bl+F-1
+    cos_all, sin_all = model.rope.tables(torch.arange(-f, nb * bl), model.dtype)
+    cos, sin = cos_all[f:], sin_all[f:]
+    mask = block_mask(policy, nb, dev)
     d = model.dims
-    g = d.n_heads // d.n_kv_heads
-    final = []
-    for i in range(d.n_layers):
+
+    def layer(i: int, x: torch.Tensor, fam: torch.Tensor | None):
         q, k, v = model.qkv(i, x)
         q, k = rotate(q, cos, sin) * model.scale, rotate(k, cos, sin)
         # (B, KV, nb, (M+1)Bl, D): each block's window of memory blocks + itself
         kw = F.pad(k, (0, 0, m * bl, 0)).unfold(2, (m + 1) * bl, bl).transpose(-1, -2)
         vw = F.pad(v, (0, 0, m * bl, 0)).unfold(2, (m + 1) * bl, bl).transpose(-1, -2)
         if f:
-            fk_all, fv_all, fam = [], [], fam0[i]
-            static_q = model.qkv(i, fam0[i])[0] if policy.static_query else None  # un-rotated
+            fk_all, fv_all, start = [], [], fam
+            static_q = model.qkv(i, start)[0] if policy.static_query else None  # un-rotated
             for b in range(nb):
-                pos = fam_positions(b, policy)
-                fq, fk, fv = fam_qkv(model, i, fam, pos)
+                tables = (cos_all[b * bl : b * bl + f], sin_all[b * bl : b * bl + f])
+                fq, fk, fv = fam_qkv(model, i, fam, tables=tables)
                 if static_q is not None:  # ablation: the same summary query for every block
-                    fq = rotate(static_q, *model.rope.tables(pos, model.dtype))
+                    fq = rotate(static_q, *tables)
                 fk_all.append(fk)
                 fv_all.append(fv)
                 if b < nb - 1 or return_state:
@@ -94,14 +129,19 @@ def parallel_forward(
                                      first=first and b == 0, policy=policy)
                     if policy.detach:
                         fam = fam.detach()
+            kw = torch.cat([kw, torch.stack(fk_all, dim=2).to(kw.dtype)], dim=3)
+            vw = torch.cat([vw, torch.stack(fv_all, dim=2).to(vw.dtype)], dim=3)
+        o = _window_attention(q, kw, vw, mask, d.n_kv_heads, fused)
+        return model.finish(i, x, o), fam
+
+    final = []
+    for i in range(d.n_layers):
+        if checkpoint and torch.is_grad_enabled():
+            x, fam = grad_checkpoint(layer, i, x, fam0[i], use_reentrant=False)
+        else:
+            x, fam = layer(i, x, fam0[i])
+        if f:
             final.append(fam)
-            kw = torch.cat([kw, torch.stack(fk_all, dim=2)], dim=3)
-            vw = torch.cat([vw, torch.stack(fv_all, dim=2)], dim=3)
-        qb = q.reshape(bsz, d.n_kv_heads, g, nb, bl, d.head_dim)
-        scores = torch.einsum("bkgnqd,bknsd->bkgnqs", qb, kw).float()
-        p = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).to(vw.dtype)
-        o = torch.einsum("bkgnqs,bknsd->bkgnqd", p, vw).reshape(bsz, d.n_heads, nb * bl, d.head_dim)
-        x = model.finish(i, x, o)
     x = x[:, :n]
-    logits = model.logits(x) if select is None else model.logits(x[select][None])[0]
+    logits = model.logits(x) if select is None else model.logits(x[select.to(dev)][None])[0]
     return (logits, final) if return_state else logits

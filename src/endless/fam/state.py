@@ -99,7 +99,8 @@ class FamState:
         win = (kp >= 0) & (kp <= q) & (kp // bl >= q // bl - m)
         mask = torch.cat([win, torch.ones(n, self.policy.fam, dtype=torch.bool)], dim=1)
         cos, sin = self.model.rope.tables(pos, self.model.dtype)
-        self._step = (slots, mask, cos, sin)
+        dev = self.k.device  # host-side bookkeeping, moved once per piece for every layer
+        self._step = (slots.to(dev), mask.to(dev), cos, sin)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         slots, mask, cos, sin = self._step
@@ -127,6 +128,7 @@ class FamState:
         return {"k": self.k, "v": self.v, "slot_pos": self.slot_pos, "fam": self.fam, "updates": self.updates}
 
     def load_tensors(self, tensors: dict[str, torch.Tensor], t: int) -> None:
+        """Copy saved (or snapshotted) tensors from any device into this state's buffers."""
         for name, buf in self.state_tensors().items():
             if tuple(tensors[name].shape) != tuple(buf.shape):
                 raise ValueError(f"{name}: shape {tuple(tensors[name].shape)} != {tuple(buf.shape)}")

@@ -47,7 +47,7 @@ def model_identity(model: torch.nn.Module) -> str:
     with torch.no_grad():
         for name, p in model.named_parameters():
             flat = p.detach().reshape(-1)
-            sample = torch.cat([flat[:64], flat[-64:]]).float()
+            sample = torch.cat([flat[:64], flat[-64:]]).float().cpu()  # the same on every device
             h.update(name.encode())
             h.update(sample.numpy().tobytes())
     return f"{cfg.model_type}-{cfg.num_hidden_layers}x{cfg.hidden_size}-{h.hexdigest()[:16]}"

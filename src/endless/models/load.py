@@ -86,18 +86,22 @@ def _first_line(e: BaseException) -> str:
 
 
 def load(
-    name_or_path: str | os.PathLike = "smollm2-135m", *, dtype: str | torch.dtype = "float32"
+    name_or_path: str | os.PathLike = "smollm2-135m", *, dtype: str | torch.dtype = "float32",
+    device: "str | torch.device | None" = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """``(model, tokenizer)`` for an embedded name, a transformers folder or a ``.gguf`` file.
 
-    The model is in eval mode and in ``dtype`` (float32 or bfloat16); its attention
-    implementation is whatever transformers chose. The tokenizer is ``None`` for a folder that
+    The model is in eval mode, in ``dtype`` (float32 or bfloat16) and on ``device`` (``auto``,
+    ``cpu``, ``cuda``; default: the CPU); its attention implementation is whatever transformers chose. The tokenizer is ``None`` for a folder that
     holds no tokenizer files (a bare ``save_pretrained`` of a tiny test model).
     Raises :class:`EndlessError` (one line) for every bad input.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from endless.device import resolve_device
+
     dtype = as_dtype(dtype)
+    dev = resolve_device(device) if device is not None else None  # a bad device fails before loading
     folder = resolve(name_or_path)
     in_cache = cache_dir() in folder.parents
     redo = f"; delete {folder} to convert it again" if in_cache else ""
@@ -119,6 +123,8 @@ def load(
     else:
         log.info("%s has no tokenizer files; returning the model without a tokenizer", folder)
     model.eval()
+    if dev is not None:
+        model.to(dev)
     model.endless_source = str(name_or_path)
     model.endless_folder = str(folder)
     return model, tok

@@ -27,7 +27,7 @@ class RecomputeState:
         self.policy = policy
         self.batch = batch
         self.chunk = chunk
-        self.history = torch.zeros(batch, policy.window, dtype=torch.long)  # last W ids, oldest first
+        self.history = torch.zeros(batch, policy.window, dtype=torch.long, device=model.device)  # last W ids, oldest first
         self.t = 0
 
     def _fresh(self, ids: torch.Tensor, last_only: bool) -> torch.Tensor:
@@ -68,5 +68,5 @@ class RecomputeState:
         return {"history": self.history}
 
     def load_tensors(self, tensors: dict[str, torch.Tensor], t: int) -> None:
-        self.history = tensors["history"].clone()
+        self.history = tensors["history"].to(self.model.device, copy=True)
         self.t = t

@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from endless.config import Policy, Sinks
-from endless.model import Transformer, gqa_mix, gqa_scores
+from endless.model import Transformer, gqa_mix, gqa_scores, sdpa_attention
 
 SCORE_BLOCK = 1 << 22  # elements of one block of attention scores (16 MB in float32)
 
@@ -97,7 +97,10 @@ class RingKV:
         kpos = self.slot_pos
         visible = (kpos[None, :] >= 0) & self.mask_fn(pos[:, None], kpos[None, :])  # (C, N)
         bias = torch.zeros(visible.shape, dtype=torch.float32).masked_fill_(~visible, float("-inf"))
-        dtype, scale = self.model.dtype, self.model.scale
+        dtype, scale, dev = self.model.dtype, self.model.scale, self.k.device
+        # the bookkeeping (positions, slots, mask) is host-side integer work; what the layers
+        # read goes to the KV buffers' device once per step, shared by every layer
+        slots, bias = slots.to(dev), bias.to(dev)
         cos, sin = _signed_tables(self.model.rope, pos)
         sink = None
         if isinstance(self.policy, Sinks) and self.n_sinks and int(pos[-1]) > self.policy.sinks + self.policy.window:
@@ -175,7 +178,7 @@ class RingKV:
             n *= size
         buf = self._buffers.get(name)
         if buf is None or buf.numel() < n or buf.dtype != dtype:
-            buf = self._buffers[name] = torch.empty(n, dtype=dtype)
+            buf = self._buffers[name] = torch.empty(n, dtype=dtype, device=self.k.device)
         return buf[:n].view(shape)
 
     def _attention(self, qr, qs, keys, values, bias) -> torch.Tensor:
@@ -188,6 +191,8 @@ class RingKV:
         g = h // kv
         if torch.is_grad_enabled() and (qr.requires_grad or keys.requires_grad or values.requires_grad):
             return _plain_attention(qr, qs, keys, values, bias, self.n_sinks)
+        if qs is None and keys.device.type == "cuda":
+            return sdpa_attention(qr, keys, values, bias[0])
         scores = self._scratch("scores", (b * kv, g * c, n), keys.dtype)
         # rows (g, c); the (G*C, N) bias broadcasts over batch and KV heads and is added by the
         # product itself (bfloat16: 1.27x faster than bmm then add_, same numbers: adding 0 / -inf
@@ -198,7 +203,8 @@ class RingKV:
         # of the time); one product per head splits its rows instead: 1.27-1.30x on the products,
         # 727 -> 784 tok/s on SmolLM2 float32 chunks with 2 threads. bfloat16's oneDNN products are
         # faster batched (252 against 292 us).
-        per_head = keys.dtype == torch.float32 and (b * kv) % torch.get_num_threads() != 0
+        per_head = (keys.dtype == torch.float32 and keys.device.type == "cpu"
+                    and (b * kv) % torch.get_num_threads() != 0)
         if per_head:
             for i in range(b * kv):
                 torch.addmm(bias, q3[i], k3[i].t(), out=scores[i])
@@ -267,11 +273,12 @@ class RingKV:
         return {"k": self.k, "v": self.v, "slot_pos": self.slot_pos}
 
     def load_tensors(self, tensors: dict[str, torch.Tensor], t: int) -> None:
+        """Take saved (or snapshotted) tensors from any device onto this state's."""
         if self.growable:
             self.ring = tensors["k"].shape[3] - self.n_sinks
-            self.k = tensors["k"].clone()
-            self.v = tensors["v"].clone()
-            self.slot_pos = tensors["slot_pos"].clone()
+            self.k = tensors["k"].to(self.k.device, copy=True)
+            self.v = tensors["v"].to(self.v.device, copy=True)
+            self.slot_pos = tensors["slot_pos"].to("cpu", copy=True)
         else:
             for name, buf in self.state_tensors().items():
                 if tuple(tensors[name].shape) != tuple(buf.shape):
@@ -308,7 +315,7 @@ def _rotation_matrix(cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tenso
     M[i, i] = cos_i and M[(i + D/2) % D, i] = signed_sin_i. The zeros add exactly nothing."""
     d = cos.numel()
     m = torch.diag(cos)
-    i = torch.arange(d)
+    i = torch.arange(d, device=cos.device)
     m[(i + d // 2) % d, i] = signed_sin
     return m
 

@@ -9,6 +9,16 @@ rate, as the paper. Random position offset (RPO) and random state passing (RSP) 
 by default (PAPERS.md: RSP destabilised from-scratch training; with our exact float64 RoPE, RPO
 only perturbs float rounding).
 
+On CUDA (``device``: auto picks it when there is a GPU) the same loop runs with bf16 autocast
+over float32 weights (``mixed_precision``), PyTorch's fused attention in the parallel schedule
+and, with ``grad_checkpoint``, per-layer activation recomputation for long sequences. Two
+budget controls make a run fit a lease: ``minutes`` stops training at a wall-clock limit (the
+checkpoint is written all the same), and ``curriculum`` grows the longest training sequence in
+stages, i.e. the number of memory updates a key must survive (the curriculum of "Recurrent
+Memory Transformer", section 4: add segments once the current count is learned): a stage ends
+when the recent answer loss is below ``curriculum_loss``, or when its share of the budget
+(steps, or minutes) is spent.
+
 Runs unchanged under several processes: everything goes through ``accelerate`` (one
 ``Accelerator``, ``prepare`` of the trainable module and optimizer, DDP gradient all-reduce,
 per-rank data, only rank 0 writes). On CPU: ``torchrun --nproc_per_node 2 -m endless.cli.main
@@ -71,6 +81,13 @@ class FamTrainConfig:
     dtype: str = "float32"
     seed: int = 0
     log_every: int = 10
+    device: str = "auto"  # auto: CUDA when there is a GPU
+    mixed_precision: str = "auto"  # auto: bf16 autocast on CUDA, none on the CPU
+    grad_checkpoint: bool = False  # recompute each layer in the backward pass (long sequences)
+    minutes: float | None = None  # stop training after this many minutes (the checkpoint is still written)
+    curriculum: tuple[int, ...] = ()  # longest training sequence of each stage (the last: max_len)
+    curriculum_loss: float = 0.0  # a stage ends early once its recent answer loss is below this
+    rsp_shuffle: bool = False  # RSP from the final FAM of a random sequence of the previous batch
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch", "lora_rank", "min_len", "max_len"):
@@ -84,6 +101,17 @@ class FamTrainConfig:
             raise EndlessError(f"--rsp is a probability, got {self.rsp}")
         if not 0 <= self.text_fraction <= 1:
             raise EndlessError(f"--text-fraction is a fraction, got {self.text_fraction}")
+        if self.mixed_precision not in ("auto", "no", "bf16"):
+            raise EndlessError(f"--mixed-precision must be auto, no or bf16, got {self.mixed_precision!r}")
+        if self.minutes is not None and not self.minutes > 0:
+            raise EndlessError(f"--minutes must be > 0, got {self.minutes}")
+        if self.curriculum:
+            c = tuple(self.curriculum)
+            if list(c) != sorted(c) or c[0] < self.min_len or c[-1] > self.max_len:
+                raise EndlessError(f"--curriculum lengths must ascend within [--min-len, --max-len] = "
+                                   f"[{self.min_len}, {self.max_len}], got {','.join(map(str, c))}")
+        if self.curriculum_loss < 0:
+            raise EndlessError(f"--curriculum-loss must be >= 0, got {self.curriculum_loss}")
 
 
 @dataclass
@@ -97,6 +125,8 @@ class FamTrainResult:
     is_main: bool = True
     module: FamModule | None = None
     tokenizer: object = None
+    stages: list = field(default_factory=list)  # (longest sequence, first step) of each curriculum stage
+    device: str = "cpu"
 
 
 class _Offset:
@@ -118,6 +148,7 @@ class FamModule(nn.Module):
         self.peft = peft_model
         self.prompt = prompt  # None for BSWA (F=0): nothing but LoRA is trained
         self.policy = policy
+        self.grad_checkpoint = False
         self.model = Transformer(peft_model.base_model.model)  # our forward path over the LoRA modules
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor, offset: int = 0,
@@ -129,7 +160,7 @@ class FamModule(nn.Module):
             model.rope = _Offset(self.model.rope, offset)
         keep = targets != -100  # the LM head only where a target is scored
         logits, state = parallel_forward(model, ids, self.policy, self.prompt, init_state=init_state,
-                                         return_state=True, select=keep)
+                                         return_state=True, select=keep, checkpoint=self.grad_checkpoint)
         return F.cross_entropy(logits.float(), targets[keep]), state
 
 
@@ -203,9 +234,11 @@ class Sampler:
             text = read_text(cfg.text or "kjv")
             self.text_tokens = tokenizer(text[: 40 * cfg.max_len * 64], add_special_tokens=False).input_ids
 
-    def batch(self) -> list[Example]:
+    def batch(self, max_len: int | None = None) -> list[Example]:
+        """One step's examples, all of one length drawn in [min_len, ``max_len`` (default: the
+        config's)]: equal lengths pad nothing."""
         cfg, rng = self.cfg, self.rng
-        n = rng.randint(self.min_len, cfg.max_len)
+        n = rng.randint(self.min_len, max(self.min_len, max_len or cfg.max_len))
         if self.text_tokens is not None and rng.random() < cfg.text_fraction:
             return [text_example(self.text_tokens, n, rng=rng) for _ in range(cfg.batch)]
         out = []
@@ -228,22 +261,30 @@ def train(cfg: FamTrainConfig, *, out: "str | Path | None", cpu: bool | None = N
     skip loading ``cfg.model`` (tests). Every process of a distributed launch calls this."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
+    from endless.device import describe
     from endless.fam.checkpoint import save_fam
     from endless.models import load, model_identity
     from endless.progress import bar as progress_bar
 
+    from endless.device import resolve_device
+
     if cpu is None:
-        cpu = not torch.cuda.is_available()
+        cpu = resolve_device(cfg.device).type == "cpu"
+    mixed = cfg.mixed_precision
+    if mixed == "auto":
+        mixed = "no" if cpu else "bf16"
     # RSP steps skip the prompt (their FAM comes from the previous step): DDP must allow it
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.rsp > 0)
-    acc = Accelerator(cpu=cpu, kwargs_handlers=[ddp])
+    acc = Accelerator(cpu=cpu, mixed_precision=mixed, kwargs_handlers=[ddp])
     torch.manual_seed(cfg.seed)
     if hf_model is None:
         hf_model, tokenizer = load(cfg.model, dtype=cfg.dtype)
+    hf_model.to(acc.device)  # before our forward path is built: its RoPE tables live there too
     if tokenizer is None:
         raise EndlessError(f"{cfg.model} has no tokenizer; training on PassKey text needs one")
     base_identity = model_identity(hf_model)
     module = build(cfg, hf_model, tokenizer)
+    module.grad_checkpoint = cfg.grad_checkpoint
     module.train()
     lora_params = [p for n, p in module.named_parameters() if p.requires_grad and not n.startswith("prompt.")]
     groups = [{"params": lora_params, "lr": cfg.lr}]
@@ -253,34 +294,41 @@ def train(cfg: FamTrainConfig, *, out: "str | Path | None", cpu: bool | None = N
     module, opt = acc.prepare(module, opt)
     sampler = Sampler(cfg, tokenizer, acc.process_index)
     rng = random.Random(cfg.seed * 7919 + acc.process_index)
-    carried: list[torch.Tensor] | None = None  # RSP: the first example's final FAM of the last step
+    carried: list[torch.Tensor] | None = None  # RSP: final FAMs of the last step
     losses: list[float] = []
+    curriculum = Curriculum(cfg)
     start = time.perf_counter()
     bar = progress_bar(range(cfg.steps), desc="train fam", disable=not (progress and acc.is_main_process), leave=True)
     for step in bar:
-        ids, targets = collate(sampler.batch(), pad=tokenizer.pad_token_id or 0)
+        ids, targets = collate(sampler.batch(curriculum.max_len), pad=tokenizer.pad_token_id or 0)
         ids, targets = ids.to(acc.device), targets.to(acc.device)
         offset = rng.randrange(RPO_MAX) if cfg.rpo and rng.random() < 0.5 else 0
         init = None
         if carried is not None and rng.random() < cfg.rsp:
-            init = [s.expand(ids.shape[0], -1, -1) for s in carried]
+            init = _passed_state(carried, ids.shape[0], cfg.rsp_shuffle, rng)
         loss, state = module(ids, targets, offset, init)
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
         acc.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
         opt.step()
         if cfg.rsp > 0 and state:
-            carried = [s[:1].detach() for s in state]
+            carried = [s.detach() for s in state]
         mean = acc.reduce(loss.detach(), reduction="mean").item()
         losses.append(mean)
         if not math.isfinite(mean):  # the reduced loss: every process stops at the same step
             raise EndlessError(f"the loss is not finite at step {step + 1}: training diverged (try a lower --lr)")
         if (step + 1) % cfg.log_every == 0:
             recent = sum(losses[-cfg.log_every:]) / cfg.log_every
-            bar.set_postfix(loss=f"{recent:.3f}", refresh=False)
-            log.info("step %d loss %.4f", step + 1, recent)
+            bar.set_postfix(loss=f"{recent:.3f}", len=curriculum.max_len, refresh=False)
+            log.info("step %d loss %.4f (max length %d)", step + 1, recent, curriculum.max_len)
+        # every rank decides from the reduced loss and rank 0's clock: all stop (and advance) together
+        elapsed = acc.reduce(torch.tensor(time.perf_counter() - start, device=acc.device), reduction="mean").item()
+        curriculum.update(step + 1, elapsed, losses)
+        if cfg.minutes is not None and elapsed >= 60 * cfg.minutes:
+            log.info("time budget of %.1f min reached after %d steps", cfg.minutes, step + 1)
+            break
     seconds = time.perf_counter() - start
-    log.info("rank %d of %d: %d steps in %.1f s", acc.process_index, acc.num_processes, cfg.steps, seconds)
+    log.info("rank %d of %d: %d steps in %.1f s", acc.process_index, acc.num_processes, len(losses), seconds)
     acc.wait_for_everyone()
     path = None
     if out is not None:
@@ -290,12 +338,58 @@ def train(cfg: FamTrainConfig, *, out: "str | Path | None", cpu: bool | None = N
             spec = inner.policy if inner.policy.fam else inner.policy.as_bswa()
             save_fam(path, inner.peft, inner.prompt, spec, base_model=_base_name(cfg.model),
                      base_identity=base_identity,
-                     train_config={**asdict(cfg), "processes": acc.num_processes, "seconds": round(seconds, 1)})
+                     train_config={**asdict(cfg), "processes": acc.num_processes, "seconds": round(seconds, 1),
+                                   "steps_done": len(losses), "stages": curriculum.history,
+                                   "device": describe(acc.device)})
             log.info("rank %d wrote the checkpoint %s", acc.process_index, path)
         acc.wait_for_everyone()
     module = acc.unwrap_model(module)
     module.eval()
-    return FamTrainResult(path, losses, seconds, acc.num_processes, acc.is_main_process, module, tokenizer)
+    return FamTrainResult(path, losses, seconds, acc.num_processes, acc.is_main_process, module, tokenizer,
+                          stages=curriculum.history, device=describe(acc.device))
+
+
+class Curriculum:
+    """The longest training sequence now: ``cfg.curriculum``'s stages in order, each ending when
+    the mean loss of its last ``cfg.log_every`` steps is below ``cfg.curriculum_loss`` or when
+    its equal share of the budget (``cfg.minutes`` if set, else ``cfg.steps``) is spent. Without
+    stages it is ``cfg.max_len`` throughout. ``history`` lists (stage length, first step)."""
+
+    def __init__(self, cfg: FamTrainConfig) -> None:
+        self.cfg = cfg
+        self.stages = tuple(cfg.curriculum) or (cfg.max_len,)
+        self.stage = 0
+        self.stage_start = 0
+        self.history: list[tuple[int, int]] = [(self.stages[0], 0)]
+
+    @property
+    def max_len(self) -> int:
+        return self.stages[self.stage]
+
+    def update(self, steps_done: int, seconds: float, losses: list[float]) -> None:
+        if self.stage + 1 >= len(self.stages):
+            return
+        cfg, share = self.cfg, (self.stage + 1) / len(self.stages)
+        spent = seconds >= 60 * cfg.minutes * share if cfg.minutes is not None else steps_done >= cfg.steps * share
+        recent = losses[max(self.stage_start, len(losses) - cfg.log_every):]
+        learned = (cfg.curriculum_loss > 0 and len(recent) >= cfg.log_every
+                   and sum(recent) / len(recent) < cfg.curriculum_loss)
+        if spent or learned:
+            self.stage += 1
+            self.stage_start = steps_done
+            self.history.append((self.max_len, steps_done))
+            log.info("curriculum: stage %d, sequences up to %d tokens from step %d", self.stage + 1, self.max_len,
+                     steps_done)
+
+
+def _passed_state(carried: list[torch.Tensor], batch: int, shuffle: bool, rng: random.Random) -> list[torch.Tensor]:
+    """Random state passing (TransformerFAM, section 3): the initial FAM of this step's sequences
+    from the previous step's final FAMs (per layer (B', F, d)): the first sequence's for all
+    (the paper's), or with ``shuffle`` each sequence that of a random previous sequence."""
+    if not shuffle:
+        return [s[:1].expand(batch, -1, -1) for s in carried]
+    idx = torch.tensor([rng.randrange(carried[0].shape[0]) for _ in range(batch)], device=carried[0].device)
+    return [s[idx] for s in carried]
 
 
 __all__ = ["FamTrainConfig", "FamTrainResult", "FamModule", "build", "train", "LORA_TARGETS"]

@@ -1,0 +1,38 @@
+"""Which device a model runs on: ``--device {auto,cpu,cuda}`` and ``device=`` in the Python API.
+
+``auto`` is CUDA when PyTorch sees a GPU, else the CPU. Asking for CUDA where there is none is a
+user mistake: one line (``EndlessError``), never a traceback from deep inside PyTorch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from endless.errors import EndlessError
+
+CHOICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: "str | torch.device | None" = "auto") -> torch.device:
+    """A concrete ``torch.device`` for ``auto``/``cpu``/``cuda``/``cuda:N`` (or a device)."""
+    if device is None or (isinstance(device, str) and device == "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise EndlessError(f"unknown device {device!r}; choose from {', '.join(CHOICES)} (or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EndlessError(f"--device {device}: no CUDA device here (torch {torch.__version__}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise EndlessError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type != "cpu":
+        raise EndlessError(f"unsupported device {device!r}; choose from {', '.join(CHOICES)} (or cuda:N)")
+    return dev
+
+
+def describe(device: torch.device) -> str:
+    """A name for reports: the GPU's model, or "cpu"."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"
