@@ -56,7 +56,12 @@ def describe(model, folder: str) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     model, _ = load_from_args(args, need_tokenizer=False)
+    from endless.device import describe as device_name
+    from endless.models import model_identity
+
     fields = describe(model, model.endless_folder)
+    fields["device"] = device_name(next(model.parameters()).device)
+    fields["identity"] = model_identity(model)
     width = max(map(len, fields))
     for key, value in fields.items():
         shown = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else value

