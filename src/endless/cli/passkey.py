@@ -34,6 +34,8 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=4, help="prompts read together as a batch of streams (default: %(default)s)")
     p.add_argument("--chunk", type=int, default=256, help="tokens per forward while reading (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the keys (default: %(default)s)")
+    p.add_argument("--filler", default=None, metavar="FILE",
+                   help="prose instead of the repeated filler sentences: a text file, or kjv / shakespeare")
     p.add_argument("--by-depth", action="store_true", help="also report accuracy per depth")
     p.add_argument("--loss", action="store_true",
                    help="also report the answer loss (nats per answer token, teacher-forced; fam/bswa policies): "
@@ -61,6 +63,10 @@ def run(args: argparse.Namespace) -> int:
     specs = [parse_policy(s) for s in args.policy or []]  # bad specs fail before the model loads
     if args.loss and any(not isinstance(p, (FAM, BSWA)) for p in specs):
         raise EndlessError("--loss is measured for fam:... and bswa:... policies only")
+    if args.filler:
+        from endless.data.texts import read_text
+
+        read_text(args.filler)  # a missing or empty file: one line before the model loads
     hf, tok = load_from_args(args)
     model = inference_model(hf)
     if not specs:
@@ -74,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     for pol in specs:
         if isinstance(pol, FAM) and pol.fam and prompt is not None and prompt.rows != pol.fam:
             raise EndlessError(f"the checkpoint's FAM prompt has {prompt.rows} rows; {pol.spec} needs {pol.fam}")
-    fmt = PasskeyFormat(tok)
+    fmt = PasskeyFormat(tok, filler=args.filler)
     need = fmt.fixed_tokens(args.digits)
     short = [n for n in args.lengths if n < need]
     if short:
@@ -104,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
             "identity": model.identity,
             "depths": list(args.depths),
             "examples_per_cell": args.examples,
+            "filler": args.filler or "the paper's sentences",
             "command": "endless " + " ".join(sys.argv[1:]),
         })
     if args.plot:

@@ -67,6 +67,8 @@ def _add_fam(tsub) -> None:
     p.add_argument("--rpo", action="store_true", help="random position offset (PAPERS.md; off by default)")
     p.add_argument("--rsp", type=float, default=0.0, metavar="P",
                    help="random state passing: start a step from the last step's final FAM with probability P (paper: 0.8; off by default)")
+    p.add_argument("--filler", default=None, metavar="FILE",
+                   help="prose instead of the paper's repeated filler sentences: a text file, or kjv / shakespeare")
     p.add_argument("--rsp-shuffle", action="store_true",
                    help="with --rsp: each sequence starts from the final FAM of a random sequence of the last "
                         "step (default: all from the first sequence's, the paper's)")
@@ -90,6 +92,7 @@ def _add_fam(tsub) -> None:
     p.add_argument("--eval-lengths", type=number_list(int), default=None, metavar="N,N",
                    help="after training, PassKey accuracy at these prompt lengths (default: --max-len)")
     p.add_argument("--eval-examples", type=int, default=10, help="examples per evaluation length (default: %(default)s)")
+    p.add_argument("--no-eval", action="store_true", help="skip the evaluation after training (`eval passkey` does it)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write results and the loss curve as JSON")
     p.set_defaults(func=run_fam)
 
@@ -285,8 +288,12 @@ def run_fam(args: argparse.Namespace) -> int:
         all_tokens=args.all_tokens, rpo=args.rpo, rsp=args.rsp, prompt_init=args.prompt_init, init=args.init,
         dtype=args.dtype, seed=args.seed, device=args.device, mixed_precision=args.mixed_precision,
         grad_checkpoint=args.grad_checkpoint, minutes=args.minutes, curriculum=tuple(args.curriculum),
-        curriculum_loss=args.curriculum_loss, rsp_shuffle=args.rsp_shuffle,
+        curriculum_loss=args.curriculum_loss, rsp_shuffle=args.rsp_shuffle, filler=args.filler,
     )
+    if args.filler:
+        from endless.data.texts import read_text
+
+        read_text(args.filler)  # a missing or empty file: one line before the model loads
     from endless.cli.common import device_from_args
 
     device_from_args(args)  # --device cuda without a GPU: one line before anything loads
@@ -297,7 +304,7 @@ def run_fam(args: argparse.Namespace) -> int:
     if not res.is_main:
         return 0  # rank 0 reports and evaluates
     results = []
-    lengths = args.eval_lengths or (cfg.max_len,)
+    lengths = () if args.no_eval else args.eval_lengths or (cfg.max_len,)
     if lengths:
         results = _evaluate(res.module, res.tokenizer, cfg, lengths, args.eval_examples)
     tail = res.losses[-10:]

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
 from endless.config import BSWA, FAM
+from endless.device import fused_attention
 from endless.fam.memory import FamPrompt, fam_positions, fam_qkv, fam_update, initial_fam
 from endless.model import Transformer
 from endless.rope import rotate
@@ -87,7 +88,7 @@ def parallel_forward(
     dev = model.device
     ids = ids.to(dev)
     if fused is None:
-        fused = dev.type == "cuda"
+        fused = fused_attention(dev)
     bsz, n = ids.shape
     bl, m, f = policy.block, policy.memory, policy.fam
     nb = -(-n // bl)

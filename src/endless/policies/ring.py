@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 
 from endless.config import Policy, Sinks
+from endless.device import fused_attention
 from endless.model import Transformer, gqa_mix, gqa_scores, sdpa_attention
 
 SCORE_BLOCK = 1 << 22  # elements of one block of attention scores (16 MB in float32)
@@ -191,7 +192,7 @@ class RingKV:
         g = h // kv
         if torch.is_grad_enabled() and (qr.requires_grad or keys.requires_grad or values.requires_grad):
             return _plain_attention(qr, qs, keys, values, bias, self.n_sinks)
-        if qs is None and keys.device.type == "cuda":
+        if qs is None and fused_attention(keys.device):
             return sdpa_attention(qr, keys, values, bias[0])
         scores = self._scratch("scores", (b * kv, g * c, n), keys.dtype)
         # rows (g, c); the (G*C, N) bias broadcasts over batch and KV heads and is added by the

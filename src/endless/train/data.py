@@ -60,14 +60,27 @@ def random_key(rng: random.Random, digits: int) -> str:
     return str(rng.randint(10 ** (digits - 1), 10**digits - 1))
 
 
-class PasskeyFormat:
-    """The paper's PassKey pieces tokenized once for a tokenizer (building examples is then cheap)."""
+FILLER_CHARS = 2_000_000  # of a prose filler: ~500k tokens, more than any prompt needs
 
-    def __init__(self, tokenizer) -> None:
+
+class PasskeyFormat:
+    """The paper's PassKey pieces tokenized once for a tokenizer (building examples is then cheap).
+
+    ``filler`` replaces the repeated filler sentences by prose: a text (or a built-in corpus name,
+    ``kjv``/``shakespeare``) whose tokens are read from an offset that depends on the key, so
+    examples differ in their filler too; a memory that only works on a periodic filler is not one."""
+
+    def __init__(self, tokenizer, filler: "str | None" = None) -> None:
         self.tok = tokenizer
         enc = lambda s: tokenizer(s, add_special_tokens=False).input_ids  # noqa: E731
         self.instruction = enc(INSTRUCTION)
-        self.filler = enc(FILLER)
+        self.prose = filler is not None
+        if filler is None:
+            self.filler = enc(FILLER)
+        else:
+            from endless.data.texts import read_text
+
+            self.filler = enc(" " + " ".join(read_text(filler)[:FILLER_CHARS].split()))
         self.question = enc(QUESTION)
         self._enc = enc
 
@@ -85,7 +98,8 @@ class PasskeyFormat:
         if n_fill < 0:
             raise EndlessError(f"a PassKey prompt needs at least {length - n_fill} tokens, asked for {length}")
         before = round(depth * n_fill)
-        fill = [self.filler[i % len(self.filler)] for i in range(n_fill)]
+        start = int(key) * 7919 % len(self.filler) if self.prose else 0
+        fill = [self.filler[(start + i) % len(self.filler)] for i in range(n_fill)]
         prompt = self.instruction + fill[:before] + key_ids + fill[before:] + self.question
         return Example(prompt, self._enc(ANSWER.format(key=key)), key=key, depth=depth)
 

@@ -88,6 +88,7 @@ class FamTrainConfig:
     curriculum: tuple[int, ...] = ()  # longest training sequence of each stage (the last: max_len)
     curriculum_loss: float = 0.0  # a stage ends early once its recent answer loss is below this
     rsp_shuffle: bool = False  # RSP from the final FAM of a random sequence of the previous batch
+    filler: str | None = None  # prose (a file, kjv, shakespeare) instead of the paper's filler sentences
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch", "lora_rank", "min_len", "max_len"):
@@ -222,7 +223,7 @@ class Sampler:
     def __init__(self, cfg: FamTrainConfig, tokenizer, rank: int) -> None:
         self.cfg = cfg
         self.rng = random.Random(cfg.seed * 1000 + rank)  # each rank its own stream of data
-        self.fmt = PasskeyFormat(tokenizer)
+        self.fmt = PasskeyFormat(tokenizer, filler=cfg.filler)
         lo = self.fmt.fixed_tokens(cfg.digits) + 1
         if cfg.max_len < lo:
             raise EndlessError(f"--max-len must be at least {lo} tokens (the PassKey prompt without filler)")
