@@ -10,8 +10,8 @@
 # Inputs: the repository; .whl/ (the gguf wheel: the image lacks it); .xfer/a/ and .xfer/b/, the
 # two halves of the 98 MB SmolLM2 GGUF (`split -b 50M`), one per call since a call carries at
 # most 64 MiB (ignored paths left by call 1 stay while the machine is warm). Everything written
-# goes to $OUT (default out/gpu): run.log, results.tar (JSON of every step) and ckpt.tar (the FAM
-# checkpoint: LoRA adapter + prompt, for benchmarks/fam/models/smollm2-fam/).
+# goes to $OUT (default out/gpu): run.log, results.tar (JSON of every step) and ckpt.tar.part0N (the
+# FAM checkpoint, LoRA adapter + prompt, for benchmarks/fam/models/smollm2-fam/: `cat` the parts).
 # On a machine with the model installed (`make setup`) and a GPU, `bash benchmarks/gpu/run.sh 2`
 # alone does the whole job.
 set -uo pipefail
@@ -76,7 +76,8 @@ RECIPE=("${THR[@]}" --device "$DEVICE" --min-len 256 --max-len "$MAX_LEN" --curr
         --batch "$BATCH" --lr 1e-3 --grad-checkpoint --no-eval)
 endless train fam --policy fam:64x1+16,firstres "${RECIPE[@]}" --steps 100000 --minutes "$FAM_MINUTES" \
   --out "$WORK/smollm2-fam" --json "$WORK/train_fam.json" 2>&1 | grep -v "it/s\]$" | tail -12
-tar -C "$WORK" -cf "$OUT/ckpt.tar" smollm2-fam
+# a call brings back files of at most 16 MiB: the checkpoint (a 20 MB float32 adapter) in parts
+tar -C "$WORK" -cf "$WORK/ckpt.tar" smollm2-fam && split -b 15M -d "$WORK/ckpt.tar" "$OUT/ckpt.tar.part"
 say "PassKey FAM"
 PK=("${THR[@]}" --device "$DEVICE" --lengths "$PK_LENGTHS" --depths 0.05,0.15,0.25,0.35,0.45,0.55,0.65,0.75,0.85,0.95
     --examples "$PK_EXAMPLES" --batch "$PK_BATCH" --chunk 256 --by-depth)
