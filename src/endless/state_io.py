@@ -30,7 +30,7 @@ def _digest(tensors: dict[str, torch.Tensor], extra: dict[str, str] | None = Non
     for key in sorted(extra or {}):
         h.update(f"{key}={extra[key]}".encode())
     for name in sorted(tensors):
-        t = tensors[name].contiguous()
+        t = tensors[name].detach().cpu().contiguous()  # a stream on any device hashes its host bytes
         h.update(name.encode())
         h.update(str(t.dtype).encode())
         h.update(str(tuple(t.shape)).encode())
