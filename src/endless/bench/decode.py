@@ -85,6 +85,7 @@ class HFDecoder:
         from transformers import DynamicCache
 
         self.hf = hf_model
+        ids = ids.to(next(hf_model.parameters()).device)  # its forward takes ids where its weights are
         self.cache = DynamicCache(config=hf_model.config)
         with torch.inference_mode():
             for lo in range(0, length, chunk):  # chunked so a long prefill never builds an L x L score matrix
@@ -103,7 +104,7 @@ class HFDecoder:
 
 def decode_cell(hf_model, model: Transformer, ids: torch.Tensor, length: int, *, rounds: int,
                 recompute_steps: int, sinks: int = 4, with_hf: bool = True, with_dense: bool = True,
-                extra: dict[str, Callable[[int], object]] | None = None) -> dict:
+                extra: dict[str, Callable[[int], object]] | None = None, sync: Callable[[], object] | None = None) -> dict:
     """Interleaved per-token timings of every implementation at cache length ``length``.
 
     ``extra`` maps more names to factories ``length -> decoder`` (an object with ``step()`` and
@@ -119,7 +120,7 @@ def decode_cell(hf_model, model: Transformer, ids: torch.Tensor, length: int, *,
     if recompute_steps > 0:
         impls["recompute"] = OursDecoder(model, f"recompute:{length}", ids, length)
         every["recompute"] = max(1, rounds // recompute_steps)
-    times = interleave({name: impl.step for name, impl in impls.items()}, rounds, every=every)
+    times = interleave({name: impl.step for name, impl in impls.items()}, rounds, every=every, sync=sync)
     wbytes = weight_bytes(model)
     out = {"cache": length, "impls": {}}
     for name, impl in impls.items():

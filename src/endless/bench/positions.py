@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def position_sweep(model: Transformer, ids: torch.Tensor, positions: list[int], *, rounds: int,
-                   sinks: int = 4, window: int = 1020, chunk: int = 128, progress=None) -> dict:
+                   sinks: int = 4, window: int = 1020, chunk: int = 128, progress=None, sync=None) -> dict:
     """Decode latency and memory of one sinks stream at each of ``positions`` (ascending)."""
     policy = f"sinks:{sinks}+{window}"
     start = sinks + window
@@ -35,7 +35,7 @@ def position_sweep(model: Transformer, ids: torch.Tensor, positions: list[int], 
         t = time.perf_counter()
         fed = stream.advance_to(pos, progress)
         prefill_s = time.perf_counter() - t
-        times = interleave({"stream": stream.step, "control": control.step}, rounds)
+        times = interleave({"stream": stream.step, "control": control.step}, rounds, sync=sync)
         at, ref = stats(times["stream"]), stats(times["control"])
         row = {
             "position": pos,

@@ -35,6 +35,7 @@ class BenchConfig:
     """What to measure. The defaults are the full run committed under ``benchmarks/``."""
 
     model: str = "smollm2-135m"
+    device: str = "auto"  # on CUDA: no CPU kernels (packing, compiling), llama.cpp or per-process RSS
     dtypes: tuple[str, ...] = ("float32", "bfloat16")
     threads: int = 1
     pack: bool = True
@@ -63,7 +64,7 @@ QUICK = BenchConfig(  # about a minute on one loaded core
 )
 
 
-def load_model(name: str, dtype: str):
+def load_model(name: str, dtype: str, device: "str | torch.device" = "cpu"):
     """(hf_model, tokenizer or None). ``tiny:FAMILY[:LAYERS]`` is a random model for smoke runs."""
     if name.startswith("tiny:"):
         from endless.models.tiny import tiny_model
@@ -71,13 +72,13 @@ def load_model(name: str, dtype: str):
         _, family, *rest = name.split(":")
         layers = int(rest[0]) if rest else 2
         hf = tiny_model(family, seed=0, num_hidden_layers=layers, max_position_embeddings=1 << 17)
-        return hf.to(getattr(torch, dtype)), None
+        return hf.to(device=device, dtype=getattr(torch, dtype)), None
     from transformers.utils import logging as hf_logging
 
     from endless.models import load
 
     hf_logging.disable_progress_bar()
-    return load(name, dtype=dtype)
+    return load(name, dtype=dtype, device=device)
 
 
 def token_ids(tokenizer, vocab: int, n: int, seed: int) -> torch.Tensor:
@@ -110,15 +111,22 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict:
     """Every figure of the benchmark (see the module docstring) for ``config``."""
     from tqdm import tqdm
 
+    from endless.device import describe, resolve_device
+
     torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    if device.type != "cpu":  # CPU-only parts: packed/compiled kernels, llama.cpp, per-process RSS
+        config = dataclasses.replace(config, pack=False, compile=False, with_llamacpp=False, isolated_memory=False)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
     started = time.time()
     result: dict = {"schema": SCHEMA, "config": dataclasses.asdict(config), "machine": machine(), "runs": {}}
+    result["machine"]["device"] = describe(device)
     result["bandwidth"] = bandwidth()
     need = max(max(config.caches) + config.rounds + 64, config.ppl_tokens, max(config.positions) + 2 * config.position_rounds + 2048)
     gguf = _gguf_for(config.model) if config.with_llamacpp and llamacpp.available() else None
     cpp_dtype = "bfloat16" if "bfloat16" in config.dtypes else config.dtypes[-1]
     for dtype in config.dtypes:
-        hf, tok = load_model(config.model, dtype)
+        hf, tok = load_model(config.model, dtype, device)
         compile = config.compile and config.pack and dtype == "float32"  # bfloat16: oneDNN is faster (endless.gemv)
         t0 = time.perf_counter()
         model = Transformer(hf, pack=config.pack, compile=compile)
@@ -144,14 +152,15 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict:
         for length in tqdm(config.caches, desc=f"decode {dtype}", disable=not progress):
             run["decode"].append(decode_cell(
                 hf, model, ids, length, rounds=config.rounds, recompute_steps=config.recompute_steps,
-                with_hf=config.with_hf, extra=extra,
+                with_hf=config.with_hf, extra=extra, sync=sync,
             ))
         extra.clear()
         eager = None
         gc.collect()
         with tqdm(total=max(config.positions), desc=f"positions {dtype}", disable=not progress) as bar:
             run["positions"] = position_sweep(model, ids, list(config.positions), rounds=config.position_rounds,
-                                              window=config.position_window, chunk=config.chunk, progress=bar)
+                                              window=config.position_window, chunk=config.chunk, progress=bar,
+                                              sync=sync)
         gc.collect()
         with tqdm(total=config.ppl_tokens, desc=f"perplexity {dtype}", disable=not progress) as bar:
             run["ppl"] = ppl_throughput(model, ids[: config.ppl_tokens], policy=config.ppl_policy,

@@ -50,10 +50,12 @@ def time_calls(fn: Callable[[], object], n: int, *, warmup: int = 1) -> list[flo
 
 
 def interleave(steps: dict[str, Callable[[], object]], rounds: int, *, warmup: int = 1,
-               every: dict[str, int] | None = None) -> dict[str, list[float]]:
+               every: dict[str, int] | None = None, sync: Callable[[], object] | None = None) -> dict[str, list[float]]:
     """Time each step once per round, round-robin, starting each round at another step so no
     implementation always runs right after the same one. ``every[name] = k`` runs that step only
-    every k-th round (for baselines tens of times slower)."""
+    every k-th round (for baselines tens of times slower). ``sync`` waits for queued device work
+    (``torch.cuda.synchronize`` on a GPU) inside each timed step, so the clock sees the work."""
+    sync = sync or (lambda: None)
     names = list(steps)
     every = every or {}
     for _ in range(warmup):
@@ -65,8 +67,10 @@ def interleave(steps: dict[str, Callable[[], object]], rounds: int, *, warmup: i
             name = names[(r + j) % len(names)]
             if r % every.get(name, 1):
                 continue
+            sync()
             t = time.perf_counter()
             steps[name]()
+            sync()
             out[name].append(time.perf_counter() - t)
     return out
 

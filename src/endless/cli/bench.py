@@ -9,7 +9,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from endless.cli.common import number_list
+from endless.cli.common import add_device_arg, device_from_args, number_list
 from endless.errors import EndlessError
 
 
@@ -31,6 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "both"), default=None,
                    help="compute dtype(s) (default: both; float32 with --quick)")
     p.add_argument("--threads", type=int, default=1, help="torch threads, recorded in the results (default: %(default)s)")
+    add_device_arg(p)
     p.add_argument("--caches", type=number_list(int), help="cache lengths, e.g. 256,512,1024,2048,4096")
     p.add_argument("--positions", type=number_list(int), help="stream positions for the sinks sweep, e.g. 1024,4096,16384,65536")
     p.add_argument("--window", type=int, help="sinks window of the position sweep (default 1020; 252 with --quick)")
@@ -53,7 +54,8 @@ def config_from_args(args: argparse.Namespace):
     from endless.bench.runner import QUICK, BenchConfig
 
     base = QUICK if args.quick else BenchConfig()
-    changes: dict = {"threads": args.threads, "notes": tuple(args.note)}
+    device_from_args(args)  # --device cuda without a GPU: one line before anything runs
+    changes: dict = {"threads": args.threads, "notes": tuple(args.note), "device": args.device}
     if args.model:
         changes["model"] = args.model
     if args.dtype:
