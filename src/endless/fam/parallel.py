@@ -44,6 +44,7 @@ def parallel_forward(
     init_state: list[torch.Tensor] | None = None,
     return_state: bool = False,
     select: torch.Tensor | None = None,
+    fresh: torch.Tensor | None = None,
 ):
     """Logits (B, N, V) of ``ids`` (B, N) under FAM (or BSWA) from the stream's start.
 
@@ -52,6 +53,9 @@ def parallel_forward(
     ``select`` (bool (B, N)) returns the logits of the selected positions only, (K, V) in
     row-major order: scoring a few answer tokens then skips the LM head over a large vocabulary
     at every other position (it costs more than all the layers of a small model).
+    ``fresh`` (bool (B,), with ``init_state``): the rows whose ``init_state`` is the learned initial
+    FAM, which get the stream's zero first residual as without ``init_state``; the other rows
+    continue a state (a batch that mixes both, ``endless.train.tiny``'s unexplored states).
     """
     if isinstance(policy, BSWA):
         policy = FAM(policy.block, policy.memory, 0)
@@ -63,7 +67,7 @@ def parallel_forward(
     if f:
         if init_state is not None:
             fam0 = init_state
-            first = False
+            first = fresh if fresh is not None else False
         else:
             fam0 = [t[None].expand(bsz, -1, -1) for t in initial_fam(model, prompt)]
             first = True
@@ -91,7 +95,7 @@ def parallel_forward(
                 if b < nb - 1 or return_state:
                     sl = slice(b * bl, (b + 1) * bl)
                     fam = fam_update(model, i, fam, fq, fk, fv, k[:, :, sl], v[:, :, sl],
-                                     first=first and b == 0, policy=policy)
+                                     first=first if b == 0 else False, policy=policy)
                     if policy.detach:
                         fam = fam.detach()
             final.append(fam)
