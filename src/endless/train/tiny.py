@@ -13,7 +13,11 @@ match at 96 tokens in the same steps; with this schedule it learns the training 
 ``rsp`` is the paper's random state passing; ``carry`` (*ours*, ``carried_batch``) puts the key
 of some batches in a prefix read without gradient, so the graded part must hold a FAM that has
 already been held for up to ``carry`` tokens; with ``carry_grad`` the prefix is back-propagated
-through as well (the sequence is then simply longer, its key early).
+through as well (the sequence is then simply longer, its key early). Three recipe options
+(benchmarks/fam/tiny_recipe.md measures them): ``curriculum`` grows the carried length in stages
+(``Curriculum``), ``grad_cap`` bounds the graded part of a carried prefix (the rest is read
+without gradient), and ``unexplored`` starts sequences from explored FAM states
+(``unexplored_start``).
 
 ``ablations`` are the paper's negative results: static query, no FFN on the update,
 stop-gradient between updates, and F in {1, 4, 16}. The static-query ablation is scored with the
@@ -401,4 +405,4 @@ def config_dict(cfg: TinyConfig) -> dict:
     return asdict(cfg)
 
 
-__all__ = ["TinyConfig", "TinyRun", "policies", "build_model", "train_policy", "evaluate", "diagnose", "run_experiment", "save_name"]
+__all__ = ["TinyConfig", "TinyRun", "Curriculum", "policies", "build_model", "unexplored_start", "train_policy", "evaluate", "diagnose", "run_experiment", "save_name"]
