@@ -424,9 +424,9 @@ def test_unexplored_rows_start_from_explored_states_and_fresh_rows_as_usual():
         init, fresh = unexplored_start(model, prompt, last, cfg, random.Random(1), torch.Generator().manual_seed(0))
         assert fresh.any() and (~fresh).any() and len(init) == 2 and init[0].shape == (6, 4, 64)
         start = initial_fam(model, prompt)
-        for s, s0, l in zip(init, start, last):
+        for s, s0, fin in zip(init, start, last, strict=True):
             assert torch.equal(s[fresh], s0[None].expand(int(fresh.sum()), -1, -1))
-            assert all(any(torch.equal(row, x) for x in l) for row in s[~fresh])  # another sequence's final FAM
+            assert all(any(torch.equal(row, x) for x in fin) for row in s[~fresh])  # another sequence's final FAM
         mixed = parallel_forward(model, ids, policy, prompt, init_state=init, fresh=fresh)
         plain = parallel_forward(model, ids, policy, prompt)
         cont = parallel_forward(model, ids, policy, prompt, init_state=init)
@@ -435,7 +435,7 @@ def test_unexplored_rows_start_from_explored_states_and_fresh_rows_as_usual():
         assert not torch.allclose(mixed[~fresh], plain[~fresh], atol=1e-3)
         noise, _ = unexplored_start(model, prompt, last, replace_cfg(cfg, unexplored=1.0, unexplored_from="noise"),
                                     random.Random(1), torch.Generator().manual_seed(0))
-        assert all(n.shape == l.shape and not any(torch.equal(n[0], x) for x in l) for n, l in zip(noise, last))
+        assert all(n.shape == fin.shape and not any(torch.equal(n[0], x) for x in fin) for n, fin in zip(noise, last, strict=True))
         assert unexplored_start(model, prompt, last, replace_cfg(cfg, unexplored=0.0), random.Random(1),
                                 torch.Generator()) == (None, None)
 

@@ -282,7 +282,7 @@ def unexplored_start(model: Transformer, prompt: FamPrompt, last: list[torch.Ten
         perm = torch.randperm(bsz, generator=gen)
         src = [s[perm] for s in last]
     start = initial_fam(model, prompt)
-    init = [torch.where(swap[:, None, None], x, s0[None].expand(bsz, -1, -1)) for x, s0 in zip(src, start)]
+    init = [torch.where(swap[:, None, None], x, s0[None].expand(bsz, -1, -1)) for x, s0 in zip(src, start, strict=True)]
     return init, ~swap
 
 
