@@ -37,7 +37,7 @@ def test_parse_and_round_trip(spec, obj):
         ("sinks:4", "cannot parse"),
         ("fancy:3", "valid policies"),
         ("sinks:4+100,foo=1", "unknown sinks option"),
-        ("fam:8x1+4,keep", "unknown fam option 'keep'; options: noffn, static, detach, firstres, norm"),
+        ("fam:8x1+4,keep", "unknown fam option 'keep'; options: noffn, static, detach, firstres, norm, null"),
     ],
 )
 def test_bad_specs(spec, words):

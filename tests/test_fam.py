@@ -30,7 +30,7 @@ def parallel_lp(model, ids, spec):
 
 
 @pytest.mark.parametrize("spec", ["fam:8x1+4", "fam:8x0+4", "fam:5x2+8", "fam:8x1+0", "fam:8x1+4,firstres",
-                                  "fam:8x1+4,norm"])
+                                  "fam:8x1+4,norm", "fam:8x1+4,null"])
 @pytest.mark.parametrize("chunk", [1, 7, 64])
 def test_streaming_equals_parallel(model, spec, chunk):
     ids = ids_of(45, seed=1, batch=2)
@@ -45,6 +45,21 @@ def test_first_residual_changes_only_what_follows_the_first_update(model):
     zero, keep = parallel_lp(model, ids, "fam:8x1+4"), parallel_lp(model, ids, "fam:8x1+4,firstres")
     assert torch.equal(zero[:, :8], keep[:, :8])  # lp[j]: the logits at position j
     assert (zero[:, 8:] - keep[:, 8:]).abs().min().item() > 0
+
+
+def test_null_slot_lets_the_update_attend_to_nothing(model):
+    """``null``: the update's weights on the FAM and the block sum to less than one (the rest goes
+    to a key 0 with value 0); block 0 reads the same initial FAM either way, later blocks differ."""
+    from endless.fam.memory import full_attention, null_slot_attention
+
+    q, k, v = torch.randn(2, 4, 3, 16), torch.randn(2, 2, 5, 16), torch.ones(2, 2, 5, 16)
+    o_null, o_full = null_slot_attention(model, q, k, v), full_attention(model, q, k, v)
+    assert torch.allclose(o_full, torch.ones_like(o_full)) and (o_null < 1).all() and (o_null > 0).all()
+    ids = ids_of(24, seed=3)
+    plain, null = parallel_lp(model, ids, "fam:8x1+4"), parallel_lp(model, ids, "fam:8x1+4,null")
+    assert torch.equal(plain[:, :7], null[:, :7])  # lp[j]: the logits at position j; block 0 reads the prompt
+    assert (plain[:, 8:] - null[:, 8:]).abs().max().item() > 1e-4
+    assert parse_policy("fam:8x1+4,null").spec == "fam:8x1+4,null"
 
 
 def test_norm_keeps_every_fam_row_at_unit_rms(model):

@@ -348,3 +348,115 @@ def test_prompt_file_missing_or_of_another_shape_is_one_clear_error(tmp_path):
     with pytest.raises(EndlessError, match=r"needs \(2, 64\)"):
         load_prompt(tmp_path, parse_policy("fam:8x1+2"), 64)
     assert load_prompt(tmp_path, parse_policy("bswa:8x1"), 64) is None
+
+
+@pytest.mark.parametrize("bad, flag", [
+    ({"grad_cap": 12}, "--grad-cap"), ({"grad_cap": -8}, "--grad-cap"),
+    ({"curriculum": (64, 32)}, "--curriculum"), ({"curriculum": (4, 64)}, "--curriculum"),
+    ({"curriculum": (64,), "carry": 64}, "--curriculum"), ({"curriculum_loss": 0.0}, "--curriculum-loss"),
+    ({"unexplored": 1.5}, "--unexplored"), ({"unexplored_after": -1}, "--unexplored-after"),
+    ({"unexplored_from": "zeros"}, "--unexplored-from"),
+])
+def test_recipe_options_refuse_bad_values_naming_the_flag(bad, flag):
+    with pytest.raises(EndlessError, match=flag):
+        TinyConfig(**bad)
+    cfg = TinyConfig(grad_cap=16, curriculum=(32, 64), curriculum_loss=0.1, unexplored=0.5, unexplored_from="noise")
+    assert (cfg.grad_cap, cfg.curriculum, cfg.longest_hold, cfg.unexplored_from) == (16, (32, 64), 64, "noise")
+
+
+def test_grad_cap_reads_the_start_of_a_long_prefix_without_gradient():
+    """--grad-cap 16: a graded prefix of more than 16 tokens is cut; its start runs without gradient
+    and only the last 16 prefix tokens plus the rest are returned, with the state after the start."""
+    import random
+
+    from endless.config import parse_policy
+    from endless.train.tiny import build_model, carried_batch
+
+    policy = parse_policy("fam:8x1+4")
+    cfg = TinyConfig(batch=2, carry=64, carry_grad=True, grad_cap=16)
+    model = build_model(policy, cfg)
+    for seed in range(6):
+        prefix = random.Random(seed).randrange(1, 64 // 8 + 1) * 8  # carried_batch's first draw
+        ids, targets, state = carried_batch(model, policy, model.fam_prompt, 30, cfg, random.Random(seed))
+        assert ids.shape == targets.shape == (2, min(prefix, 16) + 34)  # + the 4 answer digits
+        assert (state is None) == (prefix <= 16)
+        if state is not None:
+            assert len(state) == 2 and state[0].shape == (2, 4, 64) and not state[0].requires_grad
+    ids, _, _ = carried_batch(model, policy, model.fam_prompt, 30, cfg, random.Random(0), hold=8)
+    assert ids.shape == (2, 42)  # a curriculum stage's hold replaces --carry
+
+
+def test_curriculum_moves_on_once_the_stage_is_learnt():
+    from endless.train.tiny import Curriculum
+
+    c = Curriculum(TinyConfig(curriculum=(16, 32, 64), curriculum_loss=0.1), window=3)
+    assert c.hold == 16
+    for step, loss in enumerate([1.0, 0.05, 0.05]):  # mean over the window 0.37: stays
+        c.record(step, loss)
+    assert c.hold == 16
+    c.record(3, 0.05)  # the last three: 0.05
+    assert c.hold == 32 and c.began == [{"step": 0, "carry": 16}, {"step": 4, "carry": 32}]
+    for step in range(4, 7):
+        c.record(step, 0.01)
+    for step in range(7, 20):
+        c.record(step, 0.01)
+    assert c.hold == 64 and len(c.began) == 3  # the last stage stays
+    assert Curriculum(TinyConfig(carry=40)).hold == 40 and Curriculum(TinyConfig()).hold == 0
+
+
+def test_unexplored_rows_start_from_explored_states_and_fresh_rows_as_usual():
+    """A batch that mixes rows: those marked fresh give exactly the logits of a stream from the
+    learned prompt, the others those of a stream continued from their state (a permuted final FAM
+    of the last batch, or noise with its statistics)."""
+    import random
+
+    from endless.config import parse_policy
+    from endless.fam import initial_fam
+    from endless.train.tiny import build_model, unexplored_start
+
+    policy = parse_policy("fam:8x1+4")
+    cfg = TinyConfig(batch=6, unexplored=0.5)
+    model = build_model(policy, cfg)
+    prompt = model.fam_prompt
+    ids = torch.randint(12, 128, (6, 21))
+    with torch.no_grad():
+        _, last = parallel_forward(model, torch.randint(12, 128, (6, 30)), policy, prompt, return_state=True)
+        init, fresh = unexplored_start(model, prompt, last, cfg, random.Random(1), torch.Generator().manual_seed(0))
+        assert fresh.any() and (~fresh).any() and len(init) == 2 and init[0].shape == (6, 4, 64)
+        start = initial_fam(model, prompt)
+        for s, s0, fin in zip(init, start, last, strict=True):
+            assert torch.equal(s[fresh], s0[None].expand(int(fresh.sum()), -1, -1))
+            assert all(any(torch.equal(row, x) for x in fin) for row in s[~fresh])  # another sequence's final FAM
+        mixed = parallel_forward(model, ids, policy, prompt, init_state=init, fresh=fresh)
+        plain = parallel_forward(model, ids, policy, prompt)
+        cont = parallel_forward(model, ids, policy, prompt, init_state=init)
+        assert torch.allclose(mixed[fresh], plain[fresh], atol=1e-5)
+        assert torch.allclose(mixed[~fresh], cont[~fresh], atol=1e-5)
+        assert not torch.allclose(mixed[~fresh], plain[~fresh], atol=1e-3)
+        noise, _ = unexplored_start(model, prompt, last, replace_cfg(cfg, unexplored=1.0, unexplored_from="noise"),
+                                    random.Random(1), torch.Generator().manual_seed(0))
+        assert all(n.shape == fin.shape and not any(torch.equal(n[0], x) for x in fin) for n, fin in zip(noise, last, strict=True))
+        assert unexplored_start(model, prompt, last, replace_cfg(cfg, unexplored=0.0), random.Random(1),
+                                torch.Generator()) == (None, None)
+
+
+def replace_cfg(cfg, **kw):
+    from dataclasses import replace
+
+    return replace(cfg, **kw)
+
+
+def test_recipe_flags_reach_the_run_and_its_json(tmp_path):
+    """--curriculum, --grad-cap and --unexplored train (a few steps) and are recorded; a bad value
+    is one line and exit code 2."""
+    path = tmp_path / "r.json"
+    assert main(["train", "fam-tiny", "--steps", "4", "--batch", "2", "--policies", "fam:8x1+4", "--carry-grad",
+                 "--curriculum", "16,32", "--curriculum-loss", "50", "--carry-p", "1", "--grad-cap", "16",
+                 "--unexplored", "1", "--unexplored-from", "noise", "--eval-lengths", "24", "--eval-examples", "2",
+                 "--json", str(path)]) == 0
+    data = json.loads(path.read_text())
+    cfg = data["config"]
+    assert (cfg["curriculum"], cfg["grad_cap"], cfg["unexplored"], cfg["unexplored_from"]) == ([16, 32], 16, 1.0, "noise")
+    assert data["runs"][0]["curriculum"] == [{"step": 0, "carry": 16}]  # 4 steps: less than the 50-step window
+    for bad in (["--unexplored-from", "zeros"], ["--curriculum", "16,8"], ["--grad-cap", "7", "--carry-grad"]):
+        assert main(["train", "fam-tiny", "--steps", "1", *bad]) == 2

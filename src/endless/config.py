@@ -32,7 +32,7 @@ from endless.errors import EndlessError
 
 SPEC_HELP = (
     "valid policies: dense | window:W | recompute:W | sinks:S+W[,sink=#TOKEN_ID] | bswa:BxM "
-    "| fam:BxM+F[,firstres][,norm][,noffn|static|detach] "
+    "| fam:BxM+F[,firstres][,norm][,null][,noffn|static|detach] "
     "(e.g. sinks:4+1020, window:1024, bswa:64x3, fam:64x1+16)"
 )
 
@@ -205,6 +205,13 @@ class FAM:
     the state stays in the range it was trained in however long the stream. For models trained
     with it (from scratch): on a pretrained model unit RMS takes away each layer's own scale and an
     untrained FAM hurts (SmolLM2 PassKey answer loss 4.2 against 0.17 with ``firstres`` alone).
+
+    ``null_slot=True`` (*ours*, flag ``null``) gives the update's softmax one more slot with key 0
+    and value 0, the "zero sink" of "Efficient Streaming Language Models with Attention Sinks"
+    (Xiao et al. 2023, section 3.3, SoftMax-off-by-One): the FAM rows can put their attention on
+    nothing, so a block of filler need not be written into the memory at all. Without it the rows'
+    weights sum to one over the FAM and the block, and the first layer's FAM becomes a running
+    sum of filler that dilutes the key (docs/results.md section 7.2). No new weights.
     """
 
     block: int
@@ -215,6 +222,7 @@ class FAM:
     detach: bool = False
     first_residual: bool = False
     normalize: bool = False
+    null_slot: bool = False
     kind = "fam"
     n_sinks = 0
 
@@ -226,7 +234,8 @@ class FAM:
     @property
     def spec(self) -> str:
         flags = [n for n, on in (("noffn", not self.update_ffn), ("static", self.static_query), ("detach", self.detach),
-                                 ("firstres", self.first_residual), ("norm", self.normalize)) if on]
+                                 ("firstres", self.first_residual), ("norm", self.normalize),
+                                 ("null", self.null_slot)) if on]
         return f"fam:{self.block}x{self.memory}+{self.fam}" + "".join(f",{f}" for f in flags)
 
     def as_bswa(self) -> BSWA:
@@ -276,7 +285,8 @@ def _parse_fam(args: str, kind: str) -> Policy:
     m = re.fullmatch(r"(\d+)x(\d+)\+(\d+)", head)
     if not m:
         raise ValueError(args)
-    known = {"noffn": "update_ffn", "static": "static_query", "detach": "detach", "firstres": "first_residual", "norm": "normalize"}
+    known = {"noffn": "update_ffn", "static": "static_query", "detach": "detach", "firstres": "first_residual", "norm": "normalize",
+             "null": "null_slot"}
     unknown = [f for f in flags if f not in known]
     if unknown:
         raise EndlessError(f"unknown fam option {unknown[0]!r}; options: {', '.join(known)}")

@@ -135,6 +135,21 @@ def _add_tiny(tsub) -> None:
     p.add_argument("--carry-p", type=float, default=d.carry_p, metavar="P", help="(default: %(default)s)")
     p.add_argument("--carry-after", type=int, default=d.carry_after, metavar="STEP",
                    help="first step of --carry (default: %(default)s)")
+    p.add_argument("--grad-cap", type=int, default=d.grad_cap, metavar="N",
+                   help="with --carry-grad: back-propagate through at most the last N tokens of a carried prefix, "
+                        "the rest is read without gradient (a multiple of the block; default: %(default)s, no cap)")
+    p.add_argument("--curriculum", type=number_list(int), default=(), metavar="N,N",
+                   help="instead of --carry: carry lengths grown in stages (RMT's curriculum), the next once the "
+                        "carried batches' mean loss over 50 steps is below --curriculum-loss (off by default)")
+    p.add_argument("--curriculum-loss", type=float, default=d.curriculum_loss, metavar="L", help="(default: %(default)s)")
+    p.add_argument("--unexplored", type=float, default=d.unexplored, metavar="P",
+                   help="unexplored states (Buitrago Ruiz and Gu 2025): each sequence starts with probability P "
+                        "from an explored FAM instead of the learned one (default: %(default)s, off)")
+    p.add_argument("--unexplored-after", type=int, default=d.unexplored_after, metavar="STEP",
+                   help="first step of --unexplored (default: %(default)s)")
+    p.add_argument("--unexplored-from", default=d.unexplored_from, metavar="SOURCE",
+                   help="batch: the last step's final FAMs, permuted (they chain over steps); noise: Gaussian rows "
+                        "with their mean and std (default: %(default)s)")
     p.add_argument("--key-depth", type=float, default=None, metavar="D",
                    help="put the key at depth D in [0, 1] of every training and test prompt (0: the first tokens, "
                         "the paper's PassKey layout; default: uniform at random)")
@@ -185,7 +200,9 @@ def run_tiny(args: argparse.Namespace) -> int:
                      memories=args.memories, eval_lengths=args.eval_lengths, eval_examples=args.eval_examples,
                      seed=args.seed, rsp=args.rsp, rsp_after=args.rsp_after,
                      carry=args.carry, carry_p=args.carry_p, carry_after=args.carry_after, carry_grad=args.carry_grad,
-                     key_depth=args.key_depth,
+                     key_depth=args.key_depth, grad_cap=args.grad_cap, curriculum=tuple(args.curriculum),
+                     curriculum_loss=args.curriculum_loss, unexplored=args.unexplored,
+                     unexplored_after=args.unexplored_after, unexplored_from=args.unexplored_from,
                      **({"warmup": 0, "cosine": False} if args.constant_lr else {}))
     if args.diagnose and args.diagnose < cfg.max_len + 3 * cfg.block:
         raise EndlessError(f"--diagnose must be at least {cfg.max_len + 3 * cfg.block} tokens (the longest "
@@ -239,11 +256,12 @@ def run_tiny(args: argparse.Namespace) -> int:
             "config": config_dict(cfg),
             "ablation": args.ablation,
             "runs": [{"policy": r.policy, "seconds": round(r.seconds, 1), "loss": [round(x, 4) for x in r.losses],
+                      **({"curriculum": r.stages} if r.stages else {}),
                       **({"memory": memory[r.policy]} if r.policy in memory else {})} for r in runs],
             "command": "endless " + " ".join(sys.argv[1:]),
         })
     if args.plot:
-        longest = cfg.max_len + (cfg.carry if cfg.carry_grad else 0)  # a graded carried prefix lengthens the sequences
+        longest = cfg.max_len + (min(cfg.longest_hold, cfg.grad_cap or cfg.longest_hold) if cfg.carry_grad else 0)  # a graded carried prefix lengthens the sequences
         plot(results, args.plot, title=f"PassKey, tiny from scratch: {cfg.steps} steps on {cfg.min_len}-{longest} tokens")
     return 0
 

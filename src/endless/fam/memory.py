@@ -60,6 +60,14 @@ def full_attention(model: Transformer, q: torch.Tensor, k: torch.Tensor, v: torc
     return gqa_mix(p, v)
 
 
+def null_slot_attention(model: Transformer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``full_attention`` with one more key of score 0 and value 0 (``FAM.null_slot``): the weights
+    on the real keys sum to less than one, so the rows can attend to nothing."""
+    s = gqa_scores(q * model.scale, k).float()
+    p = torch.softmax(torch.cat([s, s.new_zeros(*s.shape[:-1], 1)], dim=-1), dim=-1)[..., :-1]
+    return gqa_mix(p.to(v.dtype), v)
+
+
 def initial_fam(model: Transformer, prompt: FamPrompt) -> list[torch.Tensor]:
     """Per layer, the initial FAM (F, d): the prompt's input to that layer."""
     f = prompt.rows
@@ -93,19 +101,26 @@ def fam_update(
     block_k: torch.Tensor,
     block_v: torch.Tensor,
     *,
-    first: bool,
+    first: bool | torch.Tensor,
     policy: FAM,
 ) -> torch.Tensor:
     """New FAM (B, F, d) of layer ``i`` from the previous one and the block's rotated keys/values.
 
     ``fq, fk, fv`` are the previous FAM's projections at its positions; ``block_k, block_v``
-    (B, KV, Bl, D) the whole current block's keys/values of this layer.
+    (B, KV, Bl, D) the whole current block's keys/values of this layer. ``first``: this is the
+    stream's first update (zero residual); a bool tensor (B,) says so per row, for a batch whose
+    rows start from different states (``parallel_forward``'s ``fresh``).
     """
-    o = full_attention(model, fq, torch.cat([fk, block_k], dim=2), torch.cat([fv, block_v], dim=2))
+    attend = null_slot_attention if policy.null_slot else full_attention
+    o = attend(model, fq, torch.cat([fk, block_k], dim=2), torch.cat([fv, block_v], dim=2))
     b, _, c, _ = o.shape
     attn = model.layers[i].self_attn.o_proj(o.transpose(1, 2).reshape(b, c, -1))
     # the paper: zero residual on the very first update (``firstres`` keeps it, see FAM)
-    a = attn if first and not policy.first_residual else fam + attn
+    if isinstance(first, torch.Tensor):
+        keep = (~first | policy.first_residual).to(fam.dtype)[:, None, None]
+        a = fam * keep + attn
+    else:
+        a = attn if first and not policy.first_residual else fam + attn
     if policy.update_ffn:
         layer = model.layers[i]
         a = a + layer.mlp(layer.post_attention_layernorm(a))

@@ -70,6 +70,7 @@ def parallel_forward(
     init_state: list[torch.Tensor] | None = None,
     return_state: bool = False,
     select: torch.Tensor | None = None,
+    fresh: torch.Tensor | None = None,
     checkpoint: bool = False,
     fused: bool | None = None,
 ):
@@ -80,6 +81,9 @@ def parallel_forward(
     ``select`` (bool (B, N)) returns the logits of the selected positions only, (K, V) in
     row-major order: scoring a few answer tokens then skips the LM head over a large vocabulary
     at every other position (it costs more than all the layers of a small model).
+    ``fresh`` (bool (B,), with ``init_state``): the rows whose ``init_state`` is the learned initial
+    FAM, which get the stream's zero first residual as without ``init_state``; the other rows
+    continue a state (a batch that mixes both, ``endless.train.tiny``'s unexplored states).
     ``checkpoint`` recomputes each layer in the backward pass (activation memory of one layer);
     ``fused`` picks PyTorch's fused attention (default: on CUDA).
     """
@@ -99,6 +103,7 @@ def parallel_forward(
     if f:
         if init_state is not None:
             fam0 = init_state
+            first = fresh.to(dev) if fresh is not None else False
         else:
             fam0 = [t[None].expand(bsz, -1, -1) for t in initial_fam(model, prompt)]
             first = True
@@ -127,7 +132,7 @@ def parallel_forward(
                 if b < nb - 1 or return_state:
                     sl = slice(b * bl, (b + 1) * bl)
                     fam = fam_update(model, i, fam, fq, fk, fv, k[:, :, sl], v[:, :, sl],
-                                     first=first and b == 0, policy=policy)
+                                     first=first if b == 0 else False, policy=policy)
                     if policy.detach:
                         fam = fam.detach()
             kw = torch.cat([kw, torch.stack(fk_all, dim=2).to(kw.dtype)], dim=3)

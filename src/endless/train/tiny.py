@@ -13,7 +13,11 @@ match at 96 tokens in the same steps; with this schedule it learns the training 
 ``rsp`` is the paper's random state passing; ``carry`` (*ours*, ``carried_batch``) puts the key
 of some batches in a prefix read without gradient, so the graded part must hold a FAM that has
 already been held for up to ``carry`` tokens; with ``carry_grad`` the prefix is back-propagated
-through as well (the sequence is then simply longer, its key early).
+through as well (the sequence is then simply longer, its key early). Three recipe options
+(benchmarks/fam/tiny_recipe.md measures them): ``curriculum`` grows the carried length in stages
+(``Curriculum``), ``grad_cap`` bounds the graded part of a carried prefix (the rest is read
+without gradient), and ``unexplored`` starts sequences from explored FAM states
+(``unexplored_start``).
 
 ``ablations`` are the paper's negative results: static query, no FFN on the update,
 stop-gradient between updates, and F in {1, 4, 16}. The static-query ablation is scored with the
@@ -37,11 +41,14 @@ from endless.config import FAM, Policy, parse_policy
 from endless.errors import EndlessError
 from endless.eval.passkey import PasskeyResult, passkey_accuracy, summarize
 from endless.fam import FamPrompt, parallel_forward
+from endless.fam.memory import initial_fam
 from endless.model import Transformer
 from endless.progress import bar as progress_bar
 from endless.train.data import FIRST_FILLER, MIN_VOCAB, collate, digit_example
 
 log = logging.getLogger(__name__)
+
+UNEXPLORED_SOURCES = ("batch", "noise")
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,12 @@ class TinyConfig:
     carry_after: int = 0  # ... from this step on
     carry_grad: bool = False  # *ours*: back-propagate through the prefix too (a long sequence, key early)
     key_depth: float | None = None  # where the key sits in training and test prompts (None: uniform at random)
+    grad_cap: int = 0  # *ours*: a graded carried prefix back-propagates through at most this many tokens (0: all)
+    curriculum: tuple[int, ...] = ()  # carry lengths, grown stage by stage (RMT's curriculum; empty: --carry)
+    curriculum_loss: float = 0.05  # ... next stage once the carried batches' mean loss is below this
+    unexplored: float = 0.0  # unexplored states: probability that a sequence starts from an explored state
+    unexplored_after: int = 0  # ... from this step on
+    unexplored_from: str = "batch"  # "batch": the last step's final FAMs, permuted; "noise": drawn like them
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -91,6 +104,27 @@ class TinyConfig:
             raise EndlessError("--init-std must be > 0 and --out-std >= 0")
         if self.carry and self.carry < self.block:
             raise EndlessError(f"--carry must be 0 or at least one block ({self.block} tokens)")
+        self._check_recipe()
+
+    def _check_recipe(self) -> None:
+        """The curriculum, gradient cap and unexplored-state options: one line naming the flag."""
+        if self.grad_cap < 0 or self.grad_cap % self.block:
+            raise EndlessError(f"--grad-cap must be 0 or a positive multiple of the block ({self.block} tokens)")
+        stages = self.curriculum
+        if stages and (self.carry or any(n < self.block for n in stages) or list(stages) != sorted(set(stages))):
+            raise EndlessError(f"--curriculum must be increasing carry lengths of at least one block ({self.block} "
+                               "tokens), given instead of --carry")
+        if not self.curriculum_loss > 0:
+            raise EndlessError("--curriculum-loss must be > 0")
+        if not 0 <= self.unexplored <= 1 or self.unexplored_after < 0:
+            raise EndlessError("--unexplored must be in [0, 1] and --unexplored-after >= 0")
+        if self.unexplored_from not in UNEXPLORED_SOURCES:
+            raise EndlessError(f"--unexplored-from must be one of {', '.join(UNEXPLORED_SOURCES)}")
+
+    @property
+    def longest_hold(self) -> int:
+        """The longest carried prefix any stage asks for (0: no carry)."""
+        return max(self.curriculum, default=self.carry)
 
 
 @dataclass
@@ -102,6 +136,7 @@ class TinyRun:
     losses: list[float]
     seconds: float
     results: list[PasskeyResult] = field(default_factory=list)
+    stages: list[dict] = field(default_factory=list)  # curriculum: {"step", "carry"} where each stage began
 
 
 def policies(cfg: TinyConfig, *, ablation: bool = False) -> list[str]:
@@ -155,7 +190,8 @@ def lr_factor(step: int, cfg: TinyConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, done)))
 
 
-def carried_batch(model: Transformer, policy: FAM, prompt, n: int, cfg: TinyConfig, rng: random.Random):
+def carried_batch(model: Transformer, policy: FAM, prompt, n: int, cfg: TinyConfig, rng: random.Random,
+                  hold: int | None = None):
     """(ids, targets, state) of a batch whose key lies in a prefix read without gradient (*ours*).
 
     Each sequence is a digit PassKey of ``prefix + n`` tokens with its key inside the first
@@ -166,20 +202,88 @@ def carried_batch(model: Transformer, policy: FAM, prompt, n: int, cfg: TinyConf
     16-96 tokens never ask for (truncated back-propagation through time over the FAM).
     With ``cfg.carry_grad`` it returns the whole sequences instead, (ids, targets, None): the
     prefix's updates are trained too (the no-gradient prefix never teaches them not to leak).
+    ``hold`` replaces ``cfg.carry`` (a curriculum stage); with ``cfg.grad_cap`` a graded prefix longer
+    than the cap is cut: its first ``prefix - grad_cap`` tokens run without gradient, as above, and
+    their FAM starts the graded rest (truncated back-propagation through time, capped).
     """
     bl = policy.block
-    prefix = rng.randrange(1, cfg.carry // bl + 1) * bl
+    prefix = rng.randrange(1, (hold or cfg.carry) // bl + 1) * bl
     total = prefix + n
     fill = total - cfg.digits - 2
     # depth so that KEY and its digits end inside the prefix
     batch = [digit_example(total, _depth(rng.random(), cfg) * (prefix - cfg.digits - 1) / fill, rng=rng, vocab=cfg.vocab,
                            digits=cfg.digits) for _ in range(cfg.batch)]
     ids, targets = collate(batch)
-    if cfg.carry_grad:  # the whole hold is graded: gradients reach every update of the prefix
-        return ids, targets, None
+    if cfg.carry_grad:  # the hold is graded: gradients reach every update of the prefix (or the last grad_cap)
+        if not cfg.grad_cap or prefix <= cfg.grad_cap:
+            return ids, targets, None
+        prefix -= cfg.grad_cap
     with torch.no_grad():
         _, state = parallel_forward(model, ids[:, :prefix], policy, prompt, return_state=True)
     return ids[:, prefix:], targets[:, prefix:], state
+
+
+class Curriculum:
+    """The carried hold's length, grown in stages (after "Scaling Transformer to 1M tokens and
+    beyond with RMT", Bulatov et al. 2023, section 4: training starts on few segments and their
+    number grows each time training converges; here the unit is the carried prefix's length).
+
+    Stage k carries prefixes of up to ``stages[k]`` tokens; the next stage begins once the mean loss
+    of the last ``window`` carried batches of this stage is below ``threshold``. Without stages it
+    is the constant ``--carry``.
+    """
+
+    def __init__(self, cfg: TinyConfig, window: int = 50) -> None:
+        self.lengths = cfg.curriculum or ((cfg.carry,) if cfg.carry else ())
+        self.threshold, self.window = cfg.curriculum_loss, window
+        self.stage = 0
+        self.recent: list[float] = []
+        self.began: list[dict] = []
+
+    @property
+    def hold(self) -> int:
+        """The current stage's carry length (0: no carry)."""
+        return self.lengths[self.stage] if self.lengths else 0
+
+    def record(self, step: int, loss: float) -> None:
+        """Note a carried batch's loss at ``step``; move to the next stage when this one is learnt."""
+        if not self.began:
+            self.began.append({"step": step, "carry": self.hold})
+        self.recent.append(loss)
+        done = len(self.recent) >= self.window and sum(self.recent[-self.window:]) / self.window < self.threshold
+        if done and self.stage + 1 < len(self.lengths):
+            self.stage += 1
+            self.recent = []
+            self.began.append({"step": step + 1, "carry": self.hold})
+            log.info("curriculum: carry %d tokens from step %d", self.hold, step + 1)
+
+
+def unexplored_start(model: Transformer, prompt: FamPrompt, last: list[torch.Tensor], cfg: TinyConfig,
+                     rng: random.Random, gen: torch.Generator) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
+    """Initial FAMs (per layer (B, F, d)) and the ``fresh`` rows for a batch trained from unexplored
+    states ("Understanding and Improving Length Generalization in Recurrent Models", Buitrago Ruiz
+    and Gu 2025, section 4: the model fails beyond the training length because it never saw the
+    states a long stream reaches; training from such initial states fixes it).
+
+    ``last`` is the previous step's final FAM of every sequence (detached). Each sequence starts,
+    with probability ``cfg.unexplored``, from a state of that batch (``"batch"``: a permutation, so
+    states chain over steps and reach histories far longer than one sequence, the gradient still
+    stopping at the sequence's start) or from Gaussian noise with the per-row, per-feature mean and
+    std of those states (``"noise"``); the others from the learned initial FAM (``fresh``, zero
+    first residual). Returns (None, None) when no sequence was drawn.
+    """
+    bsz = last[0].shape[0]
+    swap = torch.tensor([rng.random() < cfg.unexplored for _ in range(bsz)])
+    if not swap.any():
+        return None, None
+    if cfg.unexplored_from == "noise":
+        src = [s.mean(0) + s.std(0) * torch.randn(s.shape, generator=gen, dtype=s.dtype) for s in last]
+    else:
+        perm = torch.randperm(bsz, generator=gen)
+        src = [s[perm] for s in last]
+    start = initial_fam(model, prompt)
+    init = [torch.where(swap[:, None, None], x, s0[None].expand(bsz, -1, -1)) for x, s0 in zip(src, start, strict=True)]
+    return init, ~swap
 
 
 def train_policy(spec: str, cfg: TinyConfig, *, progress: bool = True, start: Transformer | None = None) -> TinyRun:
@@ -198,12 +302,18 @@ def train_policy(spec: str, cfg: TinyConfig, *, progress: bool = True, start: Tr
     start = time.perf_counter()
     bar = progress_bar(range(cfg.steps), desc=spec, disable=not progress)
     carried: list[torch.Tensor] | None = None  # RSP: the first example's final FAM, detached
+    last: list[torch.Tensor] | None = None  # unexplored states: the last step's final FAMs, detached
     aux_rng = random.Random(cfg.seed + 3)  # RSP and carry draw apart from the plain batches
+    # the unexplored states draw apart from both, so the other draws stay those of the baseline
+    ux_rng, ux_gen = random.Random(cfg.seed + 5), torch.Generator().manual_seed(cfg.seed + 5)
+    curriculum = Curriculum(cfg)
     for step in bar:
         n = rng.randint(cfg.min_len, cfg.max_len) - cfg.digits
-        init = None
-        if prompt is not None and cfg.carry and step >= cfg.carry_after and aux_rng.random() < cfg.carry_p:
-            ids, targets, init = carried_batch(model, policy, prompt, n, cfg, aux_rng)
+        init = fresh = None
+        hold = curriculum.hold
+        is_carried = prompt is not None and hold and step >= cfg.carry_after and aux_rng.random() < cfg.carry_p
+        if is_carried:
+            ids, targets, init = carried_batch(model, policy, prompt, n, cfg, aux_rng, hold=hold)
         else:
             batch = [digit_example(n, _depth(rng.random(), cfg), rng=rng, vocab=cfg.vocab, digits=cfg.digits)
                      for _ in range(cfg.batch)]
@@ -211,9 +321,13 @@ def train_policy(spec: str, cfg: TinyConfig, *, progress: bool = True, start: Tr
         rsp_on = prompt is not None and cfg.rsp > 0 and step >= cfg.rsp_after
         if rsp_on and init is None and carried is not None and aux_rng.random() < cfg.rsp:
             init = [s.expand(ids.shape[0], -1, -1) for s in carried]
-        if rsp_on:  # the final FAM costs one more update: only computed when RSP carries it
-            logits, state = parallel_forward(model, ids, policy, prompt, init_state=init, return_state=True)
+        ux_on = prompt is not None and cfg.unexplored > 0
+        if ux_on and init is None and last is not None and step >= cfg.unexplored_after:
+            init, fresh = unexplored_start(model, prompt, last, cfg, ux_rng, ux_gen)
+        if rsp_on or ux_on:  # the final FAM costs one more update: only computed when carried on
+            logits, state = parallel_forward(model, ids, policy, prompt, init_state=init, return_state=True, fresh=fresh)
             carried = [s[:1].detach() for s in state]
+            last = [s.detach() for s in state]
         else:
             logits = parallel_forward(model, ids, policy, prompt, init_state=init)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
@@ -223,6 +337,8 @@ def train_policy(spec: str, cfg: TinyConfig, *, progress: bool = True, start: Tr
         opt.step()
         sched.step()
         losses.append(loss.item())
+        if is_carried:
+            curriculum.record(step, losses[-1])
         if not math.isfinite(losses[-1]):  # stop now, not after the remaining steps
             raise EndlessError(f"{spec}: the loss is not finite at step {step + 1}: training diverged "
                                "(a lower --lr, or ',norm' to bound the FAM)")
@@ -231,7 +347,7 @@ def train_policy(spec: str, cfg: TinyConfig, *, progress: bool = True, start: Tr
     model.hf.eval()
     seconds = time.perf_counter() - start
     log.info("%s: %d steps in %.0f s, final loss %.3f", spec, cfg.steps, seconds, sum(losses[-50:]) / min(50, len(losses)))
-    return TinyRun(spec, model, losses, seconds)
+    return TinyRun(spec, model, losses, seconds, stages=curriculum.began if cfg.curriculum else [])
 
 
 def evaluate(run: TinyRun, cfg: TinyConfig, *, progress: bool = True) -> list[PasskeyResult]:
@@ -289,4 +405,4 @@ def config_dict(cfg: TinyConfig) -> dict:
     return asdict(cfg)
 
 
-__all__ = ["TinyConfig", "TinyRun", "policies", "build_model", "train_policy", "evaluate", "diagnose", "run_experiment", "save_name"]
+__all__ = ["TinyConfig", "TinyRun", "Curriculum", "policies", "build_model", "unexplored_start", "train_policy", "evaluate", "diagnose", "run_experiment", "save_name"]
