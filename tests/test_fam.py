@@ -1,4 +1,4 @@
-"""TransformerFAM against its oracles (PAPERS.md section 3; issue 6 tests)."""
+"""TransformerFAM against its oracles (docs/methods.md section 3; issue 6 tests)."""
 
 import pytest
 import torch
@@ -158,7 +158,7 @@ def test_gradients_flow_through_the_recurrence(model):
 
 @pytest.mark.parametrize("spec", ["fam:8x1+4", "fam:8x0+4", "fam:5x2+3", "fam:4x1+1,firstres", "fam:8x3+16"])
 def test_both_forms_equal_the_spec_oracle(spec):
-    """PAPERS.md section 3 written out on transformers' own modules (``naive_fam_logits``, no code
+    """docs/methods.md section 3 written out on transformers' own modules (``naive_fam_logits``, no code
     of ours in its path) gives the same logits as the parallel and the streaming form."""
     from endless.reference import naive_fam_logits
 

@@ -1,5 +1,5 @@
 """endless.hf: stock transformers ``generate`` with the sinks cache equals our Stream (the oracle)
-token for token and logit for logit (PAPERS.md section 2; DESIGN.md section 2)."""
+token for token and logit for logit (docs/methods.md section 2; docs/methods.md section 4)."""
 
 import pytest
 import torch

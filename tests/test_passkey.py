@@ -1,4 +1,4 @@
-"""PassKey data and evaluation (PAPERS.md section 3; src/endless/train/data.py, eval/passkey.py)."""
+"""PassKey data and evaluation (docs/methods.md section 3; src/endless/train/data.py, eval/passkey.py)."""
 
 import json
 import random

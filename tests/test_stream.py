@@ -1,4 +1,4 @@
-"""The streaming engine against its oracles (PAPERS.md section 2; DESIGN.md section 2)."""
+"""The streaming engine against its oracles (docs/methods.md section 2; docs/methods.md section 4)."""
 
 import pytest
 import torch

@@ -1,6 +1,6 @@
-"""A second TransformerFAM, written from PAPERS.md section 3 alone, for the tiny PassKey check.
+"""A second TransformerFAM, written from docs/methods.md section 3 alone, for the tiny PassKey check.
 
-Why it exists: the library's FAM (``endless.fam``) does not reproduce PAPERS.md's CPU-sized
+Why it exists: the library's FAM (``endless.fam``) does not reproduce the specification's CPU-sized
 claim (0.82-0.99 exact match at 6,144 tokens after 1,500 steps on 16-96-token sequences;
 docs/results.md section 7.2). This script shares no code with the package (its own model,
 RoPE, data, training loop and evaluation; only PyTorch) and makes the choices a quick prototype

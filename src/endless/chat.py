@@ -3,7 +3,7 @@
 Each turn feeds only what is new since the last turn (the user's message and the assistant
 header, rendered by the model's chat template) into the same ``Stream``, then decodes the reply
 token by token. Under ``sinks`` the conversation never runs out of context -- but what has left
-the window is forgotten: the model cannot recall an evicted turn (PAPERS.md section 2, "What it
+the window is forgotten: the model cannot recall an evicted turn (docs/methods.md section 2, "What it
 is not"). A FAM checkpoint is the answer for real long memory.
 
 The session (stream state + messages) is saved after every turn and resumed on the next start.

@@ -3,14 +3,14 @@
 Every policy is named the same way in the Python API, the CLI, JSON results and plots:
 
     dense                  keep every key/value (the reference; degrades past the trained context)
-    window:W               the query and the W tokens before it (PAPERS.md section 1)
+    window:W               the query and the W tokens before it (docs/methods.md section 1)
     recompute:W            re-run the model on the last W tokens + the new one, for every token
     sinks:S+W              StreamingLLM: the first S tokens + the W before the query (section 2)
     sinks:S+W,sink=#ID     ... with the sinks' content replaced by S copies of token ID
     bswa:BxM               block sliding window: own block (causal) + M previous blocks
     fam:BxM+F              TransformerFAM: BSWA plus F feedback-memory rows per layer (section 3)
 
-Positions (PAPERS.md section 2): ``window``, ``sinks`` and ``bswa`` count positions inside the
+Positions (docs/methods.md section 2): ``window``, ``sinks`` and ``bswa`` count positions inside the
 cache. For ``sinks:4+1020`` the 1024 cached tokens sit at positions 0..1023 and the new token at
 1024, forever. With RoPE only position differences matter, so a window key keeps its true
 distance to the query and only the sinks' distances are re-counted; ``window:W`` therefore has
@@ -90,7 +90,7 @@ class Window:
 @dataclass(frozen=True)
 class Recompute:
     """Sliding window with re-computation: every token re-runs the model on its last ``window``
-    tokens at positions 0..window (PAPERS.md section 1). O(window^2) per token, by design."""
+    tokens at positions 0..window (docs/methods.md section 1). O(window^2) per token, by design."""
 
     window: int
     kind = "recompute"
@@ -109,7 +109,7 @@ class Recompute:
 
 @dataclass(frozen=True)
 class Sinks:
-    """StreamingLLM (PAPERS.md section 2): the first ``sinks`` tokens plus the ``window`` tokens
+    """StreamingLLM (docs/methods.md section 2): the first ``sinks`` tokens plus the ``window`` tokens
     before the query, positions counted inside the cache.
 
     With ``sink_token`` set, the sinks are S copies of that token placed before the stream (the
@@ -156,7 +156,7 @@ class Sinks:
 
 @dataclass(frozen=True)
 class BSWA:
-    """Block Sliding Window Attention (PAPERS.md section 1): blocks of ``block`` tokens; a query
+    """Block Sliding Window Attention (docs/methods.md section 1): blocks of ``block`` tokens; a query
     sees its own block causally and the ``memory`` previous blocks fully."""
 
     block: int
@@ -185,7 +185,7 @@ class BSWA:
 
 @dataclass(frozen=True)
 class FAM:
-    """TransformerFAM (PAPERS.md section 3): BSWA with blocks of ``block`` tokens and ``memory``
+    """TransformerFAM (docs/methods.md section 3): BSWA with blocks of ``block`` tokens and ``memory``
     previous blocks, plus a per-layer working memory of ``fam`` rows updated after every block.
 
     ``fam=0`` is BSWA exactly. The ablation switches are the paper's negative results and only

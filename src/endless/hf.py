@@ -1,6 +1,6 @@
 """StreamingLLM for a stock transformers model: ``model.generate(ids, past_key_values=cache)``.
 
-Contract (PAPERS.md section 2; DESIGN.md section 2, "the Cache API in ``hf.py``")::
+Contract (docs/methods.md section 2; docs/methods.md section 4, "the Cache API in ``hf.py``")::
 
     cache = endless.hf.streaming(model, "sinks:4+1020")     # Llama, Mistral, Qwen2, Qwen3
     out = model.generate(ids, past_key_values=cache, max_new_tokens=500)
@@ -210,7 +210,7 @@ class SinkLayer(CacheLayerMixin):
 
 
 class SinkCache(Cache):
-    """StreamingLLM cache (PAPERS.md section 2) for a transformers Llama-family model whose
+    """StreamingLLM cache (docs/methods.md section 2) for a transformers Llama-family model whose
     attention is ``endless_sinks`` (see ``streaming``, which is the usual way to make one).
 
     ``policy`` is ``"sinks:S+W"`` or a ``Sinks``; ``chunk`` is how many queries of a long input

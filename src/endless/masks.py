@@ -22,7 +22,7 @@ def causal(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 
 def recent(window: int) -> MaskFn:
-    """The query and the ``window`` tokens before it (PAPERS.md section 1, window attention)."""
+    """The query and the ``window`` tokens before it (docs/methods.md section 1, window attention)."""
 
     def fn(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         return (q - k) <= window
@@ -31,7 +31,7 @@ def recent(window: int) -> MaskFn:
 
 
 def first(n: int) -> MaskFn:
-    """The first ``n`` tokens of the stream: the attention sinks (PAPERS.md section 2)."""
+    """The first ``n`` tokens of the stream: the attention sinks (docs/methods.md section 2)."""
 
     def fn(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         return k < n
@@ -40,7 +40,7 @@ def first(n: int) -> MaskFn:
 
 
 def block_window(block: int, memory: int) -> MaskFn:
-    """BSWA: the query's own block and the ``memory`` blocks before it (PAPERS.md section 1)."""
+    """BSWA: the query's own block and the ``memory`` blocks before it (docs/methods.md section 1)."""
 
     def fn(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         return torch.div(k, block, rounding_mode="floor") >= torch.div(q, block, rounding_mode="floor") - memory

@@ -1,6 +1,6 @@
 """Our one forward path over Llama-family weights (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM).
 
-Contract (DESIGN.md section 2): the weights and the per-layer modules are the ones transformers
+Contract (docs/methods.md section 4): the weights and the per-layer modules are the ones transformers
 loaded (norms, projections, MLP, embeddings, LM head), so LoRA adapters from peft apply to this
 path unchanged; what is ours is everything between the projections: RoPE with float64 angles
 (``endless.rope``), GQA attention, and where the keys/values live (an ``Attention`` backend, one

@@ -7,7 +7,7 @@ afresh at their in-cache positions 0..n-1 (the query sits at n-1) and attends wi
 softmax. O(n) re-rotation per token and unbounded memory -- exactly what ``RingKV`` avoids -- but
 obviously right, so "the sinks policy equals the naive reference at every step" is checkable.
 
-``naive_fam_logits`` is TransformerFAM read straight off PAPERS.md section 3 ("One layer, one
+``naive_fam_logits`` is TransformerFAM read straight off docs/methods.md section 3 ("One layer, one
 block" and the mask table), on transformers' own modules and rotary embedding: none of
 ``endless.model``, ``endless.rope`` or ``endless.fam`` is used, so it checks the spec, not our
 factoring of it. It runs in the streaming order (block by block, every layer per block) while

@@ -1,6 +1,6 @@
 """Rotary position embedding (RoPE) with exact angles.
 
-Contract (PAPERS.md section 2, "positions counted inside the cache"):
+Contract (docs/methods.md section 2, "positions counted inside the cache"):
 
 - Angles are computed in float64 from int64 positions and only then cast to the compute dtype.
   float32 angles at position ~10^6 are off by ~0.06 rad; float64 ones by ~1e-10 rad, so the

@@ -1,7 +1,7 @@
 """``endless verify``: check our runtime against its oracles on a given model.
 
 - Forward path: our dense logits against transformers' own forward on the same input
-  (DESIGN.md section 2: float32 max abs diff <= 1e-4).
+  (docs/methods.md section 4: float32 max abs diff <= 1e-4).
 - A policy over N tokens: the streaming runtime (chunked, as users run it) against its reference:
   dense while the stream fits the policy's span; for sinks, window and BSWA the naive reference
   that re-rotates the cache contents at in-cache positions every step (``endless.reference``);
@@ -19,7 +19,7 @@ from endless.config import FAM, Dense, Policy, Recompute, parse_policy
 from endless.model import Transformer
 from endless.stream import Stream
 
-# One forward pass: transformers and we differ by float32 rounding only (DESIGN.md: 1e-4).
+# One forward pass: transformers and we differ by float32 rounding only (docs/methods.md section 4: 1e-4).
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.25}
 # A policy over hundreds of tokens is compared with a reference that orders its sums
 # differently at every step (the naive one re-rotates and concatenates); on SmolLM2 (30 layers,

@@ -1,1 +1,1 @@
-"""Analyses of where attention goes (PAPERS.md section 2, Figure 2: attention sinks)."""
+"""Analyses of where attention goes (docs/methods.md section 2, Figure 2: attention sinks)."""

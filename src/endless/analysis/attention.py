@@ -1,4 +1,4 @@
-"""Attention maps and attention sinks (PAPERS.md section 2, Figure 2 and its motivation).
+"""Attention maps and attention sinks (docs/methods.md section 2, Figure 2 and its motivation).
 
 Contract: ``attention_maps`` runs our forward path densely (causal, positions 0..N-1) over a
 short text and returns every layer's and head's attention probabilities (L, H, N, N), float32:

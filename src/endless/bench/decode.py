@@ -6,7 +6,7 @@ Each cell (one cache length L) sets up, on the same weights and the same token s
   decoded token attends to L+1 keys, forever;
 - ``dense``: our dense policy after L tokens (its buffer grows; L+1..L+n keys);
 - ``recompute``: ``recompute:L``, the whole window of L+1 tokens re-run for every token
-  (PAPERS.md section 1), the baseline of StreamingLLM's speed-up;
+  (docs/methods.md section 1), the baseline of StreamingLLM's speed-up;
 - ``transformers``: the Hugging Face model itself with its ``DynamicCache`` holding L tokens,
   called one token at a time under ``torch.inference_mode`` (what ``generate`` does per step);
   the cache is cropped back to L after every step so every step sees the same length.

@@ -1,4 +1,4 @@
-"""Constant time and memory per token, however far into the stream (PAPERS.md section 2).
+"""Constant time and memory per token, however far into the stream (docs/methods.md section 2).
 
 One ``sinks:S+W`` stream is fed, by exact chunked prefill, up to each checkpoint position
 (1k ... 64k and beyond); at every checkpoint it decodes ``rounds`` tokens, timed in steps

@@ -1,4 +1,4 @@
-"""``endless analyze attention``: where attention goes -- the attention sinks of PAPERS.md
+"""``endless analyze attention``: where attention goes -- the attention sinks of docs/methods.md
 section 2 (Figure 2), measured on any supported model."""
 
 from __future__ import annotations

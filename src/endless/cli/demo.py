@@ -1,4 +1,4 @@
-"""``endless demo``: the headline demonstration on the embedded model (PAPERS.md section 2,
+"""``endless demo``: the headline demonstration on the embedded model (docs/methods.md section 2,
 Figure 3): a long text streamed under dense attention, window attention and attention sinks."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """``endless eval TASK``: the papers' evaluations, one module per task.
 
 Each task module exposes ``add_to(eval_subparsers)``; adding one is a line in ``TASKS``.
-StreamingLLM (PAPERS.md section 2): ``ppl``, ``sinks``, ``streameval``, ``arc``.
+StreamingLLM (docs/methods.md section 2): ``ppl``, ``sinks``, ``streameval``, ``arc``.
 TransformerFAM (section 3): ``passkey``, ``fam-cost``.
 """
 

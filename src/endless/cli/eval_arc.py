@@ -1,4 +1,4 @@
-"""``endless eval arc``: streaming ARC-Easy (PAPERS.md section 2, the paper's Table 5)."""
+"""``endless eval arc``: streaming ARC-Easy (docs/methods.md section 2, the paper's Table 5)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """``endless eval ppl``: streaming perplexity of a long text under several policies
-(PAPERS.md section 2, Figures 3 and 5)."""
+(docs/methods.md section 2, Figures 3 and 5)."""
 
 from __future__ import annotations
 

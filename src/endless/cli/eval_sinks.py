@@ -1,4 +1,4 @@
-"""``endless eval sinks``: the StreamingLLM paper's Tables 1 and 2 in one command (PAPERS.md
+"""``endless eval sinks``: the StreamingLLM paper's Tables 1 and 2 in one command (docs/methods.md
 section 2): how many initial tokens must stay in the cache, and whether their content matters."""
 
 from __future__ import annotations

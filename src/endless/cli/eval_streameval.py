@@ -1,4 +1,4 @@
-"""``endless eval streameval``: StreamEval (PAPERS.md section 2): line retrieval in an endless
+"""``endless eval streameval``: StreamEval (docs/methods.md section 2): line retrieval in an endless
 stream, accuracy against stream length for each policy and cache size."""
 
 from __future__ import annotations

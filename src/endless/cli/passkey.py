@@ -1,4 +1,4 @@
-"""``endless eval passkey``: PassKey accuracy at given lengths and depths (PAPERS.md section 3)."""
+"""``endless eval passkey``: PassKey accuracy at given lengths and depths (docs/methods.md section 3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``endless train fam`` and ``endless train fam-tiny`` (PAPERS.md section 3).
+"""``endless train fam`` and ``endless train fam-tiny`` (docs/methods.md section 3).
 
 ``fam`` fine-tunes a model (default: the embedded SmolLM2) with LoRA plus the FAM prompt and
 saves a checkpoint that ``--fam CHECKPOINT`` loads; it runs unchanged on several processes
@@ -64,7 +64,7 @@ def _add_fam(tsub) -> None:
     p.add_argument("--text", default=None, help="plain text to mix in: kjv, shakespeare or a file (default: kjv when --text-fraction > 0)")
     p.add_argument("--text-fraction", type=float, default=0.0, help="share of steps on plain text, loss on every token")
     p.add_argument("--all-tokens", action="store_true", help="loss on every PassKey token, not only the answer")
-    p.add_argument("--rpo", action="store_true", help="random position offset (PAPERS.md; off by default)")
+    p.add_argument("--rpo", action="store_true", help="random position offset (docs/methods.md; off by default)")
     p.add_argument("--rsp", type=float, default=0.0, metavar="P",
                    help="random state passing: start a step from the last step's final FAM with probability P (paper: 0.8; off by default)")
     p.add_argument("--filler", default=None, metavar="FILE",
@@ -125,7 +125,7 @@ def _add_tiny(tsub) -> None:
                    help="std of the o_proj/down_proj weights, which write into the residual streams (default: --init-std)")
     p.add_argument("--constant-lr", action="store_true", help="no warm-up and cosine decay (the lr stays at --lr)")
     p.add_argument("--rsp", type=float, default=d.rsp, metavar="P",
-                   help="random state passing with probability P (PAPERS.md; off by default)")
+                   help="random state passing with probability P (docs/methods.md; off by default)")
     p.add_argument("--rsp-after", type=int, default=d.rsp_after, metavar="STEP", help="first step of RSP (default: %(default)s)")
     p.add_argument("--carry", type=int, default=d.carry, metavar="N",
                    help="ours: with probability --carry-p a batch's key lies in a prefix of up to N tokens read "

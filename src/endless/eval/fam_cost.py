@@ -1,4 +1,4 @@
-"""Streaming cost of FAM against BSWA at the same B and M (PAPERS.md section 3: "Memory and time
+"""Streaming cost of FAM against BSWA at the same B and M (docs/methods.md section 3: "Memory and time
 of FAM within ~1% of BSWA"; issue 6 target: per-token time <= 1.1x, memory constant).
 
 Contract: both policies stream the same tokens on the same model, timed in interleaved rounds

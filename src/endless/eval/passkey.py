@@ -1,4 +1,4 @@
-"""PassKey accuracy (PAPERS.md section 3, "Results to reproduce": Fig. 3a).
+"""PassKey accuracy (docs/methods.md section 3, "Results to reproduce": Fig. 3a).
 
 Contract: an example counts as correct when greedy decoding right after the prompt reproduces
 the key exactly -- with a tokenizer, the first run of digits in the decoded continuation equals

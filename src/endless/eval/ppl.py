@@ -1,4 +1,4 @@
-"""Streaming perplexity (PAPERS.md section 2, "Results to reproduce": Figures 3 and 5, Table 1).
+"""Streaming perplexity (docs/methods.md section 2, "Results to reproduce": Figures 3 and 5, Table 1).
 
 Contract: ``streaming_nll`` reads a token sequence through a ``Stream`` under one policy and
 returns each token's negative log-likelihood given everything before it under that policy, in

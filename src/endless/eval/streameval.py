@@ -1,4 +1,4 @@
-"""StreamEval (PAPERS.md section 2, after LongEval's line retrieval): a stream of lines
+"""StreamEval (docs/methods.md section 2, after LongEval's line retrieval): a stream of lines
 ``line <key>: REGISTER_CONTENT is <value>``; every ``every`` lines a query asks for the value of
 the line ``back`` lines earlier.
 

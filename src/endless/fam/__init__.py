@@ -1,4 +1,4 @@
-"""TransformerFAM (PAPERS.md section 3): block sliding window attention plus feedback memory.
+"""TransformerFAM (docs/methods.md section 3): block sliding window attention plus feedback memory.
 
 - ``memory.py``: the learned prompt, the initial per-layer FAM, and one FAM update.
 - ``parallel.py``: the exact layer-major schedule for training and evaluation.

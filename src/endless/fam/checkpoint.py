@@ -4,7 +4,7 @@ A checkpoint is a folder::
 
     fam.json              format, policy spec, base model (name or path) and its identity,
                           training configuration, and the sha256 of every other file
-    prompt.safetensors    the F learned FAM prompt embeddings (PAPERS.md section 3: the only new
+    prompt.safetensors    the F learned FAM prompt embeddings (docs/methods.md section 3: the only new
                           weights besides LoRA), float32, tensor "embeddings" (F, d); F=0 for
                           the BSWA baseline trained the same way (policy ``bswa:BxM``)
     adapter/              the LoRA adapter, peft's ``save_pretrained`` layout

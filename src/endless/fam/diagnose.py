@@ -1,4 +1,4 @@
-"""Where a trained FAM loses its memory: per-layer diagnostics (*ours*, for PAPERS.md section 3).
+"""Where a trained FAM loses its memory: per-layer diagnostics (*ours*, for docs/methods.md section 3).
 
 Both measurements read PassKey prompts whose key sits in the first block, so everything after
 it is filler the FAM has to carry the key through:

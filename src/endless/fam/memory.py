@@ -1,4 +1,4 @@
-"""The FAM's own computations (PAPERS.md section 3, "One layer, one block").
+"""The FAM's own computations (docs/methods.md section 3, "One layer, one block").
 
 - ``FamPrompt``: F learned embeddings at the token-embedding level: the only new weights.
   *Ours*: initialised from the embeddings of a short word's tokens (cycled to F rows).

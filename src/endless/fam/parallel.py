@@ -1,4 +1,4 @@
-"""The exact layer-major schedule of TransformerFAM (PAPERS.md section 3, *ours*).
+"""The exact layer-major schedule of TransformerFAM (docs/methods.md section 3, *ours*).
 
 Per layer: project every token at once; run only the cheap FAM recurrence block by block (F rows
 per block); then every token's attention and FFN in parallel, each block attending to a window

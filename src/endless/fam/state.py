@@ -1,4 +1,4 @@
-"""Streaming TransformerFAM: constant memory, token by token or chunked (PAPERS.md section 3).
+"""Streaming TransformerFAM: constant memory, token by token or chunked (docs/methods.md section 3).
 
 Per layer: a ring of (M+1)*B keys/values (the M memory blocks and the current block; the slots
 of the block that fell out of the window are overwritten as the new block fills), F extra slots

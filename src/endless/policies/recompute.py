@@ -1,4 +1,4 @@
-"""Sliding window with re-computation (PAPERS.md section 1): the slow, sound baseline.
+"""Sliding window with re-computation (docs/methods.md section 1): the slow, sound baseline.
 
 For every new token t the model is run from scratch on tokens [t-W, t] at positions 0..W (fewer
 at the start of the stream, where the window is the whole prefix). Nothing but the last W token

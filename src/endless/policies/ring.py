@@ -1,4 +1,4 @@
-"""One ring-buffer KV state for dense, window, sinks and BSWA (PAPERS.md sections 1-2).
+"""One ring-buffer KV state for dense, window, sinks and BSWA (docs/methods.md sections 1-2).
 
 Layout per layer: ``k, v`` of shape (B, KV, S + R, D) allocated once. Slots [0, S) hold the S
 sinks forever; slots [S, S+R) are a ring: the key of stream index j >= S lives in slot

@@ -1,1 +1,1 @@
-"""TransformerFAM training (PAPERS.md section 3): data, the tiny from-scratch experiment, LoRA fine-tuning."""
+"""TransformerFAM training (docs/methods.md section 3): data, the tiny from-scratch experiment, LoRA fine-tuning."""

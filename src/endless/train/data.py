@@ -1,4 +1,4 @@
-"""Training and evaluation data for TransformerFAM (PAPERS.md section 3, "PassKey").
+"""Training and evaluation data for TransformerFAM (docs/methods.md section 3, "PassKey").
 
 - ``passkey_example``: the PassKey task in the paper's exact format (from Landmark Attention):
   an instruction, filler ("The grass is green. ..." repeated), the key sentence at a chosen

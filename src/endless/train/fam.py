@@ -1,4 +1,4 @@
-"""``endless train fam``: fine-tune a pretrained model for TransformerFAM (PAPERS.md section 3,
+"""``endless train fam``: fine-tune a pretrained model for TransformerFAM (docs/methods.md section 3,
 "Training").
 
 LoRA (peft) on the attention and FFN projections plus the F prompt embeddings (*ours*:
@@ -6,7 +6,7 @@ initialised from the embeddings of " summary"), trained through the exact parall
 (``endless.fam.parallel_forward``) on PassKey examples in the paper's format, optionally mixed
 with plain text. Loss on the answer tokens (``all_tokens``: on every token). Constant learning
 rate, as the paper. Random position offset (RPO) and random state passing (RSP) are flags, off
-by default (PAPERS.md: RSP destabilised from-scratch training; with our exact float64 RoPE, RPO
+by default (docs/methods.md: RSP destabilised from-scratch training; with our exact float64 RoPE, RPO
 only perturbs float rounding).
 
 On CUDA (``device``: auto picks it when there is a GPU) the same loop runs with bf16 autocast
@@ -50,7 +50,7 @@ from endless.train.data import Example, PasskeyFormat, collate, random_key, text
 log = logging.getLogger(__name__)
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-RPO_MAX = int(2 * math.pi * 1e4)  # PAPERS.md: offset ~ U(0, 2*pi*10^4)
+RPO_MAX = int(2 * math.pi * 1e4)  # docs/methods.md: offset ~ U(0, 2*pi*10^4)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The from-scratch PassKey experiment (PAPERS.md section 3, "A CPU-sized check").
+"""The from-scratch PassKey experiment (docs/methods.md section 3, "A CPU-sized check").
 
 A 2-layer, d=64, 4-head Llama is trained from random weights on 16-96-token digit PassKey
 sequences (``endless.train.data.digit_example``) under each policy with the same budget (steps,
@@ -7,7 +7,7 @@ with the streaming path. FAM has to carry the key through hundreds of memory upd
 only see its receptive field, so it fails as soon as the key lies beyond it -- even a BSWA
 whose window covered every training sequence.
 
-Schedule (*ours*, PAPERS.md leaves it open): AdamW, linear warm-up then cosine decay, batch 128,
+Schedule (*ours*, docs/methods.md leaves it open): AdamW, linear warm-up then cosine decay, batch 128,
 weights drawn with std 0.07. With a constant rate, std 0.02 and batch 32 FAM reached 0.30 exact
 match at 96 tokens in the same steps; with this schedule it learns the training lengths exactly.
 ``rsp`` is the paper's random state passing; ``carry`` (*ours*, ``carried_batch``) puts the key
@@ -58,7 +58,7 @@ class TinyConfig:
     steps: int = 1500
     batch: int = 128  # the recurrence, not the batch, dominates the time: 128 costs 3x 32
     lr: float = 3e-3
-    min_len: int = 16  # whole sequence (prompt + answer), as in PAPERS.md
+    min_len: int = 16  # whole sequence (prompt + answer), as in docs/methods.md
     max_len: int = 96
     digits: int = 4
     block: int = 8
@@ -74,7 +74,7 @@ class TinyConfig:
     warmup: int = 100  # steps of linear warm-up
     cosine: bool = True  # cosine decay to zero (constant lr: 0.30 at 96 tokens, cosine: 0.88)
     rsp: float = 0.0  # random state passing: probability of starting from the last final FAM
-    rsp_after: int = 0  # ... from this step on (PAPERS.md: enable once the task is learned)
+    rsp_after: int = 0  # ... from this step on (docs/methods.md: enable once the task is learned)
     carry: int = 0  # *ours*: the key may sit in a no-gradient prefix of up to this many tokens (0: off)
     carry_p: float = 0.5  # ... with this probability per step
     carry_after: int = 0  # ... from this step on
