@@ -3,9 +3,11 @@
 #
 #   bash benchmarks/gpu/run.sh 1   the CUDA tests (tiny models); keeps the first half of the model
 #   bash benchmarks/gpu/run.sh 2   the model assembled and converted; its CUDA test; FAM training of
-#                                  SmolLM2 (LoRA, the recipe below) for $FAM_MINUTES; PassKey at 1k-32k;
-#                                  decode of sinks vs transformers at batch 1 and 16; BSWA trained
-#                                  with the same steps and evaluated the same way
+#                                  SmolLM2 (LoRA, $POLICY, the recipe below) for $FAM_MINUTES; PassKey
+#                                  at $PK_LENGTHS; BSWA trained with the same steps and evaluated the
+#                                  same way; decode of sinks vs transformers at batch 1 and 16; PassKey
+#                                  with prose filler. Most important first: a call cut short at its
+#                                  limit still brings back what $OUT holds.
 #
 # Inputs: the repository; .whl/ (the gguf wheel: the image lacks it); .xfer/a/ and .xfer/b/, the
 # two halves of the 98 MB SmolLM2 GGUF (`split -b 50M`), one per call since a call carries at
@@ -23,16 +25,20 @@ WORK=${WORK:-/tmp/endless-gpu}
 mkdir -p "$WORK"
 SITE=/tmp/endless-site
 FAM_MINUTES=${FAM_MINUTES:-4}
+# The paper's shape (B=1024, F=64; M=0 as its PassKey runs): 16x fewer sequential memory updates
+# than fam:64x1+16, whose H200 run was launch-bound (54 steps in 4 min, benchmarks/gpu/README.md)
+POLICY=${POLICY:-fam:1024x0+64,firstres}
 # overridable for a CPU smoke run of the script (e.g. DEVICE=cpu FAM_MINUTES=0.3 PK_LENGTHS=300 ...)
 DEVICE=${DEVICE:-cuda}
-BATCH=${BATCH:-48}
-MAX_LEN=${MAX_LEN:-4096}
-CURRICULUM=${CURRICULUM:-512,1024,2048,4096}
-PK_LENGTHS=${PK_LENGTHS:-1024,4096,8192,16384,32768}
+BATCH=${BATCH:-24}
+MAX_LEN=${MAX_LEN:-8192}
+CURRICULUM=${CURRICULUM:-2048,4096,8192}
+PK_LENGTHS=${PK_LENGTHS:-1024,8192,32768}
 PK_BATCH=${PK_BATCH:-20}
 PK_EXAMPLES=${PK_EXAMPLES:-2}
 DECODE_BATCHES=${DECODE_BATCHES:-1,16}
 DECODE_PROMPT=${DECODE_PROMPT:-1024}
+DECODE_DTYPES=${DECODE_DTYPES:-bfloat16}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 export ENDLESS_CACHE=${ENDLESS_CACHE:-/tmp/endless-cache}
 export PYTHONPATH=$PWD/src:$SITE${PYTHONPATH:+:$PYTHONPATH}
@@ -74,30 +80,36 @@ say "train FAM ($FAM_MINUTES min)"
 THR=(${THREADS:+--threads "$THREADS"})
 RECIPE=("${THR[@]}" --device "$DEVICE" --min-len 256 --max-len "$MAX_LEN" --curriculum "$CURRICULUM" --curriculum-loss 0.15
         --batch "$BATCH" --lr 1e-3 --grad-checkpoint --no-eval)
-endless train fam --policy fam:64x1+16,firstres "${RECIPE[@]}" --steps 100000 --minutes "$FAM_MINUTES" \
+endless train fam --policy "$POLICY" "${RECIPE[@]}" --steps 100000 --minutes "$FAM_MINUTES" \
   --out "$WORK/smollm2-fam" --json "$WORK/train_fam.json" 2>&1 | grep -v "it/s\]$" | tail -12
 # a call brings back files of at most 16 MiB: the checkpoint (a 20 MB float32 adapter) in parts
 tar -C "$WORK" -cf "$WORK/ckpt.tar" smollm2-fam && split -b 15M -d "$WORK/ckpt.tar" "$OUT/ckpt.tar.part"
+pack() { tar -C "$WORK" -cf "$OUT/results.tar" --exclude smollm2-fam --exclude smollm2-bswa --exclude ckpt.tar .; }
 say "PassKey FAM"
 PK=("${THR[@]}" --device "$DEVICE" --lengths "$PK_LENGTHS" --depths 0.05,0.15,0.25,0.35,0.45,0.55,0.65,0.75,0.85,0.95
-    --examples "$PK_EXAMPLES" --batch "$PK_BATCH" --chunk 256 --by-depth)
+    --examples "$PK_EXAMPLES" --batch "$PK_BATCH" --chunk 256 --by-depth --loss)
 endless eval passkey --fam "$WORK/smollm2-fam" "${PK[@]}" --json "$WORK/passkey_fam.json" | head -8
+pack
+# the baseline: BSWA with the FAM run's block, memory, data and number of steps
+BSWA=$(echo "$POLICY" | sed -E 's/^fam:([0-9]+)x([0-9]+)\+[0-9]+.*/bswa:\1x\2/')
+steps=$($py -c "import json; print(json.load(open('$WORK/train_fam.json'))['steps_done'])")
+say "train $BSWA ($steps steps, the FAM run's)"
+endless train fam --policy "$BSWA" "${RECIPE[@]}" --steps "$steps" \
+  --out "$WORK/smollm2-bswa" --json "$WORK/train_bswa.json" 2>&1 | grep -v "it/s\]$" | tail -6
+say "PassKey BSWA"
+endless eval passkey --fam "$WORK/smollm2-bswa" "${PK[@]}" --json "$WORK/passkey_bswa.json" | head -8
+pack
+say "decode"
+for dt in $DECODE_DTYPES; do
+  $py benchmarks/gpu/decode.py --device "$DEVICE" --dtype "$dt" --batches "$DECODE_BATCHES" --prompt "$DECODE_PROMPT" \
+    --json "$WORK/decode_$dt.json"
+done
+pack
 PROSE=${PROSE:-/tmp/endless-xfer/prose.txt}
 if [ -f "$PROSE" ]; then
   say "PassKey FAM, prose filler"
   endless eval passkey --fam "$WORK/smollm2-fam" "${PK[@]}" --lengths 8192 --filler "$PROSE" \
     --json "$WORK/passkey_fam_prose.json" | head -4
+  pack
 fi
-tar -C "$WORK" -cf "$OUT/results.tar" --exclude smollm2-fam --exclude smollm2-bswa --exclude ckpt.tar .
-say "decode"
-$py benchmarks/gpu/decode.py --device "$DEVICE" --dtype bfloat16 --batches "$DECODE_BATCHES" --prompt "$DECODE_PROMPT" --json "$WORK/decode_bf16.json"
-$py benchmarks/gpu/decode.py --device "$DEVICE" --dtype float32 --batches "$DECODE_BATCHES" --prompt "$DECODE_PROMPT" --json "$WORK/decode_f32.json"
-tar -C "$WORK" -cf "$OUT/results.tar" --exclude smollm2-fam --exclude smollm2-bswa --exclude ckpt.tar .
-steps=$($py -c "import json; print(json.load(open('$WORK/train_fam.json'))['steps_done'])")
-say "train BSWA ($steps steps, the FAM run's)"
-endless train fam --policy bswa:64x1 "${RECIPE[@]}" --steps "$steps" \
-  --out "$WORK/smollm2-bswa" --json "$WORK/train_bswa.json" 2>&1 | grep -v "it/s\]$" | tail -6
-say "PassKey BSWA"
-endless eval passkey --fam "$WORK/smollm2-bswa" "${PK[@]}" --json "$WORK/passkey_bswa.json" | head -8
-tar -C "$WORK" -cf "$OUT/results.tar" --exclude smollm2-fam --exclude smollm2-bswa --exclude ckpt.tar .
 say "done"
