@@ -104,3 +104,16 @@ def test_smollm2_on_cuda_equals_the_cpu(real_model):
     finally:
         hf.to("cpu")  # the fixture is shared with the CPU tests
     assert torch.allclose(cpu.nan_to_num(), gpu.nan_to_num(), atol=1e-3)
+
+
+def test_verify_recompute_and_attention_maps_on_cuda_equal_the_cpu():
+    from endless.analysis.attention import attention_maps
+    from endless.eval.ppl import recompute_nll
+    from endless.verify import verify_policy
+
+    ids = _ids(60)[0]
+    cpu, gpu = Transformer(tiny_model("llama")), Transformer(tiny_model("llama"), device="cuda")
+    for spec in ("sinks:4+28", "fam:16x1+4", "recompute:32"):
+        assert verify_policy(gpu, spec, ids[None], chunk=16).ok
+    assert torch.allclose(recompute_nll(cpu, ids, 32), recompute_nll(gpu, ids, 32), atol=1e-3, equal_nan=True)
+    assert torch.allclose(attention_maps(cpu, ids), attention_maps(gpu, ids), atol=1e-4)

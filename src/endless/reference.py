@@ -30,7 +30,7 @@ def naive_stream_logits(model: Transformer, ids: torch.Tensor, policy: "Policy |
     prefix = 0
     if isinstance(policy, Sinks) and policy.sink_token is not None:
         prefix = policy.sinks
-        ids = torch.cat([torch.full((1, prefix), policy.sink_token, dtype=torch.long), ids], dim=1)
+        ids = torch.cat([torch.full((1, prefix), policy.sink_token, dtype=torch.long, device=ids.device), ids], dim=1)
     mask_fn = policy.mask()
     d = model.dims
     keys: list[list[torch.Tensor]] = [[] for _ in range(d.n_layers)]

@@ -85,6 +85,7 @@ def reference_logits(model: Transformer, policy: Policy, ids: torch.Tensor) -> t
 
 def verify_forward(model: Transformer, ids: torch.Tensor) -> Verdict:
     """Our dense forward against transformers' on ``ids`` (1, N)."""
+    ids = ids.to(model.device)
     ours = _stream_logits(model, Dense(), ids, chunk=ids.shape[1])
     with torch.inference_mode():
         ref = model.hf(ids).logits
@@ -95,6 +96,7 @@ def verify_forward(model: Transformer, ids: torch.Tensor) -> Verdict:
 def verify_policy(model: Transformer, policy: "Policy | str", ids: torch.Tensor, *, chunk: int = 128) -> Verdict:
     """The streaming runtime under ``policy`` (fed in chunks) against its reference."""
     policy = parse_policy(policy)
+    ids = ids.to(model.device)
     ours = _stream_logits(model, policy, ids, chunk)
     ref, name = reference_logits(model, policy, ids)
     diff = (ours.float() - ref.float()).abs().max().item()

@@ -26,7 +26,7 @@ class _Recorder:
     def __init__(self, model: Transformer, n: int) -> None:
         self.model = model
         self.cos, self.sin = model.rope.tables(torch.arange(n), torch.float64)
-        self.causal = torch.ones(n, n, dtype=torch.bool).tril()
+        self.causal = torch.ones(n, n, dtype=torch.bool, device=model.device).tril()
         self.maps: list[torch.Tensor] = []
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -44,7 +44,7 @@ def attention_maps(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
     """(L, H, N, N) attention probabilities of every layer and head for ``ids`` (N,)."""
     rec = _Recorder(model, ids.numel())
     model.forward(ids[None].to(model.device), rec, last_only=True)
-    return torch.stack(rec.maps)
+    return torch.stack(rec.maps).cpu()
 
 
 def first_k_share(maps: torch.Tensor, k: int) -> torch.Tensor:

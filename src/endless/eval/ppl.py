@@ -90,7 +90,7 @@ def recompute_nll(model: Transformer, ids: torch.Tensor, window: int, *, every: 
         group = torch.tensor(targets[lo : lo + batch])
         windows = ids[group[:, None] - window - 1 + torch.arange(window + 1)]  # (g, W+1)
         fresh = RingKV(model, Dense(), batch=windows.shape[0], chunk=windows.shape[1])
-        logits = fresh.forward(windows, last_only=True)[:, 0].float()
+        logits = fresh.forward(windows.to(model.device), last_only=True)[:, 0].float().cpu()
         lp = torch.log_softmax(logits, dim=-1).gather(1, ids[group][:, None])[:, 0]
         out[group] = -lp.double()
         if progress is not None:
