@@ -9,6 +9,7 @@ import pytest
 
 from endless.cli import main as main_module
 from endless.cli.main import COMMANDS, build_parser, main
+from endless.config import parse_policy
 from endless.models.tiny import tiny_model
 
 
@@ -158,3 +159,26 @@ def test_compile_with_bfloat16_is_one_line_and_exit_2(capsys):
     assert main(["generate", "hi", "--compile", "--dtype", "bfloat16", "--threads", "1", "--model", "nope"]) == 2
     captured = capsys.readouterr()
     assert "--compile speeds up float32 only" in one_line(captured.err)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["generate", "hi", "--temperature", "-1"], "--temperature must be >= 0"),
+    (["chat", "--temperature", "nan"], "--temperature must be >= 0"),
+    (["generate", "hi", "--threads", "0"], "--threads must be >= 1"),
+])
+def test_out_of_range_sampling_and_threads_are_refused_in_one_line(args, message):
+    code, out, err = run_cli(*args)
+    assert code == 2 and message in one_line(err)
+
+
+def test_a_fam_stream_without_a_trained_prompt_warns_once(caplog):
+    from endless.fam.state import FamState, _warn_untrained
+    from endless.model import Transformer
+    from endless.models.tiny import tiny_model
+
+    _warn_untrained.cache_clear()
+    model = Transformer(tiny_model("llama"))
+    with caplog.at_level("WARNING", logger="endless.fam.state"):
+        FamState(model, parse_policy("fam:8x1+4"))
+        FamState(model, parse_policy("fam:8x1+4"))
+    assert sum("untrained memory" in r.getMessage() for r in caplog.records) == 1

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from endless.cli.common import add_model_args, inference_model, load_from_args
+from endless.errors import EndlessError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -38,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
     from endless.stream import Stream
 
     policy = parse_policy(args.policy)
+    if not args.temperature >= 0:  # also refuses NaN
+        raise EndlessError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
     hf, tok = load_from_args(args)
     model = inference_model(hf, compile=args.compile)
     if args.session and args.session.exists():

@@ -48,8 +48,12 @@ def set_threads(args: argparse.Namespace) -> None:
     """torch threads from --threads (default: every core)."""
     import torch
 
-    n = getattr(args, "threads", None) or os.cpu_count() or 1
-    torch.set_num_threads(max(1, n))
+    n = getattr(args, "threads", None)
+    if n is not None and n < 1:
+        from endless.errors import EndlessError
+
+        raise EndlessError(f"--threads must be >= 1, got {n}")
+    torch.set_num_threads(n or os.cpu_count() or 1)
 
 
 def load_from_args(args: argparse.Namespace, *, need_tokenizer: bool = True):

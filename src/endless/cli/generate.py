@@ -50,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
         raise EndlessError("empty prompt")
     if args.max_new_tokens < 1:
         raise EndlessError("--max-new-tokens must be >= 1")
+    if not args.temperature >= 0:  # also refuses NaN
+        raise EndlessError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
     hf, tok = load_from_args(args)
     stream = Stream(inference_model(hf, compile=args.compile), policy)
     if args.chat:

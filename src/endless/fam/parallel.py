@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
 from endless.config import BSWA, FAM
 from endless.device import fused_attention
-from endless.fam.memory import FamPrompt, fam_positions, fam_qkv, fam_update, initial_fam
+from endless.fam.memory import FamPrompt, fam_qkv, fam_update, initial_fam
 from endless.model import Transformer
 from endless.rope import rotate
 

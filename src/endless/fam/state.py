@@ -15,12 +15,24 @@ distances up to (M+1)*B + F ever occur, all inside the trained context.
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 
 from endless.config import FAM
 from endless.fam.memory import FamPrompt, fam_positions, fam_qkv, fam_update, initial_fam
 from endless.model import Transformer, gqa_mix, gqa_scores, masked_softmax
 from endless.rope import rotate
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _warn_untrained(spec: str) -> None:
+    """Once per policy and process: a FAM stream without a trained prompt runs an untrained memory."""
+    log.warning("%s runs an untrained memory (no checkpoint's prompt): give --fam CHECKPOINT from "
+                "`endless train fam` for a memory that remembers", spec)
 
 
 class FamState:
@@ -46,6 +58,7 @@ class FamState:
             if prompt is None:
                 prompt = getattr(model, "fam_prompt", None)
             if prompt is None:
+                _warn_untrained(policy.spec)
                 prompt = FamPrompt.neutral(model, f)
             if prompt.rows != f:
                 raise ValueError(f"the FAM prompt has {prompt.rows} rows, the policy {f}")

@@ -262,12 +262,10 @@ def train(cfg: FamTrainConfig, *, out: "str | Path | None", cpu: bool | None = N
     skip loading ``cfg.model`` (tests). Every process of a distributed launch calls this."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
-    from endless.device import describe
+    from endless.device import describe, resolve_device
     from endless.fam.checkpoint import save_fam
     from endless.models import load, model_identity
     from endless.progress import bar as progress_bar
-
-    from endless.device import resolve_device
 
     if cpu is None:
         cpu = resolve_device(cfg.device).type == "cpu"
