@@ -117,3 +117,14 @@ def test_verify_recompute_and_attention_maps_on_cuda_equal_the_cpu():
         assert verify_policy(gpu, spec, ids[None], chunk=16).ok
     assert torch.allclose(recompute_nll(cpu, ids, 32), recompute_nll(gpu, ids, 32), atol=1e-3, equal_nan=True)
     assert torch.allclose(attention_maps(cpu, ids), attention_maps(gpu, ids), atol=1e-4)
+
+
+def test_tiny_fam_trains_on_cuda_with_every_recipe_option():
+    from endless.train.tiny import TinyConfig, evaluate, train_policy
+
+    cfg = TinyConfig(steps=8, batch=4, carry=32, carry_grad=True, carry_after=0, unexplored=0.5,
+                     unexplored_from="noise", eval_lengths=(96,), eval_examples=4)
+    run = train_policy("fam:8x1+4", cfg, progress=False, device="cuda")
+    assert run.model.device.type == "cuda" and len(run.losses) == 8
+    assert all(torch.isfinite(torch.tensor(run.losses)))
+    assert len(evaluate(run, cfg, progress=False)) == 1

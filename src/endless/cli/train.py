@@ -16,7 +16,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from endless.cli.common import add_model_args, number_list, write_json
+from endless.cli.common import add_device_arg, add_model_args, device_from_args, number_list, write_json
 from endless.errors import EndlessError
 
 
@@ -173,6 +173,7 @@ def _add_tiny(tsub) -> None:
     p.add_argument("--init", type=Path, default=None, metavar="MODEL",
                    help="train a model folder written by --save further with this command's budget "
                         "(its policy, shape and data alphabet; a curriculum)")
+    add_device_arg(p)
     p.add_argument("--json", type=Path, default=None, metavar="PATH")
     p.add_argument("--plot", type=Path, default=None, metavar="PNG", help="accuracy against length")
     p.set_defaults(func=run_tiny)
@@ -193,6 +194,7 @@ def run_tiny(args: argparse.Namespace) -> int:
     from endless.train.tiny import TinyConfig, config_dict, run_experiment
 
     _threads(args)
+    device = device_from_args(args)
     cfg = TinyConfig(  # validates itself
                      steps=args.steps, batch=args.batch, lr=args.lr, block=args.block, fam=args.fam,
                      kv_heads=args.kv_heads, ffn=args.ffn, vocab=args.vocab, min_len=args.min_len, max_len=args.max_len,
@@ -226,11 +228,12 @@ def run_tiny(args: argparse.Namespace) -> int:
     if args.load:
         from endless.train.tiny import evaluate
 
+        run.model.to(device)
         evaluate(run, cfg)
         runs = [run]
     else:
         runs = run_experiment(cfg, ablation=args.ablation, only=only, progress=True, save=args.save,
-                              start=saved[0] if saved is not None else None)
+                              start=saved[0] if saved is not None else None, device=device)
     results = [r for run in runs for r in run.results]
     print(table(results))
     print()

@@ -73,8 +73,8 @@ def memory_report(model: Transformer, policy: FAM, examples: list[Example], *, s
     cut = ((n - 1) // bl - 1) * bl  # two blocks before the question
     if short % bl or not bl <= short <= cut:
         raise ValueError(f"short must be a multiple of {bl} between {bl} and {cut} for {n}-token prompts")
-    ids = torch.tensor([e.prompt for e in examples])
-    answers = torch.tensor([e.answer for e in examples])
+    ids = torch.tensor([e.prompt for e in examples], device=model.device)
+    answers = torch.tensor([e.answer for e in examples], device=model.device)
     batch = len(examples)
 
     reference = FamState(model, policy, batch=batch)

@@ -152,8 +152,9 @@ def policies(cfg: TinyConfig, *, ablation: bool = False) -> list[str]:
     return specs
 
 
-def build_model(policy: Policy, cfg: TinyConfig) -> Transformer:
-    """A fresh random tiny Llama (seeded) with a FAM prompt when the policy has FAM rows."""
+def build_model(policy: Policy, cfg: TinyConfig, device: "str | torch.device | None" = None) -> Transformer:
+    """A fresh random tiny Llama (seeded, built on the CPU, then moved to ``device``) with a FAM
+    prompt when the policy has FAM rows."""
     from endless.models.tiny import tiny_model
 
     span = policy.span() or cfg.max_len
@@ -165,7 +166,7 @@ def build_model(policy: Policy, cfg: TinyConfig) -> Transformer:
                 layer.self_attn.o_proj.weight.normal_(0.0, cfg.out_std)
                 layer.mlp.down_proj.weight.normal_(0.0, cfg.out_std)
     hf.train()
-    model = Transformer(hf)
+    model = Transformer(hf, device=device)
     if isinstance(policy, FAM) and policy.fam:
         # *ours*: the prompt starts as embeddings of filler symbols (the tiny task has no words)
         model.fam_prompt = FamPrompt.from_tokens(model, list(range(FIRST_FILLER, FIRST_FILLER + policy.fam)), policy.fam)
@@ -273,25 +274,29 @@ def unexplored_start(model: Transformer, prompt: FamPrompt, last: list[torch.Ten
     first residual). Returns (None, None) when no sequence was drawn.
     """
     bsz = last[0].shape[0]
-    swap = torch.tensor([rng.random() < cfg.unexplored for _ in range(bsz)])
+    swap = torch.tensor([rng.random() < cfg.unexplored for _ in range(bsz)], device=last[0].device)
     if not swap.any():
         return None, None
     if cfg.unexplored_from == "noise":
-        src = [s.mean(0) + s.std(0) * torch.randn(s.shape, generator=gen, dtype=s.dtype) for s in last]
+        src = [s.mean(0) + s.std(0) * torch.randn(s.shape, generator=gen, dtype=s.dtype).to(s.device) for s in last]
     else:
-        perm = torch.randperm(bsz, generator=gen)
+        perm = torch.randperm(bsz, generator=gen).to(last[0].device)
         src = [s[perm] for s in last]
     start = initial_fam(model, prompt)
     init = [torch.where(swap[:, None, None], x, s0[None].expand(bsz, -1, -1)) for x, s0 in zip(src, start, strict=True)]
     return init, ~swap
 
 
-def train_policy(spec: str, cfg: TinyConfig, *, progress: bool = True, start: Transformer | None = None) -> TinyRun:
+def train_policy(spec: str, cfg: TinyConfig, *, progress: bool = True, start: Transformer | None = None,
+                 device: "str | torch.device | None" = None) -> TinyRun:
     """Train a fresh tiny model under ``spec`` with the shared budget; loss on the answer digits.
     ``start`` (a model trained under ``spec``, e.g. from ``load_tiny``) is trained further instead:
-    a curriculum, with this budget's own warm-up and decay."""
+    a curriculum, with this budget's own warm-up and decay. ``device``: where it trains (the data
+    is drawn on the host, the same on every device)."""
     policy = parse_policy(spec)
-    model = start if start is not None else build_model(policy, cfg)
+    model = start if start is not None else build_model(policy, cfg, device)
+    if start is not None and device is not None:
+        model.to(device)
     model.hf.train()
     prompt = model.fam_prompt
     params = list(model.hf.parameters()) + ([prompt.embeddings] if prompt is not None else [])
@@ -330,7 +335,7 @@ def train_policy(spec: str, cfg: TinyConfig, *, progress: bool = True, start: Tr
             last = [s.detach() for s in state]
         else:
             logits = parallel_forward(model, ids, policy, prompt, init_state=init)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.to(logits.device).flatten(), ignore_index=-100)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -383,7 +388,8 @@ def save_name(spec: str) -> str:
 
 
 def run_experiment(cfg: TinyConfig, *, ablation: bool = False, only: list[str] | None = None,
-                   progress: bool = True, save: "Path | None" = None, start: TinyRun | None = None) -> list[TinyRun]:
+                   progress: bool = True, save: "Path | None" = None, start: TinyRun | None = None,
+                   device: "str | torch.device | None" = None) -> list[TinyRun]:
     """Train and evaluate every policy of the experiment (or ``only`` these specs). ``save``: a
     folder that receives each trained model (``save / save_name(spec)``) before it is evaluated;
     ``start``: continue training that saved run instead (its policy only)."""
@@ -393,7 +399,8 @@ def run_experiment(cfg: TinyConfig, *, ablation: bool = False, only: list[str] |
     runs = []
     specs = [start.policy] if start is not None else only or policies(cfg, ablation=ablation)
     for spec in specs:
-        run = train_policy(spec, cfg, progress=progress, start=start.model if start is not None else None)
+        run = train_policy(spec, cfg, progress=progress, start=start.model if start is not None else None,
+                           device=device)
         if save is not None:
             log.info("%s: saved to %s", spec, save_tiny(save / save_name(spec), run, cfg))
         evaluate(run, cfg, progress=progress)
