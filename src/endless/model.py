@@ -67,7 +67,7 @@ class Transformer:
         self.layers = list(base.layers)
         self.norm = base.norm
         self.lm_head = hf_model.lm_head
-        self.rope = Rope.from_hf(hf_model).to(hf_model.model.embed_tokens.weight.device)
+        self.rope = Rope.from_hf(hf_model)  # on the device of the model's rotary buffer: its weights'
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.dims = Dims(
             n_layers=cfg.num_hidden_layers,
