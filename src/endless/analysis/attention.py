@@ -3,7 +3,7 @@
 Contract: ``attention_maps`` runs our forward path densely (causal, positions 0..N-1) over a
 short text and returns every layer's and head's attention probabilities (L, H, N, N), float32:
 the same numbers the model attends with (the backend here is the dense causal reference,
-checked against transformers' own ``output_attentions`` in tests/test_analysis.py).
+checked against transformers' own ``output_attentions`` in tests/test_eval.py).
 ``first_k_share`` is the share of each query's attention on the first k tokens, averaged over
 the queries that have more than k tokens to choose from; under uniform attention it would be
 about k / (mean query length), which is what the figures compare against.

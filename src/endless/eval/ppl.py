@@ -3,7 +3,7 @@
 Contract: ``streaming_nll`` reads a token sequence through a ``Stream`` under one policy and
 returns each token's negative log-likelihood given everything before it under that policy, in
 float64, for tokens 1..N-1 (token 0 has no prediction). Chunked reading is exact, so the
-numbers equal token-by-token evaluation (tests/test_eval_ppl.py) at a fraction of the cost.
+numbers equal token-by-token evaluation (tests/test_eval.py) at a fraction of the cost.
 ``dense`` is allowed past the model's trained context on purpose: showing it degrade there is
 the point of the comparison.
 
