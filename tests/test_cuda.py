@@ -88,7 +88,7 @@ def test_train_fam_steps_on_cuda_and_the_checkpoint_loads_on_the_cpu(tmp_path):
                          device="cuda", log_every=2)
     res = train(cfg, out=tmp_path / "ckpt", progress=False)
     assert len(res.losses) == 6 and all(torch.isfinite(torch.tensor(res.losses)))
-    assert res.stages[-1][0] == 300 and "cpu" not in res.device.lower()
+    assert res.stages[-1]["length"] == 300 and "cpu" not in res.device.lower()
     model, _, policy = load_fam(tmp_path / "ckpt", device="cpu")
     lp = Stream(model, policy, chunk=32).feed(_ids(80))
     assert torch.isfinite(lp[0, 1:]).all()

@@ -130,21 +130,18 @@ def test_sampling_with_a_seed_draws_on_the_host():
 
 
 def test_curriculum_advances_by_budget_share_and_once_learned():
-    from endless.train.fam import Curriculum, FamTrainConfig, _passed_state
+    from endless.train.curriculum import Stages
+    from endless.train.fam import FamTrainConfig, _passed_state
 
-    cfg = FamTrainConfig(steps=90, min_len=100, max_len=800, curriculum=(200, 400, 800), log_every=5)
-    c = Curriculum(cfg)
-    assert c.max_len == 200
-    c.update(29, 0.0, [3.0] * 29)
-    assert c.max_len == 200
-    c.update(30, 0.0, [3.0] * 30)  # a third of the steps: the second stage
-    assert c.max_len == 400 and c.history == [(200, 0), (400, 30)]
-    learned = Curriculum(FamTrainConfig(**{**cfg.__dict__, "curriculum_loss": 0.5}))
-    learned.update(5, 0.0, [0.1] * 5)  # learned before its share of the budget
-    assert learned.max_len == 400
-    timed = Curriculum(FamTrainConfig(**{**cfg.__dict__, "minutes": 1.0}))
-    timed.update(1, 21.0, [3.0])  # a third of a minute
-    assert timed.max_len == 400
+    c = Stages((200, 400, 800), threshold=0.5, window=5)
+    assert c.length == 200 and c.share == 1 / 3
+    c.record(0, 3.0, spent=False)
+    assert c.length == 200
+    c.record(29, 3.0, spent=True)  # its share of the budget is spent: the second stage
+    assert c.length == 400 and c.began == [{"step": 0, "length": 200}, {"step": 30, "length": 400}]
+    for step in range(30, 35):  # learned before its share of the budget
+        c.record(step, 0.1)
+    assert c.length == 800 and c.share == 1.0
     with pytest.raises(EndlessError, match="--curriculum"):
         FamTrainConfig(min_len=100, max_len=800, curriculum=(400, 200))
     with pytest.raises(EndlessError, match="--minutes"):

@@ -387,21 +387,21 @@ def test_grad_cap_reads_the_start_of_a_long_prefix_without_gradient():
 
 
 def test_curriculum_moves_on_once_the_stage_is_learnt():
-    from endless.train.tiny import Curriculum
+    from endless.train.curriculum import Stages
 
-    c = Curriculum(TinyConfig(curriculum=(16, 32, 64), curriculum_loss=0.1), window=3)
-    assert c.hold == 16
+    c = Stages((16, 32, 64), threshold=0.1, window=3)
+    assert c.length == 16
     for step, loss in enumerate([1.0, 0.05, 0.05]):  # mean over the window 0.37: stays
         c.record(step, loss)
-    assert c.hold == 16
+    assert c.length == 16
     c.record(3, 0.05)  # the last three: 0.05
-    assert c.hold == 32 and c.began == [{"step": 0, "carry": 16}, {"step": 4, "carry": 32}]
+    assert c.length == 32 and c.began == [{"step": 0, "length": 16}, {"step": 4, "length": 32}]
     for step in range(4, 7):
         c.record(step, 0.01)
     for step in range(7, 20):
         c.record(step, 0.01)
-    assert c.hold == 64 and len(c.began) == 3  # the last stage stays
-    assert Curriculum(TinyConfig(carry=40)).hold == 40 and Curriculum(TinyConfig()).hold == 0
+    assert c.length == 64 and len(c.began) == 3  # the last stage stays
+    assert Stages((40,)).length == 40 and Stages(()).length == 0
 
 
 def test_unexplored_rows_start_from_explored_states_and_fresh_rows_as_usual():
@@ -457,6 +457,6 @@ def test_recipe_flags_reach_the_run_and_its_json(tmp_path):
     data = json.loads(path.read_text())
     cfg = data["config"]
     assert (cfg["curriculum"], cfg["grad_cap"], cfg["unexplored"], cfg["unexplored_from"]) == ([16, 32], 16, 1.0, "noise")
-    assert data["runs"][0]["curriculum"] == [{"step": 0, "carry": 16}]  # 4 steps: less than the 50-step window
+    assert data["runs"][0]["curriculum"] == [{"step": 0, "length": 16}]  # 4 steps: less than the 50-step window
     for bad in (["--unexplored-from", "zeros"], ["--curriculum", "16,8"], ["--grad-cap", "7", "--carry-grad"]):
         assert main(["train", "fam-tiny", "--steps", "1", *bad]) == 2

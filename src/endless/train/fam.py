@@ -45,6 +45,7 @@ from endless.errors import EndlessError
 from endless.fam import FamPrompt, parallel_forward
 from endless.model import Transformer
 from endless.peft_quiet import quiet_peft
+from endless.train.curriculum import Stages
 from endless.train.data import Example, PasskeyFormat, collate, random_key, text_example
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,7 @@ class FamTrainResult:
     is_main: bool = True
     module: FamModule | None = None
     tokenizer: object = None
-    stages: list = field(default_factory=list)  # (longest sequence, first step) of each curriculum stage
+    stages: list = field(default_factory=list)  # {"step", "length"}: where each curriculum stage began
     device: str = "cpu"
 
 
@@ -295,11 +296,11 @@ def train(cfg: FamTrainConfig, *, out: "str | Path | None", cpu: bool | None = N
     rng = random.Random(cfg.seed * 7919 + acc.process_index)
     carried: list[torch.Tensor] | None = None  # RSP: final FAMs of the last step
     losses: list[float] = []
-    curriculum = Curriculum(cfg)
+    curriculum = Stages(cfg.curriculum or (cfg.max_len,), threshold=cfg.curriculum_loss, window=cfg.log_every)
     start = time.perf_counter()
     bar = progress_bar(range(cfg.steps), desc="train fam", disable=not (progress and acc.is_main_process), leave=True)
     for step in bar:
-        ids, targets = collate(sampler.batch(curriculum.max_len), pad=tokenizer.pad_token_id or 0)
+        ids, targets = collate(sampler.batch(curriculum.length), pad=tokenizer.pad_token_id or 0)
         ids, targets = ids.to(acc.device), targets.to(acc.device)
         offset = rng.randrange(RPO_MAX) if cfg.rpo and rng.random() < 0.5 else 0
         init = None
@@ -318,11 +319,13 @@ def train(cfg: FamTrainConfig, *, out: "str | Path | None", cpu: bool | None = N
             raise EndlessError(f"the loss is not finite at step {step + 1}: training diverged (try a lower --lr)")
         if (step + 1) % cfg.log_every == 0:
             recent = sum(losses[-cfg.log_every:]) / cfg.log_every
-            bar.set_postfix(loss=f"{recent:.3f}", len=curriculum.max_len, refresh=False)
-            log.info("step %d loss %.4f (max length %d)", step + 1, recent, curriculum.max_len)
+            bar.set_postfix(loss=f"{recent:.3f}", len=curriculum.length, refresh=False)
+            log.info("step %d loss %.4f (max length %d)", step + 1, recent, curriculum.length)
         # every rank decides from the reduced loss and rank 0's clock: all stop (and advance) together
         elapsed = acc.reduce(torch.tensor(time.perf_counter() - start, device=acc.device), reduction="mean").item()
-        curriculum.update(step + 1, elapsed, losses)
+        budget = 60 * cfg.minutes if cfg.minutes is not None else None
+        spent = elapsed >= budget * curriculum.share if budget else step + 1 >= cfg.steps * curriculum.share
+        curriculum.record(step, mean, spent=spent)
         if cfg.minutes is not None and elapsed >= 60 * cfg.minutes:
             log.info("time budget of %.1f min reached after %d steps", cfg.minutes, step + 1)
             break
@@ -338,47 +341,14 @@ def train(cfg: FamTrainConfig, *, out: "str | Path | None", cpu: bool | None = N
             save_fam(path, inner.peft, inner.prompt, spec, base_model=_base_name(cfg.model),
                      base_identity=base_identity,
                      train_config={**asdict(cfg), "processes": acc.num_processes, "seconds": round(seconds, 1),
-                                   "steps_done": len(losses), "stages": curriculum.history,
+                                   "steps_done": len(losses), "stages": curriculum.began,
                                    "device": describe(acc.device)})
             log.info("rank %d wrote the checkpoint %s", acc.process_index, path)
         acc.wait_for_everyone()
     module = acc.unwrap_model(module)
     module.eval()
     return FamTrainResult(path, losses, seconds, acc.num_processes, acc.is_main_process, module, tokenizer,
-                          stages=curriculum.history, device=describe(acc.device))
-
-
-class Curriculum:
-    """The longest training sequence now: ``cfg.curriculum``'s stages in order, each ending when
-    the mean loss of its last ``cfg.log_every`` steps is below ``cfg.curriculum_loss`` or when
-    its equal share of the budget (``cfg.minutes`` if set, else ``cfg.steps``) is spent. Without
-    stages it is ``cfg.max_len`` throughout. ``history`` lists (stage length, first step)."""
-
-    def __init__(self, cfg: FamTrainConfig) -> None:
-        self.cfg = cfg
-        self.stages = tuple(cfg.curriculum) or (cfg.max_len,)
-        self.stage = 0
-        self.stage_start = 0
-        self.history: list[tuple[int, int]] = [(self.stages[0], 0)]
-
-    @property
-    def max_len(self) -> int:
-        return self.stages[self.stage]
-
-    def update(self, steps_done: int, seconds: float, losses: list[float]) -> None:
-        if self.stage + 1 >= len(self.stages):
-            return
-        cfg, share = self.cfg, (self.stage + 1) / len(self.stages)
-        spent = seconds >= 60 * cfg.minutes * share if cfg.minutes is not None else steps_done >= cfg.steps * share
-        recent = losses[max(self.stage_start, len(losses) - cfg.log_every):]
-        learned = (cfg.curriculum_loss > 0 and len(recent) >= cfg.log_every
-                   and sum(recent) / len(recent) < cfg.curriculum_loss)
-        if spent or learned:
-            self.stage += 1
-            self.stage_start = steps_done
-            self.history.append((self.max_len, steps_done))
-            log.info("curriculum: stage %d, sequences up to %d tokens from step %d", self.stage + 1, self.max_len,
-                     steps_done)
+                          stages=curriculum.began, device=describe(acc.device))
 
 
 def _passed_state(carried: list[torch.Tensor], batch: int, shuffle: bool, rng: random.Random) -> list[torch.Tensor]:

@@ -15,7 +15,7 @@ of some batches in a prefix read without gradient, so the graded part must hold 
 already been held for up to ``carry`` tokens; with ``carry_grad`` the prefix is back-propagated
 through as well (the sequence is then simply longer, its key early). Three recipe options
 (benchmarks/fam/tiny_recipe.md measures them): ``curriculum`` grows the carried length in stages
-(``Curriculum``), ``grad_cap`` bounds the graded part of a carried prefix (the rest is read
+(``endless.train.curriculum.Stages``), ``grad_cap`` bounds the graded part of a carried prefix (the rest is read
 without gradient), and ``unexplored`` starts sequences from explored FAM states
 (``unexplored_start``).
 
@@ -44,6 +44,7 @@ from endless.fam import FamPrompt, parallel_forward
 from endless.fam.memory import initial_fam
 from endless.model import Transformer
 from endless.progress import bar as progress_bar
+from endless.train.curriculum import Stages
 from endless.train.data import FIRST_FILLER, MIN_VOCAB, collate, digit_example
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ class TinyRun:
     losses: list[float]
     seconds: float
     results: list[PasskeyResult] = field(default_factory=list)
-    stages: list[dict] = field(default_factory=list)  # curriculum: {"step", "carry"} where each stage began
+    stages: list[dict] = field(default_factory=list)  # curriculum: {"step", "length"} where each carry stage began
 
 
 def policies(cfg: TinyConfig, *, ablation: bool = False) -> list[str]:
@@ -224,41 +225,6 @@ def carried_batch(model: Transformer, policy: FAM, prompt, n: int, cfg: TinyConf
     return ids[:, prefix:], targets[:, prefix:], state
 
 
-class Curriculum:
-    """The carried hold's length, grown in stages (after "Scaling Transformer to 1M tokens and
-    beyond with RMT", Bulatov et al. 2023, section 4: training starts on few segments and their
-    number grows each time training converges; here the unit is the carried prefix's length).
-
-    Stage k carries prefixes of up to ``stages[k]`` tokens; the next stage begins once the mean loss
-    of the last ``window`` carried batches of this stage is below ``threshold``. Without stages it
-    is the constant ``--carry``.
-    """
-
-    def __init__(self, cfg: TinyConfig, window: int = 50) -> None:
-        self.lengths = cfg.curriculum or ((cfg.carry,) if cfg.carry else ())
-        self.threshold, self.window = cfg.curriculum_loss, window
-        self.stage = 0
-        self.recent: list[float] = []
-        self.began: list[dict] = []
-
-    @property
-    def hold(self) -> int:
-        """The current stage's carry length (0: no carry)."""
-        return self.lengths[self.stage] if self.lengths else 0
-
-    def record(self, step: int, loss: float) -> None:
-        """Note a carried batch's loss at ``step``; move to the next stage when this one is learnt."""
-        if not self.began:
-            self.began.append({"step": step, "carry": self.hold})
-        self.recent.append(loss)
-        done = len(self.recent) >= self.window and sum(self.recent[-self.window:]) / self.window < self.threshold
-        if done and self.stage + 1 < len(self.lengths):
-            self.stage += 1
-            self.recent = []
-            self.began.append({"step": step + 1, "carry": self.hold})
-            log.info("curriculum: carry %d tokens from step %d", self.hold, step + 1)
-
-
 def unexplored_start(model: Transformer, prompt: FamPrompt, last: list[torch.Tensor], cfg: TinyConfig,
                      rng: random.Random, gen: torch.Generator) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
     """Initial FAMs (per layer (B, F, d)) and the ``fresh`` rows for a batch trained from unexplored
@@ -311,11 +277,11 @@ def train_policy(spec: str, cfg: TinyConfig, *, progress: bool = True, start: Tr
     aux_rng = random.Random(cfg.seed + 3)  # RSP and carry draw apart from the plain batches
     # the unexplored states draw apart from both, so the other draws stay those of the baseline
     ux_rng, ux_gen = random.Random(cfg.seed + 5), torch.Generator().manual_seed(cfg.seed + 5)
-    curriculum = Curriculum(cfg)
+    curriculum = Stages(cfg.curriculum or ((cfg.carry,) if cfg.carry else ()), threshold=cfg.curriculum_loss, window=50)
     for step in bar:
         n = rng.randint(cfg.min_len, cfg.max_len) - cfg.digits
         init = fresh = None
-        hold = curriculum.hold
+        hold = curriculum.length
         is_carried = prompt is not None and hold and step >= cfg.carry_after and aux_rng.random() < cfg.carry_p
         if is_carried:
             ids, targets, init = carried_batch(model, policy, prompt, n, cfg, aux_rng, hold=hold)
@@ -412,4 +378,4 @@ def config_dict(cfg: TinyConfig) -> dict:
     return asdict(cfg)
 
 
-__all__ = ["TinyConfig", "TinyRun", "Curriculum", "policies", "build_model", "unexplored_start", "train_policy", "evaluate", "diagnose", "run_experiment", "save_name"]
+__all__ = ["TinyConfig", "TinyRun", "policies", "build_model", "unexplored_start", "train_policy", "evaluate", "diagnose", "run_experiment", "save_name"]
