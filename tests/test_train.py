@@ -460,3 +460,18 @@ def test_recipe_flags_reach_the_run_and_its_json(tmp_path):
     assert data["runs"][0]["curriculum"] == [{"step": 0, "length": 16}]  # 4 steps: less than the 50-step window
     for bad in (["--unexplored-from", "zeros"], ["--curriculum", "16,8"], ["--grad-cap", "7", "--carry-grad"]):
         assert main(["train", "fam-tiny", "--steps", "1", *bad]) == 2
+
+
+def test_tiny_minutes_budget_stops_training_and_drives_the_cosine():
+    """``--minutes``: validated; the decay follows the clock when it ends first; a run stopped by
+    the clock keeps the steps it made."""
+    from endless.train.tiny import lr_factor
+
+    with pytest.raises(EndlessError, match="--minutes"):
+        TinyConfig(minutes=0)
+    cfg = TinyConfig(steps=1000, warmup=0, minutes=1.0)
+    assert lr_factor(10, cfg, elapsed=0.0) == pytest.approx(lr_factor(10, TinyConfig(steps=1000, warmup=0)))
+    assert lr_factor(10, cfg, elapsed=30.0) == pytest.approx(0.5, abs=0.02)  # half the clock: half the cosine
+    assert lr_factor(10, cfg, elapsed=90.0) == pytest.approx(0.0)
+    run = train_policy("fam:8x1+4", TinyConfig(steps=10_000, batch=2, minutes=1e-4, warmup=1), progress=False)
+    assert 1 <= len(run.losses) < 10_000

@@ -111,6 +111,9 @@ def _add_tiny(tsub) -> None:
         ),
     )
     p.add_argument("--steps", type=int, default=d.steps, help="(default: %(default)s)")
+    p.add_argument("--minutes", type=float, default=None, metavar="M",
+                   help="stop each policy's training after M minutes; the cosine decay follows the clock "
+                        "when it ends before --steps")
     p.add_argument("--batch", type=int, default=d.batch, help="(default: %(default)s)")
     p.add_argument("--lr", type=float, default=d.lr, help="(default: %(default)s)")
     p.add_argument("--block", type=int, default=d.block, help="B (default: %(default)s)")
@@ -196,7 +199,7 @@ def run_tiny(args: argparse.Namespace) -> int:
     _threads(args)
     device = device_from_args(args)
     cfg = TinyConfig(  # validates itself
-                     steps=args.steps, batch=args.batch, lr=args.lr, block=args.block, fam=args.fam,
+                     steps=args.steps, minutes=args.minutes, batch=args.batch, lr=args.lr, block=args.block, fam=args.fam,
                      kv_heads=args.kv_heads, ffn=args.ffn, vocab=args.vocab, min_len=args.min_len, max_len=args.max_len,
                      init_std=args.init_std, out_std=args.out_std,
                      memories=args.memories, eval_lengths=args.eval_lengths, eval_examples=args.eval_examples,

@@ -87,9 +87,12 @@ class TinyConfig:
     unexplored: float = 0.0  # unexplored states: probability that a sequence starts from an explored state
     unexplored_after: int = 0  # ... from this step on
     unexplored_from: str = "batch"  # "batch": the last step's final FAMs, permuted; "noise": drawn like them
+    minutes: float | None = None  # stop training after this many minutes (the cosine follows the clock)
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.minutes is not None and not self.minutes > 0:
+            raise EndlessError(f"--minutes must be > 0, got {self.minutes}")
         for name in ("steps", "batch", "eval_examples", "ffn"):
             if getattr(self, name) < 1:
                 raise EndlessError(f"--{name.replace('_', '-')} must be >= 1")
@@ -182,13 +185,17 @@ def _depth(draw: float, cfg: TinyConfig) -> float:
     return draw if cfg.key_depth is None else cfg.key_depth
 
 
-def lr_factor(step: int, cfg: TinyConfig) -> float:
-    """Learning-rate multiplier at ``step``: linear warm-up, then constant or cosine to zero."""
+def lr_factor(step: int, cfg: TinyConfig, elapsed: float = 0.0) -> float:
+    """Learning-rate multiplier at ``step``: linear warm-up, then constant or cosine to zero.
+    With ``cfg.minutes`` the decay follows whichever budget is nearer its end (``elapsed``:
+    seconds of training so far), so a run stopped by the clock still ends at a low rate."""
     if step < cfg.warmup:
         return (step + 1) / cfg.warmup
     if not cfg.cosine:
         return 1.0
     done = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    if cfg.minutes is not None:
+        done = max(done, elapsed / (60 * cfg.minutes))
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, done)))
 
 
@@ -267,10 +274,10 @@ def train_policy(spec: str, cfg: TinyConfig, *, progress: bool = True, start: Tr
     prompt = model.fam_prompt
     params = list(model.hf.parameters()) + ([prompt.embeddings] if prompt is not None else [])
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     rng = random.Random(cfg.seed + 1)  # the same data for every policy
     losses: list[float] = []
     start = time.perf_counter()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg, time.perf_counter() - start))
     bar = progress_bar(range(cfg.steps), desc=spec, disable=not progress)
     carried: list[torch.Tensor] | None = None  # RSP: the first example's final FAM, detached
     last: list[torch.Tensor] | None = None  # unexplored states: the last step's final FAMs, detached
@@ -315,9 +322,12 @@ def train_policy(spec: str, cfg: TinyConfig, *, progress: bool = True, start: Tr
                                "(a lower --lr, or ',norm' to bound the FAM)")
         if len(losses) % 50 == 0:
             bar.set_postfix(loss=f"{sum(losses[-50:]) / 50:.3f}", refresh=False)
+        if cfg.minutes is not None and time.perf_counter() - start >= 60 * cfg.minutes:
+            log.info("%s: time budget of %.1f min reached after %d steps", spec, cfg.minutes, step + 1)
+            break
     model.hf.eval()
     seconds = time.perf_counter() - start
-    log.info("%s: %d steps in %.0f s, final loss %.3f", spec, cfg.steps, seconds, sum(losses[-50:]) / min(50, len(losses)))
+    log.info("%s: %d steps in %.0f s, final loss %.3f", spec, len(losses), seconds, sum(losses[-50:]) / min(50, len(losses)))
     return TinyRun(spec, model, losses, seconds, stages=curriculum.began if cfg.curriculum else [])
 
 
