@@ -17,7 +17,8 @@ from endless.config import parse_policy
 from endless.device import resolve_device
 from endless.errors import EndlessError
 from endless.fam import FamPrompt, parallel_forward
-from endless.model import Transformer, gqa_mix, gqa_scores, sdpa_attention
+from endless.attention import gqa_mix, gqa_scores, sdpa_attention
+from endless.model import Transformer
 from endless.models.tiny import tiny_model
 from endless.stream import Stream
 

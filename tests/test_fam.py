@@ -50,10 +50,10 @@ def test_first_residual_changes_only_what_follows_the_first_update(model):
 def test_null_slot_lets_the_update_attend_to_nothing(model):
     """``null``: the update's weights on the FAM and the block sum to less than one (the rest goes
     to a key 0 with value 0); block 0 reads the same initial FAM either way, later blocks differ."""
-    from endless.fam.memory import full_attention, null_slot_attention
+    from endless.attention import softmax_attention
 
     q, k, v = torch.randn(2, 4, 3, 16), torch.randn(2, 2, 5, 16), torch.ones(2, 2, 5, 16)
-    o_null, o_full = null_slot_attention(model, q, k, v), full_attention(model, q, k, v)
+    o_null, o_full = softmax_attention(q, k, v, null_slot=True), softmax_attention(q, k, v)
     assert torch.allclose(o_full, torch.ones_like(o_full)) and (o_null < 1).all() and (o_null > 0).all()
     ids = ids_of(24, seed=3)
     plain, null = parallel_lp(model, ids, "fam:8x1+4"), parallel_lp(model, ids, "fam:8x1+4,null")

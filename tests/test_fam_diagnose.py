@@ -10,7 +10,8 @@ from endless.fam import FamPrompt
 from endless.fam.diagnose import _RecordingState, memory_report
 from endless.fam.memory import fam_qkv, initial_fam
 from endless.fam.state import FamState
-from endless.model import Transformer, gqa_scores
+from endless.attention import gqa_scores
+from endless.model import Transformer
 from endless.models.tiny import tiny_model
 from endless.rope import rotate
 from endless.train.data import digit_example

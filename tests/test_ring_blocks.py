@@ -1,10 +1,10 @@
-"""RingKV scores long caches in query-row blocks (``SCORE_BLOCK``); blocking must not change
+"""The attention kernel scores long caches in query-row blocks (``SCORE_BLOCK``); blocking must not change
 the numbers, for dense, window and sinks past S+W (where sink columns use a second query)."""
 
 import pytest
 import torch
 
-import endless.policies.ring as ring
+import endless.attention as attention
 from endless.model import Transformer
 from endless.models.tiny import tiny_model
 from endless.stream import Stream
@@ -15,7 +15,7 @@ def test_row_blocks_give_the_same_logprobs(spec, monkeypatch):
     model = Transformer(tiny_model("llama", seed=0))
     ids = torch.randint(0, 128, (90,), generator=torch.Generator().manual_seed(0))
     whole = Stream(model, spec, chunk=30).feed(ids)
-    monkeypatch.setattr(ring, "SCORE_BLOCK", 4 * 40 * 3)  # a few rows per block
+    monkeypatch.setattr(attention, "SCORE_BLOCK", 4 * 40 * 3)  # a few rows per block
     blocked = Stream(model, spec, chunk=30).feed(ids)
     assert torch.allclose(blocked, whole, atol=1e-6, rtol=0, equal_nan=True)
 

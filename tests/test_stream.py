@@ -198,13 +198,13 @@ def test_token_logprobs_in_row_blocks_equal_the_whole_log_softmax():
 def test_buffered_chunk_attention_equals_the_autograd_path(dtype, monkeypatch):
     """Chunks under inference use reused score buffers; with gradients the plain tensors: the
     same scores (sinks past S+W included), one rounding of the probabilities apart at most."""
-    from endless.policies import ring
+    from endless.attention import Kernel
 
     m = Transformer(tiny_model("llama", seed=0, initializer_range=0.2).to(dtype))
     ids = ids_of(70, seed=3)
     want = Stream(m, "sinks:4+20", chunk=16).feed(ids)  # inference: the buffers
-    plain, original = [], ring._plain_attention
-    monkeypatch.setattr(ring, "_plain_attention", lambda *a: plain.append(1) or original(*a))
+    plain, original = [], Kernel._plain
+    monkeypatch.setattr(Kernel, "_plain", lambda self, *a: plain.append(1) or original(self, *a))
     s = Stream(m, "sinks:4+20", chunk=16)
     with torch.enable_grad():
         for p in m.hf.parameters():

@@ -37,8 +37,9 @@ per step is exact for one query only. So the cache works together with one atten
 registered through the public ``AttentionInterface`` and switched on with
 ``model.set_attn_implementation`` by ``streaming()``/``enable()``: ``SinkLayer.update`` only
 hands the new keys over; the attention function finds the layer through the buffer ``update``
-returned and runs ``SinkLayer.attend``, which is ``endless.policies.ring.RingKV.attend`` per
-layer: ring writes, the policy's mask on the slots' stream indices, and the S sink columns
+returned and runs ``SinkLayer.attend``: ring writes, the policy's mask on the slots' stream
+indices (``endless.attention.Slots``, the layout ``RingKV`` uses) and the same kernel
+(``endless.attention.Kernel``), the S sink columns
 recomputed with the query at ``min(t, S+W)``, in blocks of at most ``chunk`` queries so that the
 ring of W + ``chunk`` slots never loses a key a query of the block still needs. For any other
 cache the function is plain ``sdpa``, so the model keeps working as before.
@@ -68,7 +69,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from endless.config import Policy, Sinks, check_fits, parse_policy
 from endless.errors import EndlessError
-from endless.model import gqa_mix, gqa_scores, masked_softmax
+from endless.attention import Kernel, Slots, additive
 from endless.models import check_supported
 from endless.rope import rotate
 
@@ -86,23 +87,22 @@ class SinkLayer(CacheLayerMixin):
         super().__init__()
         self.policy = policy
         self.n_sinks = policy.sinks
-        self.ring = policy.window + chunk
         self.chunk = chunk
         self.rotary = rotary  # transformers' rotary module: its inv_freq is what it rotated with
         self.mask_fn = policy.mask()
+        self.slots = Slots(policy.sinks, policy.window + chunk)
+        self.kernel = Kernel(policy.sinks)
         self.t = 0  # tokens read
-        self.slot_pos: torch.Tensor | None = None
         self._new: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, kv, _, d = key_states.shape
-        n = self.n_sinks + self.ring
+        n = self.slots.capacity
         self.dtype, self.device, self.batch_size = key_states.dtype, key_states.device, b
         self.keys = torch.zeros(b, kv, n, d, dtype=key_states.dtype, device=key_states.device)
         self.values = torch.zeros(
             b, kv, n, value_states.shape[-1], dtype=value_states.dtype, device=value_states.device
         )
-        self.slot_pos = torch.full((n,), -1, dtype=torch.long, device=key_states.device)
         self.keys._endless_layer = self  # how the attention function finds this layer
         self.is_initialized = True
 
@@ -151,7 +151,7 @@ class SinkLayer(CacheLayerMixin):
         if padded or position_ids is None or not bool((position_ids == position_ids[:1]).all()):
             raise EndlessError("endless.hf supports single streams or unpadded batches (no padding, equal positions)")
         pos_hf = position_ids[0].reshape(-1)
-        pos = torch.arange(self.t, self.t + c, device=self.device)
+        pos = torch.arange(self.t, self.t + c)  # host bookkeeping; the corrections go to the device
         s, edge = self.n_sinks, self.policy.sinks + self.policy.window
         work = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
         cos, sin = self._corrections(pos_hf, pos, work)
@@ -162,18 +162,16 @@ class SinkLayer(CacheLayerMixin):
             cos, sin = self._corrections(pos_hf, pos.clamp(max=edge), work)
             qs = rotate(query.to(work), cos, sin).to(query.dtype) * scaling
         out = torch.empty_like(query)
-        for lo in range(0, c, self.chunk):
+        g = query.shape[1] // self.keys.shape[1]
+        for lo in range(0, c, self.chunk):  # the ring holds W + chunk slots: no query loses a key
             hi = min(lo + self.chunk, c)
             p = pos[lo:hi]
-            slots = torch.where(p < s, p, s + (p - s) % self.ring)
-            self.slot_pos[slots] = p
+            slots = self.slots.occupy(p).to(self.device)
             self.keys.index_copy_(2, slots, k[:, :, lo:hi])
             self.values.index_copy_(2, slots, v[:, :, lo:hi])
-            mask = (self.slot_pos[None, :] >= 0) & self.mask_fn(p[:, None], self.slot_pos[None, :])  # (c, N)
-            scores = gqa_scores(q[:, :, lo:hi], self.keys)  # (B, KV, G, c, N)
-            if qs is not None:
-                scores[..., :s] = gqa_scores(qs[:, :, lo:hi], self.keys[:, :, :s])
-            out[:, :, lo:hi] = gqa_mix(masked_softmax(scores, mask, self.values.dtype), self.values)
+            bias = additive(self.slots.visible(p, self.mask_fn)).to(self.device, self.dtype).expand(g, -1, -1)
+            out[:, :, lo:hi] = self.kernel.chunk(q[:, :, lo:hi], self.keys, self.values, bias,
+                                                 None if qs is None else qs[:, :, lo:hi])
         self.t += c
         return out
 
@@ -192,7 +190,7 @@ class SinkLayer(CacheLayerMixin):
         if self.is_initialized:
             self.keys.zero_()
             self.values.zero_()
-            self.slot_pos.fill_(-1)
+        self.slots.pos.fill_(-1)
         self.t = 0
         self._new = None
 

@@ -188,38 +188,3 @@ class Transformer:
         if last_only:
             x = x[:, -1:]
         return self.logits(x)
-
-
-def gqa_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Scores of q (B, H, C, D) against k (B, KV, N, D) without repeating k: (B, KV, G, C, N)."""
-    b, h, c, d = q.shape
-    kv, n = k.shape[1], k.shape[2]
-    g = h // kv
-    # bmm on (B*KV) batches directly: torch.matmul on 4-D operands adds ~8 dispatcher calls
-    # (expand, reshape, ...) per use, which is a measurable share of a decode step.
-    s = torch.bmm(q.reshape(b * kv, g * c, d), k.reshape(b * kv, n, d).transpose(1, 2))  # (B*KV, G*C, N)
-    return s.view(b, kv, g, c, n)
-
-
-def gqa_mix(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Weights p (B, KV, G, C, N) times v (B, KV, N, D) -> (B, H, C, D)."""
-    b, kv, g, c, n = p.shape
-    out = torch.bmm(p.reshape(b * kv, g * c, n), v.reshape(b * kv, n, v.shape[-1]))  # (B*KV, G*C, D)
-    return out.view(b, kv * g, c, v.shape[-1])
-
-
-def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Softmax over the last axis in float32 where ``mask`` (broadcastable) is True."""
-    scores = scores.float().masked_fill(~mask, float("-inf"))
-    return torch.softmax(scores, dim=-1).to(dtype)
-
-
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """PyTorch's fused attention for scaled, rotated q (B, H, C, D) over k, v (B, KV, N, D) with an
-    additive 0 / -inf ``bias`` broadcastable to (B, H, C, N): what the CUDA paths use (the CPU
-    paths keep their own products, tuned for the CPU). Same maths as ``gqa_scores`` + softmax +
-    ``gqa_mix``; the kernel's softmax accumulates in float32."""
-    g = q.shape[1] // k.shape[1]
-    if g > 1:  # repeat_interleave: head h reads KV head h // G, as gqa_scores groups them
-        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=1.0)

@@ -61,3 +61,31 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     x1, x2 = x[..., :half], x[..., half:]
     rotated = torch.cat((-x2, x1), dim=-1)
     return x * cos + rotated * sin
+
+
+def signed_tables(rope: Rope, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 cos and sin (C, D) with the first half of sin negated, for ``rotate_signed``; the
+    caller folds in a query's scale before the one cast to the compute dtype."""
+    cos, sin = rope.tables(positions, torch.float64)
+    half = sin.shape[-1] // 2
+    sin[:, :half].neg_()
+    return cos, sin
+
+
+def rotate_signed(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """``rotate`` in three ops with ``signed_tables``: rotate_half(x) = roll(x, D/2) * [-1.., +1..],
+    and the sign is in ``signed_sin`` already (negation is exact, so the values are the same).
+    Computed in the tables' dtype (float32 in the runtime) and rounded once to ``x``'s."""
+    xf = x.to(cos.dtype)
+    return torch.addcmul(xf * cos, xf.roll(x.shape[-1] // 2, -1), signed_sin).to(x.dtype)
+
+
+def rotation_matrix(cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """RoPE at one position as a (D, D) matrix M with ``rotate(x) == x @ M`` (rotate_half layout):
+    M[i, i] = cos_i and M[(i + D/2) % D, i] = signed_sin_i. The zeros add exactly nothing. A
+    decoded token's rotation is then one small product instead of a dozen element-wise ops."""
+    d = cos.numel()
+    m = torch.diag(cos)
+    i = torch.arange(d, device=cos.device)
+    m[(i + d // 2) % d, i] = signed_sin
+    return m

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from endless.model import Transformer, gqa_mix, gqa_scores
+from endless.attention import additive, softmax_attention
+from endless.model import Transformer
 from endless.rope import rotate
 
 
@@ -26,17 +27,17 @@ class _Recorder:
     def __init__(self, model: Transformer, n: int) -> None:
         self.model = model
         self.cos, self.sin = model.rope.tables(torch.arange(n), torch.float64)
-        self.causal = torch.ones(n, n, dtype=torch.bool, device=model.device).tril()
+        self.bias = additive(torch.ones(n, n, dtype=torch.bool, device=model.device).tril())
         self.maps: list[torch.Tensor] = []
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         cos, sin = self.cos.to(q.dtype), self.sin.to(q.dtype)
         q, k = rotate(q, cos, sin) * self.model.scale, rotate(k, cos, sin)
-        scores = gqa_scores(q, k).float().masked_fill(~self.causal, float("-inf"))  # (B, KV, G, N, N)
-        p = torch.softmax(scores, dim=-1)
-        b, kv, g, n, _ = p.shape
-        self.maps.append(p.reshape(b, kv * g, n, n)[0])
-        return gqa_mix(p.to(v.dtype), v)
+        probs: list[torch.Tensor] = []
+        out = softmax_attention(q, k, v, self.bias, probs=probs)
+        b, kv, g, n, _ = probs[0].shape  # (B, KV, G, N, N) float32
+        self.maps.append(probs[0].reshape(b, kv * g, n, n)[0])
+        return out
 
 
 @torch.inference_mode()

@@ -20,7 +20,8 @@ import torch
 from endless.config import FAM
 from endless.fam.memory import fam_positions, fam_qkv
 from endless.fam.state import FamState
-from endless.model import Transformer, gqa_scores
+from endless.attention import gqa_scores
+from endless.model import Transformer
 from endless.train.data import Example
 
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from endless.attention import softmax_attention
 from endless.config import FAM
-from endless.model import Transformer, gqa_mix, gqa_scores
+from endless.model import Transformer
 from endless.rope import rotate
 
 
@@ -54,20 +55,6 @@ def fam_positions(block_index: int | torch.Tensor, policy: FAM) -> torch.Tensor:
     return int(block_index) * policy.block - policy.fam + torch.arange(policy.fam)
 
 
-def full_attention(model: Transformer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Unmasked GQA attention: q (B, H, C, D) over k, v (B, KV, N, D), softmax in float32."""
-    p = torch.softmax(gqa_scores(q * model.scale, k).float(), dim=-1).to(v.dtype)
-    return gqa_mix(p, v)
-
-
-def null_slot_attention(model: Transformer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``full_attention`` with one more key of score 0 and value 0 (``FAM.null_slot``): the weights
-    on the real keys sum to less than one, so the rows can attend to nothing."""
-    s = gqa_scores(q * model.scale, k).float()
-    p = torch.softmax(torch.cat([s, s.new_zeros(*s.shape[:-1], 1)], dim=-1), dim=-1)[..., :-1]
-    return gqa_mix(p.to(v.dtype), v)
-
-
 def initial_fam(model: Transformer, prompt: FamPrompt) -> list[torch.Tensor]:
     """Per layer, the initial FAM (F, d): the prompt's input to that layer."""
     f = prompt.rows
@@ -77,7 +64,7 @@ def initial_fam(model: Transformer, prompt: FamPrompt) -> list[torch.Tensor]:
     for i in range(model.dims.n_layers):
         out.append(x[0])
         q, k, v = model.qkv(i, x)
-        o = full_attention(model, rotate(q, cos, sin), rotate(k, cos, sin), v)
+        o = softmax_attention(rotate(q, cos, sin) * model.scale, rotate(k, cos, sin), v)
         x = model.finish(i, x, o)
     return out
 
@@ -111,8 +98,8 @@ def fam_update(
     stream's first update (zero residual); a bool tensor (B,) says so per row, for a batch whose
     rows start from different states (``parallel_forward``'s ``fresh``).
     """
-    attend = null_slot_attention if policy.null_slot else full_attention
-    o = attend(model, fq, torch.cat([fk, block_k], dim=2), torch.cat([fv, block_v], dim=2))
+    o = softmax_attention(fq * model.scale, torch.cat([fk, block_k], dim=2), torch.cat([fv, block_v], dim=2),
+                          null_slot=policy.null_slot)
     b, _, c, _ = o.shape
     attn = model.layers[i].self_attn.o_proj(o.transpose(1, 2).reshape(b, c, -1))
     # the paper: zero residual on the very first update (``firstres`` keeps it, see FAM)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
+from endless.attention import window_attention
 from endless.config import BSWA, FAM
 from endless.device import fused_attention
 from endless.fam.memory import FamPrompt, fam_qkv, fam_update, initial_fam
@@ -28,37 +29,15 @@ from endless.rope import rotate
 
 
 def block_mask(policy: FAM, n_blocks: int, device: "torch.device | str" = "cpu") -> torch.Tensor:
-    """(nb, Bl, (M+1)*Bl + F) visibility of window and FAM keys for every block's queries."""
+    """(nb, Bl, (M+1)*Bl + F) visibility of window and FAM keys for every block's queries: the
+    BSWA mask of ``endless.masks`` on the stream indices of each block's window (padding before
+    the stream is invisible), then the F FAM columns, visible to all."""
     bl, m, f = policy.block, policy.memory, policy.fam
-    s = torch.arange((m + 1) * bl, device=device)
-    q = torch.arange(bl, device=device)
-    own = s[None, :] - m * bl  # index inside the own block (negative: memory blocks)
-    causal = own <= q[:, None]  # (Bl, (M+1)Bl)
-    first_key = (torch.arange(n_blocks, device=device)[:, None] - m) * bl + s[None, :]  # absolute key index
-    exists = first_key >= 0  # memory blocks before the stream are padding
-    win = causal[None] & exists[:, None, :]
-    fam = torch.ones(n_blocks, bl, f, dtype=torch.bool, device=device)
-    return torch.cat([win, fam], dim=-1)
-
-
-def _window_attention(q: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, mask: torch.Tensor, n_kv: int,
-                      fused: bool) -> torch.Tensor:
-    """Scaled, rotated q (B, H, nb*Bl, D) over each block's keys kw, vw (B, KV, nb, S, D) where
-    ``mask`` (nb, Bl, S) allows; returns (B, H, nb*Bl, D)."""
-    bsz, h, n, d = q.shape
-    nb, bl, s = mask.shape
-    g = h // n_kv
-    qb = q.reshape(bsz, n_kv, g, nb, bl, d)
-    if not fused:
-        scores = torch.einsum("bkgnqd,bknsd->bkgnqs", qb, kw).float()
-        p = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).to(vw.dtype)
-        return torch.einsum("bkgnqs,bknsd->bkgnqd", p, vw).reshape(bsz, h, n, d)
-    # blocks as heads, the G query heads of a KV head stacked as rows: (B*KV, nb, G*Bl, D)
-    qf = qb.permute(0, 1, 3, 2, 4, 5).reshape(bsz * n_kv, nb, g * bl, d)
-    kf, vf = kw.reshape(bsz * n_kv, nb, s, d), vw.reshape(bsz * n_kv, nb, s, d)
-    mf = mask[:, None].expand(nb, g, bl, s).reshape(nb, g * bl, s)
-    o = F.scaled_dot_product_attention(qf, kf.to(qf.dtype), vf.to(qf.dtype), attn_mask=mf, scale=1.0)
-    return o.reshape(bsz, n_kv, nb, g, bl, d).permute(0, 1, 3, 2, 4, 5).reshape(bsz, h, n, d)
+    blocks = torch.arange(n_blocks, device=device)[:, None, None]
+    q = blocks * bl + torch.arange(bl, device=device)[None, :, None]  # (nb, Bl, 1) query indices
+    k = (blocks - m) * bl + torch.arange((m + 1) * bl, device=device)[None, None, :]  # (nb, 1, S) key indices
+    win = (k >= 0) & policy.as_bswa().mask()(q, k)
+    return torch.cat([win, torch.ones(n_blocks, bl, f, dtype=torch.bool, device=device)], dim=-1)
 
 
 def parallel_forward(
@@ -137,7 +116,7 @@ def parallel_forward(
                         fam = fam.detach()
             kw = torch.cat([kw, torch.stack(fk_all, dim=2).to(kw.dtype)], dim=3)
             vw = torch.cat([vw, torch.stack(fv_all, dim=2).to(vw.dtype)], dim=3)
-        o = _window_attention(q, kw, vw, mask, d.n_kv_heads, fused)
+        o = window_attention(q, kw, vw, mask, fused=fused)
         return model.finish(i, x, o), fam
 
     final = []

@@ -20,10 +20,11 @@ import logging
 
 import torch
 
+from endless.attention import Kernel, Slots, additive
 from endless.config import FAM
 from endless.fam.memory import FamPrompt, fam_positions, fam_qkv, fam_update, initial_fam
-from endless.model import Transformer, gqa_mix, gqa_scores, masked_softmax
-from endless.rope import rotate
+from endless.model import Transformer
+from endless.rope import rotate_signed, signed_tables
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +47,13 @@ class FamState:
         self.chunk = chunk
         d = model.dims
         bl, m, f = policy.block, policy.memory, policy.fam
-        self.ring = (m + 1) * bl
+        # the window's ring, then F slots for the FAM's keys/values, visible to every query
+        self.slots = Slots(0, (m + 1) * bl, extra=f)
+        self.mask_fn = policy.as_bswa().mask()
+        self.kernel = Kernel()
         shape = (d.n_layers, batch, d.n_kv_heads, self.ring + f, d.head_dim)
         self.k = torch.zeros(shape, dtype=model.dtype, device=model.device)
         self.v = torch.zeros(shape, dtype=model.dtype, device=model.device)
-        self.slot_pos = torch.full((self.ring,), -1, dtype=torch.long)
         self.fam = torch.zeros(d.n_layers, batch, f, d.hidden, dtype=model.dtype, device=model.device)
         self.updates = torch.zeros((), dtype=torch.long)  # FAM updates so far (0: next has no residual)
         self.t = 0
@@ -67,6 +70,14 @@ class FamState:
                     self.fam[i] = rows
                 self._load_fam_kv(0)
         self._step = None
+
+    @property
+    def ring(self) -> int:
+        return self.slots.ring
+
+    @property
+    def slot_pos(self) -> torch.Tensor:
+        return self.slots.pos
 
     @torch.no_grad()
     def _load_fam_kv(self, block: int) -> None:
@@ -103,25 +114,24 @@ class FamState:
         self._load_fam_kv(block + 1)
 
     def begin(self, n: int) -> None:
-        bl, m = self.policy.block, self.policy.memory
+        """Positions, slots, the BSWA mask (plus the FAM columns) and RoPE tables of the next
+        ``n`` tokens, shared by every layer (``endless.attention``, as ``RingKV``)."""
         pos = torch.arange(self.t, self.t + n)
-        slots = pos % self.ring
-        self.slot_pos[slots] = pos
-        kp = self.slot_pos[None, :]
-        q = pos[:, None]
-        win = (kp >= 0) & (kp <= q) & (kp // bl >= q // bl - m)
-        mask = torch.cat([win, torch.ones(n, self.policy.fam, dtype=torch.bool)], dim=1)
-        cos, sin = self.model.rope.tables(pos, self.model.dtype)
+        slots = self.slots.occupy(pos)
+        bias = additive(self.slots.visible(pos, self.mask_fn))  # (C, ring + F)
+        cos, sin = signed_tables(self.model.rope, pos)
+        scale = self.model.scale
         dev = self.k.device  # host-side bookkeeping, moved once per piece for every layer
-        self._step = (slots.to(dev), mask.to(dev), cos, sin)
+        g = self.model.dims.n_heads // self.model.dims.n_kv_heads
+        bias = bias.to(dev, self.model.dtype).expand(g, -1, -1).contiguous()
+        self._step = (slots.to(dev), bias, cos.float(), sin.float(), (cos * scale).float(), (sin * scale).float())
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        slots, mask, cos, sin = self._step
+        slots, bias, cos, sin, qcos, qsin = self._step
         kbuf, vbuf = self.k[layer], self.v[layer]
-        kbuf.index_copy_(2, slots, rotate(k, cos, sin))
+        kbuf.index_copy_(2, slots, rotate_signed(k, cos, sin))
         vbuf.index_copy_(2, slots, v)
-        scores = gqa_scores(rotate(q, cos, sin) * self.model.scale, kbuf)
-        return gqa_mix(masked_softmax(scores, mask, vbuf.dtype), vbuf)
+        return self.kernel.chunk(rotate_signed(q, qcos, qsin), kbuf, vbuf, bias)
 
     def forward(self, ids: torch.Tensor, *, last_only: bool = False) -> torch.Tensor:
         """Feed ids (B, C); pieces never cross a block boundary. Returns logits (B, C or 1, V)."""
@@ -138,7 +148,7 @@ class FamState:
         return outs[-1] if last_only else torch.cat(outs, dim=1)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"k": self.k, "v": self.v, "slot_pos": self.slot_pos, "fam": self.fam, "updates": self.updates}
+        return {"k": self.k, "v": self.v, "slot_pos": self.slots.pos, "fam": self.fam, "updates": self.updates}
 
     def load_tensors(self, tensors: dict[str, torch.Tensor], t: int) -> None:
         """Copy saved (or snapshotted) tensors from any device into this state's buffers."""
