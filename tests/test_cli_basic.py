@@ -9,8 +9,8 @@ import pytest
 
 from endless.cli import main as main_module
 from endless.cli.main import COMMANDS, build_parser, main
-from endless.config import parse_policy
 from endless.models.tiny import tiny_model
+from endless.policies.spec import parse_policy
 
 
 @pytest.fixture(scope="module")

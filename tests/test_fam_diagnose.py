@@ -5,14 +5,14 @@ import random
 import pytest
 import torch
 
-from endless.config import parse_policy
+from endless.attention import gqa_scores
 from endless.fam import FamPrompt
 from endless.fam.diagnose import _RecordingState, memory_report
 from endless.fam.memory import fam_qkv, initial_fam
 from endless.fam.state import FamState
-from endless.attention import gqa_scores
 from endless.model import Transformer
 from endless.models.tiny import tiny_model
+from endless.policies.spec import parse_policy
 from endless.rope import rotate
 from endless.train.data import digit_example
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from fam_helpers import byte_tokenizer, tiny_folder
 
-from endless.config import parse_policy
 from endless.errors import EndlessError
 from endless.eval.passkey import passkey_accuracy, passkey_answer_loss, plot, summarize, table
 from endless.model import Transformer
 from endless.models.tiny import tiny_model
+from endless.policies.spec import parse_policy
 from endless.stream import Stream
 from endless.train.data import (
     FILLER,

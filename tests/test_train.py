@@ -38,8 +38,8 @@ def test_carried_batch_starts_from_the_streaming_fam_after_its_prefix():
     part holds no key."""
     import random
 
-    from endless.config import parse_policy
     from endless.fam.state import FamState
+    from endless.policies.spec import parse_policy
     from endless.train.data import KEY_MARK
     from endless.train.tiny import build_model, carried_batch
 
@@ -211,7 +211,7 @@ def test_two_processes_with_torchrun(folder, tmp_path):
 def test_key_depth_fixes_where_the_key_sits_and_keeps_the_other_draws():
     import random
 
-    from endless.config import parse_policy
+    from endless.policies.spec import parse_policy
     from endless.train.data import KEY_MARK
     from endless.train.tiny import build_model, carried_batch
 
@@ -233,7 +233,7 @@ def test_key_depth_fixes_where_the_key_sits_and_keeps_the_other_draws():
 def test_tiny_model_and_data_options_reach_the_run(tmp_path):
     """--vocab, --min-len/--max-len, --init-std and --out-std set the tiny run (results 7.2's
     variants); out of range is one line and exit code 2."""
-    from endless.config import parse_policy
+    from endless.policies.spec import parse_policy
     from endless.train.tiny import build_model
 
     model = build_model(parse_policy("fam:8x1+4"), TinyConfig(vocab=32, out_std=0.0, init_std=0.5))
@@ -271,7 +271,7 @@ def test_tiny_save_load_and_init(tmp_path):
     """--save writes a model that --load evaluates to the same accuracies and the same logits,
     and --init trains further from (its first loss is the saved model's, not a fresh one's);
     a damaged folder or contradicting flags are one line and exit code 2."""
-    from endless.config import parse_policy
+    from endless.policies.spec import parse_policy
     from endless.train.tiny_checkpoint import load_tiny
 
     common = ["--eval-lengths", "24,48", "--eval-examples", "4"]
@@ -334,9 +334,9 @@ def test_lora_wrap_and_adapter_load_raise_no_dependency_deprecation(trained, fol
 
 
 def test_prompt_file_missing_or_of_another_shape_is_one_clear_error(tmp_path):
-    from endless.config import parse_policy
     from endless.fam import FamPrompt
     from endless.fam.checkpoint import load_prompt, save_prompt
+    from endless.policies.spec import parse_policy
 
     policy = parse_policy("fam:8x1+4")
     with pytest.raises(EndlessError, match="incomplete"):
@@ -369,7 +369,7 @@ def test_grad_cap_reads_the_start_of_a_long_prefix_without_gradient():
     and only the last 16 prefix tokens plus the rest are returned, with the state after the start."""
     import random
 
-    from endless.config import parse_policy
+    from endless.policies.spec import parse_policy
     from endless.train.tiny import build_model, carried_batch
 
     policy = parse_policy("fam:8x1+4")
@@ -410,8 +410,8 @@ def test_unexplored_rows_start_from_explored_states_and_fresh_rows_as_usual():
     of the last batch, or noise with its statistics)."""
     import random
 
-    from endless.config import parse_policy
     from endless.fam import initial_fam
+    from endless.policies.spec import parse_policy
     from endless.train.tiny import build_model, unexplored_start
 
     policy = parse_policy("fam:8x1+4")

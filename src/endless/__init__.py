@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "load": ("endless.models", "load"),
     "Stream": ("endless.stream", "Stream"),
-    "parse_policy": ("endless.config", "parse_policy"),
+    "parse_policy": ("endless.policies.spec", "parse_policy"),
     "Transformer": ("endless.model", "Transformer"),
     "EndlessError": ("endless.errors", "EndlessError"),
 }

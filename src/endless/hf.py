@@ -6,7 +6,7 @@ Contract (docs/methods.md section 2; docs/methods.md section 4, "the Cache API i
     out = model.generate(ids, past_key_values=cache, max_new_tokens=500)
     out = model.generate(torch.cat([out, next_turn], 1), past_key_values=cache, ...)
 
-- Exactly the ``sinks:S+W`` policy of ``endless.stream.Stream`` (``endless.config.Sinks``): a token
+- Exactly the ``sinks:S+W`` policy of ``endless.stream.Stream`` (``endless.policies.spec.Sinks``): a token
   at stream index t attends to the first S tokens and to tokens t-W..t; window keys keep their
   true distance to the query, sink j sits at in-cache distance ``min(t, S+W) - j``. Greedy
   ``generate`` returns the tokens ``Stream(model, spec).feed(ids)`` then ``.generate(n)`` does,
@@ -67,10 +67,10 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from endless.config import Policy, Sinks, check_fits, parse_policy
-from endless.errors import EndlessError
 from endless.attention import Kernel, Slots, additive
+from endless.errors import EndlessError
 from endless.models import check_supported
+from endless.policies.spec import Policy, Sinks, check_fits, parse_policy
 from endless.rope import rotate
 
 ATTENTION = "endless_sinks"  # the name registered in transformers' AttentionInterface

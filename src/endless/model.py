@@ -16,24 +16,20 @@ one-token kernels on top (``endless.gemv``, float32: another 1.4x on the weight 
 Both are CPU kernels: on CUDA (``device="cuda"`` or a model already there) they are skipped and
 the modules run as they are, attention through PyTorch's own kernels.
 
-A backend is any object with ``attend(layer, q, k, v) -> out`` taking un-rotated ``q`` (B, H, C, D)
-and ``k, v`` (B, KV, C, D) for the C new tokens, and returning (B, H, C, D). Layer 0 is called
-first, then 1, ...; the backend knows the new tokens' positions (it was told before the call).
+The keys/values live in a cache (``endless.policies.base.Cache``): ``forward`` calls its
+``begin(C)`` for the C new tokens, then ``attend(layer, q, k, v)`` for layer 0, 1, ... with
+un-rotated ``q`` (B, H, C, D) and ``k, v`` (B, KV, C, D), which returns (B, H, C, D), then ``end()``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
 from endless.packed import Packed, PackedLayer
+from endless.policies.base import Cache
 from endless.rope import Rope
-
-
-class Attention(Protocol):
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -175,16 +171,18 @@ class Transformer:
             return p.head(self.norm(x))
         return self.lm_head(self.norm(x))
 
-    def forward(self, ids: torch.Tensor, backend: Attention, *, last_only: bool = False) -> torch.Tensor:
-        """Run ids (B, C) through every layer with ``backend`` holding the keys/values.
+    def forward(self, ids: torch.Tensor, cache: Cache, *, last_only: bool = False) -> torch.Tensor:
+        """Run ids (B, C) through every layer with ``cache`` holding the keys/values.
 
         Returns logits (B, C, V), or (B, 1, V) with ``last_only`` (what decoding needs; the LM
         head over a 49k vocabulary is as costly as several layers).
         """
+        cache.begin(ids.shape[1])
         x = self.embed_tokens(ids)
         for i in range(self.dims.n_layers):
             q, k, v = self.qkv(i, x)
-            x = self.finish(i, x, backend.attend(i, q, k, v))
+            x = self.finish(i, x, cache.attend(i, q, k, v))
+        cache.end()
         if last_only:
             x = x[:, -1:]
         return self.logits(x)

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from endless.config import FAM, Policy, Sinks, parse_policy
 from endless.model import Transformer
+from endless.policies.spec import FAM, Policy, parse_policy
 from endless.rope import rotate
 
 
@@ -27,10 +27,9 @@ from endless.rope import rotate
 def naive_stream_logits(model: Transformer, ids: torch.Tensor, policy: "Policy | str") -> torch.Tensor:
     """Logits (1, T, V) of a single stream ``ids`` (1, T) under ``policy``, token by token."""
     policy = parse_policy(policy)
-    prefix = 0
-    if isinstance(policy, Sinks) and policy.sink_token is not None:
-        prefix = policy.sinks
-        ids = torch.cat([torch.full((1, prefix), policy.sink_token, dtype=torch.long, device=ids.device), ids], dim=1)
+    prefix = len(policy.prefix())
+    if prefix:  # the sink copies of sinks:S+W,sink=#ID, read before the stream
+        ids = torch.cat([torch.tensor(policy.prefix(), dtype=torch.long, device=ids.device)[None], ids], dim=1)
     mask_fn = policy.mask()
     d = model.dims
     keys: list[list[torch.Tensor]] = [[] for _ in range(d.n_layers)]

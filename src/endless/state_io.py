@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from endless.config import parse_policy
 from endless.errors import EndlessError
+from endless.policies.spec import parse_policy
 
 FORMAT = "endless-stream/1"
 

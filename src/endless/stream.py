@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from endless.config import Policy, Sinks, check_fits, parse_policy
 from endless.model import Transformer
 from endless.policies import make_state
+from endless.policies.spec import Policy, check_fits, parse_policy
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +85,13 @@ class Stream:
         """Number of tokens this stream has read."""
         return self.fed
 
-    def _prefix(self) -> None:
-        """For ``sinks:S+W,sink=#ID``: the S sink copies go in before the first real token."""
-        if isinstance(self.policy, Sinks) and self.policy.sink_token is not None and self.state.t == 0:
-            ids = torch.full((self.batch, self.policy.sinks), self.policy.sink_token, dtype=torch.long,
-                             device=self.model.device)
+    def _start(self) -> None:
+        """Before a stream's first token: the policy's prefix (``Policy.prefix``, e.g. the S sink
+        copies of ``sinks:S+W,sink=#ID``), read like any tokens; the first real token is then
+        predicted from it."""
+        prefix = self.policy.prefix()
+        if prefix and self.state.t == 0:
+            ids = torch.tensor(prefix, dtype=torch.long, device=self.model.device).expand(self.batch, -1)
             self._run(ids, logprobs=False)
 
     def _as_ids(self, ids) -> torch.Tensor:
@@ -122,10 +124,24 @@ class Stream:
         ids = self._as_ids(ids)
         if ids.shape[1] == 0:
             raise ValueError("nothing to feed: empty token sequence")
-        self._prefix()
+        self._start()
         out = self._run(ids, logprobs=logprobs)
         self.fed += ids.shape[1]
         return out
+
+    @torch.inference_mode()
+    def logits(self, ids) -> torch.Tensor:
+        """Read ``ids`` as ``feed`` does and return their logits (B, C, V) in the model's dtype, on
+        its device (what ``endless verify`` compares with its oracles)."""
+        ids = self._as_ids(ids)
+        self._start()
+        out = []
+        for lo in range(0, ids.shape[1], self.chunk):
+            logits = self.state.forward(ids[:, lo : lo + self.chunk])
+            self.last_logits = logits[:, -1].float()
+            out.append(logits)
+        self.fed += ids.shape[1]
+        return torch.cat(out, dim=1)
 
     def next_token(self, *, temperature: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
         """Pick the next token of every stream (B,): greedy, or sampled at ``temperature``."""

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from endless.config import FAM, Dense, Policy, Recompute, parse_policy
 from endless.model import Transformer
+from endless.policies.spec import FAM, Dense, Policy, Recompute, parse_policy
 from endless.stream import Stream
 
 # One forward pass: transformers and we differ by float32 rounding only (docs/methods.md section 4: 1e-4).
@@ -45,11 +45,7 @@ class Verdict:
 
 
 def _stream_logits(model: Transformer, policy: Policy, ids: torch.Tensor, chunk: int) -> torch.Tensor:
-    stream = Stream(model, policy, chunk=chunk, check_context=False)
-    with torch.inference_mode():
-        stream._prefix()  # the sink-token copies of sinks:S+W,sink=#ID
-        step = stream.state.chunk if not isinstance(policy, FAM) else ids.shape[1]
-        return torch.cat([stream.state.forward(ids[:, i : i + step]) for i in range(0, ids.shape[1], step)], dim=1)
+    return Stream(model, policy, chunk=chunk, check_context=False).logits(ids)
 
 
 @torch.inference_mode()
@@ -68,7 +64,7 @@ def reference_logits(model: Transformer, policy: Policy, ids: torch.Tensor) -> t
 
     span = policy.span()
     n = ids.shape[1]
-    plain = not isinstance(policy, FAM) and getattr(policy, "sink_token", None) is None
+    plain = not isinstance(policy, FAM) and not policy.prefix()
     if isinstance(policy, Dense) or (plain and span is not None and n <= span):
         with torch.inference_mode():
             return model.hf(ids).logits, "transformers forward (dense)"

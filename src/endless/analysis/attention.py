@@ -30,6 +30,12 @@ class _Recorder:
         self.bias = additive(torch.ones(n, n, dtype=torch.bool, device=model.device).tril())
         self.maps: list[torch.Tensor] = []
 
+    def begin(self, n: int) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         cos, sin = self.cos.to(q.dtype), self.sin.to(q.dtype)
         q, k = rotate(q, cos, sin) * self.model.scale, rotate(k, cos, sin)

@@ -35,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from endless.chat import Chat
-    from endless.config import parse_policy
+    from endless.policies.spec import parse_policy
     from endless.stream import Stream
 
     policy = parse_policy(args.policy)

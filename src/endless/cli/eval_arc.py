@@ -39,9 +39,9 @@ def add_to(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from endless.config import parse_policy
     from endless.data.arc import load_questions
     from endless.eval.arc import accuracy, isolated, streaming_arc
+    from endless.policies.spec import parse_policy
 
     if args.questions < 1 or args.chunk < 1:
         raise EndlessError("--questions and --chunk must be >= 1")

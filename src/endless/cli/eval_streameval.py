@@ -43,8 +43,8 @@ def add_to(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from endless.config import parse_policy
     from endless.eval.streameval import accuracy_by_length, make_stream, plot, run_streameval, stream_text
+    from endless.policies.spec import parse_policy
 
     for name in ("lines", "every", "back", "digits", "bucket", "chunk"):
         if getattr(args, name) < 1:

@@ -31,8 +31,8 @@ def add_to(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from endless.config import FAM, parse_policy
     from endless.eval.fam_cost import measure, ratios
+    from endless.policies.spec import FAM, parse_policy
 
     pol = parse_policy(args.policy)
     if not isinstance(pol, FAM):

@@ -214,7 +214,7 @@ def run_tiny(args: argparse.Namespace) -> int:
                            "training sequence plus three blocks)")
     only = [s.strip() for s in args.policies.split(";") if s.strip()] if args.policies else None
     if only:
-        from endless.config import parse_policy
+        from endless.policies.spec import parse_policy
 
         for s in only:
             parse_policy(s)
@@ -242,8 +242,8 @@ def run_tiny(args: argparse.Namespace) -> int:
     print()
     memory = {}
     if args.diagnose:
-        from endless.config import FAM, parse_policy
         from endless.fam.diagnose import report_table
+        from endless.policies.spec import FAM, parse_policy
         from endless.train.tiny import diagnose
 
         for run in runs:
@@ -289,7 +289,7 @@ def _saved_tiny(args: argparse.Namespace):
 
 
 def run_fam(args: argparse.Namespace) -> int:
-    from endless.config import parse_policy
+    from endless.policies.spec import parse_policy
     from endless.train.fam import FamTrainConfig, train
 
     parse_policy(args.policy)  # a bad spec fails before the model loads

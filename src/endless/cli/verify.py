@@ -45,7 +45,7 @@ def _ids(tok, n: int):
 
 
 def run(args: argparse.Namespace) -> int:
-    from endless.config import parse_policy
+    from endless.policies.spec import parse_policy
     from endless.stream import as_transformer
     from endless.verify import verify_forward, verify_policy
 

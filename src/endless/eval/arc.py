@@ -20,9 +20,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from endless.config import Dense, Policy, parse_policy
 from endless.data.arc import Question
 from endless.model import Transformer
+from endless.policies.spec import Dense, Policy, parse_policy
 
 PROMPT = "Question: {question}\nAnswer:"
 

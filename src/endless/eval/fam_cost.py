@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from endless.config import FAM, parse_policy
 from endless.model import Transformer
+from endless.policies.spec import FAM, parse_policy
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from endless.config import BSWA, FAM, Policy, parse_policy
 from endless.model import Transformer
+from endless.policies.spec import BSWA, FAM, Policy, parse_policy
 from endless.train.data import Example, answer_positions
 
 log = logging.getLogger(__name__)

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from endless.config import Dense, Policy, Recompute, parse_policy
 from endless.model import Transformer
+from endless.policies.spec import Dense, Policy, Recompute, parse_policy
 
 
 @dataclass

@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from endless.config import Dense, Policy, parse_policy
 from endless.model import Transformer
+from endless.policies.spec import Dense, Policy, parse_policy
 
 ADJECTIVES = (
     "amber", "brave", "calm", "dusty", "eager", "faint", "gentle", "hollow", "icy", "jolly", "keen", "lucky",

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
-from endless.config import BSWA, FAM, parse_policy
 from endless.errors import EndlessError
 from endless.fam.memory import FamPrompt
 from endless.folder_io import read_folder_meta, write_folder
 from endless.model import Transformer
 from endless.peft_quiet import quiet_peft
+from endless.policies.spec import BSWA, FAM, parse_policy
 
 FORMAT = "endless-fam/1"
 META = "fam.json"

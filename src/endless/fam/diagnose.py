@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import torch
 
-from endless.config import FAM
+from endless.attention import gqa_scores
 from endless.fam.memory import fam_positions, fam_qkv
 from endless.fam.state import FamState
-from endless.attention import gqa_scores
 from endless.model import Transformer
+from endless.policies.spec import FAM
 from endless.train.data import Example
 
 

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from endless.attention import softmax_attention
-from endless.config import FAM
 from endless.model import Transformer
+from endless.policies.spec import FAM
 from endless.rope import rotate
 
 

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
 from endless.attention import window_attention
-from endless.config import BSWA, FAM
 from endless.device import fused_attention
 from endless.fam.memory import FamPrompt, fam_qkv, fam_update, initial_fam
 from endless.model import Transformer
+from endless.policies.spec import BSWA, FAM
 from endless.rope import rotate
 
 

@@ -21,9 +21,9 @@ import logging
 import torch
 
 from endless.attention import Kernel, Slots, additive
-from endless.config import FAM
 from endless.fam.memory import FamPrompt, fam_positions, fam_qkv, fam_update, initial_fam
 from endless.model import Transformer
+from endless.policies.spec import FAM
 from endless.rope import rotate_signed, signed_tables
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ class FamState:
                     self.fam[i] = rows
                 self._load_fam_kv(0)
         self._step = None
+        self._n = 0  # tokens of the piece being read
 
     @property
     def ring(self) -> int:
@@ -125,6 +126,7 @@ class FamState:
         g = self.model.dims.n_heads // self.model.dims.n_kv_heads
         bias = bias.to(dev, self.model.dtype).expand(g, -1, -1).contiguous()
         self._step = (slots.to(dev), bias, cos.float(), sin.float(), (cos * scale).float(), (sin * scale).float())
+        self._n = n
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         slots, bias, cos, sin, qcos, qsin = self._step
@@ -133,18 +135,20 @@ class FamState:
         vbuf.index_copy_(2, slots, v)
         return self.kernel.chunk(rotate_signed(q, qcos, qsin), kbuf, vbuf, bias)
 
+    def end(self) -> None:
+        """The piece is read; a completed block updates every layer's FAM."""
+        self.t += self._n
+        if self.t % self.policy.block == 0 and self.policy.fam:
+            self._update(self.t // self.policy.block - 1)
+
     def forward(self, ids: torch.Tensor, *, last_only: bool = False) -> torch.Tensor:
         """Feed ids (B, C); pieces never cross a block boundary. Returns logits (B, C or 1, V)."""
         bl = self.policy.block
         outs, lo = [], 0
         while lo < ids.shape[1]:
             n = min(ids.shape[1] - lo, bl - self.t % bl)
-            self.begin(n)
             outs.append(self.model.forward(ids[:, lo : lo + n], self, last_only=last_only))
-            self.t += n
             lo += n
-            if self.t % bl == 0 and self.policy.fam:
-                self._update(self.t // bl - 1)
         return outs[-1] if last_only else torch.cat(outs, dim=1)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:

@@ -1,28 +1,20 @@
-"""Key/value state for each attention policy.
+"""Attention policies (``spec``: the classes and their spec grammar) and the states that run
+them (``ring``, ``recompute``; TransformerFAM's in ``endless.fam``).
 
-``make_state(model, policy, ...)`` returns the engine that holds a stream's state for a policy:
-``RingKV`` for every policy that keeps keys (dense, window, sinks, bswa) and ``RecomputeState``
-for the re-computation baseline, which keeps token ids only, and ``endless.fam.FamState`` for
-TransformerFAM.
+``make_state(model, policy, ...)`` returns the state a stream holds under ``policy``: each policy
+builds its own (``Policy.make_state``).
 """
 
 from __future__ import annotations
 
-from endless.config import FAM, Policy, Recompute, parse_policy
-from endless.policies.recompute import RecomputeState
-from endless.policies.ring import RingKV
+from endless.policies.base import Cache, PolicyState
+from endless.policies.spec import BSWA, FAM, Dense, Policy, Recompute, Sinks, Window, check_fits, parse_policy
 
 
-def make_state(model, policy: "Policy | str", *, batch: int = 1, chunk: int = 128):
+def make_state(model, policy: "Policy | str", *, batch: int = 1, chunk: int = 128) -> PolicyState:
     """Allocate the state of ``policy`` for ``batch`` streams processed ``chunk`` tokens at a time."""
-    policy = parse_policy(policy)
-    if isinstance(policy, Recompute):
-        return RecomputeState(model, policy, batch=batch, chunk=chunk)
-    if isinstance(policy, FAM):
-        from endless.fam.state import FamState  # FAM builds on the ring policies, not the reverse
-
-        return FamState(model, policy, batch=batch, chunk=chunk)
-    return RingKV(model, policy, batch=batch, chunk=chunk)
+    return parse_policy(policy).make_state(model, batch=batch, chunk=chunk)
 
 
-__all__ = ["make_state", "RingKV", "RecomputeState"]
+__all__ = ["make_state", "Cache", "PolicyState", "BSWA", "FAM", "Dense", "Policy", "Recompute", "Sinks", "Window",
+           "check_fits", "parse_policy"]

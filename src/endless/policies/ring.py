@@ -35,8 +35,8 @@ from __future__ import annotations
 import torch
 
 from endless.attention import Kernel, Slots, additive
-from endless.config import Policy, Sinks
 from endless.model import Transformer
+from endless.policies.spec import Policy, Sinks
 from endless.rope import rotate_signed, rotation_matrix, signed_tables
 
 DENSE_INITIAL = 1024
@@ -168,11 +168,7 @@ class RingKV:
 
     def forward(self, ids: torch.Tensor, *, last_only: bool = False) -> torch.Tensor:
         """Feed ids (B, C) with C <= chunk; returns logits (B, C or 1, V)."""
-        self.begin(ids.shape[1])
-        try:
-            return self.model.forward(ids, self, last_only=last_only)
-        finally:
-            self.end()
+        return self.model.forward(ids, self, last_only=last_only)
 
     # -- save / restore ---------------------------------------------------------------------
 

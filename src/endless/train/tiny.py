@@ -37,12 +37,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from endless.config import FAM, Policy, parse_policy
 from endless.errors import EndlessError
 from endless.eval.passkey import PasskeyResult, passkey_accuracy, summarize
 from endless.fam import FamPrompt, parallel_forward
 from endless.fam.memory import initial_fam
 from endless.model import Transformer
+from endless.policies.spec import FAM, Policy, parse_policy
 from endless.progress import bar as progress_bar
 from endless.train.curriculum import Stages
 from endless.train.data import FIRST_FILLER, MIN_VOCAB, collate, digit_example

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from endless.config import parse_policy
 from endless.errors import EndlessError
 from endless.fam.checkpoint import load_prompt, save_prompt
 from endless.folder_io import read_folder_meta, write_folder
 from endless.model import Transformer
+from endless.policies.spec import parse_policy
 
 FORMAT = "endless-tiny/1"
 META = "tiny.json"

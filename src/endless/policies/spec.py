@@ -1,5 +1,9 @@
 """Attention policies: frozen, validated configurations and their one compact spec syntax.
 
+Each policy also says how a stream runs under it: ``make_state(model, batch=, chunk=)`` builds its
+state (``endless.policies.base.PolicyState``) and ``prefix()`` names the tokens a stream reads
+before its own (the sink copies of ``sinks:S+W,sink=#ID``; none for the others).
+
 Every policy is named the same way in the Python API, the CLI, JSON results and plots:
 
     dense                  keep every key/value (the reference; degrades past the trained context)
@@ -37,12 +41,28 @@ SPEC_HELP = (
 )
 
 
+class _Runs:
+    """What every policy offers a stream: its state and the tokens read before the stream's own."""
+
+    n_sinks = 0
+
+    def make_state(self, model, *, batch: int = 1, chunk: int = 128):
+        """The ring-buffer state (``endless.policies.ring.RingKV``); re-computation and FAM
+        override this with their own."""
+        from endless.policies.ring import RingKV
+
+        return RingKV(model, self, batch=batch, chunk=chunk)
+
+    def prefix(self) -> tuple[int, ...]:
+        """Token ids every stream reads before its first token (none)."""
+        return ()
+
+
 @dataclass(frozen=True)
-class Dense:
+class Dense(_Runs):
     """Keep everything. Memory grows with the stream: the reference, not a streaming policy."""
 
     kind = "dense"
-    n_sinks = 0
 
     @property
     def spec(self) -> str:
@@ -60,13 +80,12 @@ class Dense:
 
 
 @dataclass(frozen=True)
-class Window:
+class Window(_Runs):
     """Window attention: the query and the ``window`` tokens before it; the oldest is evicted."""
 
     window: int
     positions: str = "cache"
     kind = "window"
-    n_sinks = 0
 
     def __post_init__(self) -> None:
         _positive("window", self.window)
@@ -88,16 +107,20 @@ class Window:
 
 
 @dataclass(frozen=True)
-class Recompute:
+class Recompute(_Runs):
     """Sliding window with re-computation: every token re-runs the model on its last ``window``
     tokens at positions 0..window (docs/methods.md section 1). O(window^2) per token, by design."""
 
     window: int
     kind = "recompute"
-    n_sinks = 0
 
     def __post_init__(self) -> None:
         _positive("window", self.window)
+
+    def make_state(self, model, *, batch: int = 1, chunk: int = 128):
+        from endless.policies.recompute import RecomputeState
+
+        return RecomputeState(model, self, batch=batch, chunk=chunk)
 
     @property
     def spec(self) -> str:
@@ -108,7 +131,7 @@ class Recompute:
 
 
 @dataclass(frozen=True)
-class Sinks:
+class Sinks(_Runs):
     """StreamingLLM (docs/methods.md section 2): the first ``sinks`` tokens plus the ``window`` tokens
     before the query, positions counted inside the cache.
 
@@ -149,20 +172,23 @@ class Sinks:
     def span(self) -> int:
         return self.sinks + self.window + 1
 
+    def prefix(self) -> tuple[int, ...]:
+        """With ``sink_token``: the S copies that become the sinks."""
+        return () if self.sink_token is None else (self.sink_token,) * self.sinks
+
     def sink_query_positions(self, positions: torch.Tensor) -> torch.Tensor:
         """In-cache position of each query as seen by the sinks: it never exceeds S+W."""
         return positions.clamp(max=self.sinks + self.window)
 
 
 @dataclass(frozen=True)
-class BSWA:
+class BSWA(_Runs):
     """Block Sliding Window Attention (docs/methods.md section 1): blocks of ``block`` tokens; a query
     sees its own block causally and the ``memory`` previous blocks fully."""
 
     block: int
     memory: int
     kind = "bswa"
-    n_sinks = 0
 
     def __post_init__(self) -> None:
         _positive("block", self.block)
@@ -184,7 +210,7 @@ class BSWA:
 
 
 @dataclass(frozen=True)
-class FAM:
+class FAM(_Runs):
     """TransformerFAM (docs/methods.md section 3): BSWA with blocks of ``block`` tokens and ``memory``
     previous blocks, plus a per-layer working memory of ``fam`` rows updated after every block.
 
@@ -224,7 +250,6 @@ class FAM:
     normalize: bool = False
     null_slot: bool = False
     kind = "fam"
-    n_sinks = 0
 
     def __post_init__(self) -> None:
         _positive("block", self.block)
@@ -240,6 +265,12 @@ class FAM:
 
     def as_bswa(self) -> BSWA:
         return BSWA(self.block, self.memory)
+
+    def make_state(self, model, *, batch: int = 1, chunk: int = 128):
+        """The streaming FAM (``endless.fam.state.FamState``; F = 0 is BSWA computed the FAM way)."""
+        from endless.fam.state import FamState
+
+        return FamState(model, self, batch=batch, chunk=chunk)
 
     def span(self) -> int:
         return (self.memory + 1) * self.block + self.fam
@@ -301,11 +332,6 @@ _PARSERS: dict[str, Callable[[str, str], Policy]] = {
     "bswa": _parse_bswa,
     "fam": _parse_fam,
 }
-
-
-def register(kind: str, parser: Callable[[str, str], Policy]) -> None:
-    """Add a policy kind to the spec syntax (used by the FAM package)."""
-    _PARSERS[kind] = parser
 
 
 def parse_policy(spec: "str | Policy") -> Policy:

@@ -2,8 +2,8 @@
 
 import pytest
 
-from endless.config import BSWA, FAM, Dense, Recompute, Sinks, Window, check_fits, parse_policy
 from endless.errors import EndlessError
+from endless.policies.spec import BSWA, FAM, Dense, Recompute, Sinks, Window, check_fits, parse_policy
 
 
 @pytest.mark.parametrize(
