@@ -173,8 +173,8 @@ def test_out_of_range_sampling_and_threads_are_refused_in_one_line(args, message
 
 def test_a_fam_stream_without_a_trained_prompt_warns_once(caplog):
     from endless.fam.state import FamState, _warn_untrained
-    from endless.model import Transformer
     from endless.models.tiny import tiny_model
+    from endless.transformer import Transformer
 
     _warn_untrained.cache_clear()
     model = Transformer(tiny_model("llama"))

@@ -12,10 +12,10 @@ from fam_helpers import tiny_folder
 
 from endless.fam import FamPrompt, parallel_forward
 from endless.fam.state import FamState
-from endless.model import Transformer
 from endless.models.tiny import tiny_model
 from endless.policies.spec import parse_policy
 from endless.stream import Stream
+from endless.transformer import Transformer
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -17,10 +17,10 @@ from endless.attention import gqa_mix, gqa_scores, sdpa_attention
 from endless.device import resolve_device
 from endless.errors import EndlessError
 from endless.fam import FamPrompt, parallel_forward
-from endless.model import Transformer
 from endless.models.tiny import tiny_model
 from endless.policies.spec import parse_policy
 from endless.stream import Stream
+from endless.transformer import Transformer
 
 NO_CUDA = not torch.cuda.is_available()
 

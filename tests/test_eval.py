@@ -15,9 +15,9 @@ from fam_helpers import byte_tokenizer, tiny_folder
 from endless.cli.eval_sinks import ablation_specs
 from endless.eval.ppl import evaluate, moving_average, perplexity, ratio_to, recompute_nll, streaming_nll
 from endless.eval.streameval import make_stream, run_streameval, stream_text
-from endless.model import Transformer
 from endless.models.tiny import tiny_model
 from endless.stream import Stream
+from endless.transformer import Transformer
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from endless.fam import FamPrompt, parallel_forward
-from endless.model import Transformer
 from endless.models.tiny import tiny_model
 from endless.policies.spec import parse_policy
 from endless.stream import Stream
+from endless.transformer import Transformer
 
 
 @pytest.fixture(scope="module")

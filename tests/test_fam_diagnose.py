@@ -6,15 +6,15 @@ import pytest
 import torch
 
 from endless.attention import gqa_scores
+from endless.data.passkey import digit_example
 from endless.fam import FamPrompt
 from endless.fam.diagnose import _RecordingState, memory_report
 from endless.fam.memory import fam_qkv, initial_fam
 from endless.fam.state import FamState
-from endless.model import Transformer
 from endless.models.tiny import tiny_model
 from endless.policies.spec import parse_policy
 from endless.rope import rotate
-from endless.train.data import digit_example
+from endless.transformer import Transformer
 
 POLICY = parse_policy("fam:8x1+4")
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from endless.model import Transformer
 from endless.models.tiny import FAMILIES, tiny_model
 from endless.stream import Stream
+from endless.transformer import Transformer
 
 
 def ids_of(n, seed=0):

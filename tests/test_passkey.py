@@ -1,4 +1,4 @@
-"""PassKey data and evaluation (docs/methods.md section 3; src/endless/train/data.py, eval/passkey.py)."""
+"""PassKey data and evaluation (docs/methods.md section 3; src/endless/data/passkey.py, eval/passkey.py)."""
 
 import json
 import random
@@ -9,13 +9,7 @@ import pytest
 import torch
 from fam_helpers import byte_tokenizer, tiny_folder
 
-from endless.errors import EndlessError
-from endless.eval.passkey import passkey_accuracy, passkey_answer_loss, plot, summarize, table
-from endless.model import Transformer
-from endless.models.tiny import tiny_model
-from endless.policies.spec import parse_policy
-from endless.stream import Stream
-from endless.train.data import (
+from endless.data.passkey import (
     FILLER,
     INSTRUCTION,
     KEY_MARK,
@@ -27,6 +21,12 @@ from endless.train.data import (
     digit_example,
     passkey_example,
 )
+from endless.errors import EndlessError
+from endless.eval.passkey import passkey_accuracy, passkey_answer_loss, plot, summarize, table
+from endless.models.tiny import tiny_model
+from endless.policies.spec import parse_policy
+from endless.stream import Stream
+from endless.transformer import Transformer
 
 
 @pytest.fixture(scope="module")
@@ -167,8 +167,8 @@ def test_stream_batch_equals_single(model):
 @pytest.mark.parametrize("text,ok", [(" 60494.", True), (" 6049459", True), (" 6049.", False), (" 1111111", False),
                                      (" the key is 60494", True), (" none", False)])
 def test_exact_match_scores_the_first_digits_generated(text, ok):
+    from endless.data.passkey import Example
     from endless.eval.passkey import _correct
-    from endless.train.data import Example
 
     class Decode:  # generated "ids" are the characters themselves
         def decode(self, ids, skip_special_tokens=True):

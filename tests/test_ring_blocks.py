@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import endless.attention as attention
-from endless.model import Transformer
 from endless.models.tiny import tiny_model
 from endless.stream import Stream
+from endless.transformer import Transformer
 
 
 @pytest.mark.parametrize("spec", ["dense", "window:24", "sinks:4+20"])

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from endless.errors import EndlessError
-from endless.model import Transformer
 from endless.models.tiny import tiny_model
 from endless.reference import naive_stream_logits
 from endless.stream import Stream
+from endless.transformer import Transformer
 
 POLICIES = ["window:24", "sinks:4+20", "sinks:2+22,sink=#7", "bswa:8x2", "recompute:24"]
 

@@ -38,9 +38,9 @@ def test_carried_batch_starts_from_the_streaming_fam_after_its_prefix():
     part holds no key."""
     import random
 
+    from endless.data.passkey import KEY_MARK
     from endless.fam.state import FamState
     from endless.policies.spec import parse_policy
-    from endless.train.data import KEY_MARK
     from endless.train.tiny import build_model, carried_batch
 
     cfg = TinyConfig(batch=2, carry=40)
@@ -50,7 +50,7 @@ def test_carried_batch_starts_from_the_streaming_fam_after_its_prefix():
     assert ids.shape == (2, 34) and (ids != KEY_MARK).all() and (targets[:, -5:] >= 0).any()
     rng = random.Random(0)  # rebuild the whole sequences from the same draws
     prefix = rng.randrange(1, 40 // 8 + 1) * 8
-    from endless.train.data import collate, digit_example
+    from endless.data.passkey import collate, digit_example
 
     whole, _ = collate([digit_example(prefix + 30, rng.random() * (prefix - 5) / (prefix + 30 - 6), rng=rng,
                                       vocab=cfg.vocab, digits=4) for _ in range(2)])
@@ -211,8 +211,8 @@ def test_two_processes_with_torchrun(folder, tmp_path):
 def test_key_depth_fixes_where_the_key_sits_and_keeps_the_other_draws():
     import random
 
+    from endless.data.passkey import KEY_MARK
     from endless.policies.spec import parse_policy
-    from endless.train.data import KEY_MARK
     from endless.train.tiny import build_model, carried_batch
 
     assert TinyConfig(key_depth=0.0).key_depth == 0.0

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from endless.fam import parallel_forward
 from endless.fam.checkpoint import load_fam
-from endless.train.data import PasskeyFormat, answer_positions, random_key
+from endless.data.passkey import PasskeyFormat, answer_positions, random_key
 
 torch.set_num_threads(1)
 model, tok, policy = load_fam(sys.argv[1])

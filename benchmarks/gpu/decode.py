@@ -57,7 +57,7 @@ def time_transformers(hf, ids: torch.Tensor, prompt: int, steps: int) -> float:
 
 def main() -> None:
     from endless.device import describe, resolve_device
-    from endless.model import Transformer
+    from endless.transformer import Transformer
     from endless.models import load
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -17,7 +17,7 @@ _LAZY = {
     "load": ("endless.models", "load"),
     "Stream": ("endless.stream", "Stream"),
     "parse_policy": ("endless.policies.spec", "parse_policy"),
-    "Transformer": ("endless.model", "Transformer"),
+    "Transformer": ("endless.transformer", "Transformer"),
     "EndlessError": ("endless.errors", "EndlessError"),
 }
 

@@ -9,7 +9,7 @@ obviously right, so "the sinks policy equals the naive reference at every step" 
 
 ``naive_fam_logits`` is TransformerFAM read straight off docs/methods.md section 3 ("One layer, one
 block" and the mask table), on transformers' own modules and rotary embedding: none of
-``endless.model``, ``endless.rope`` or ``endless.fam`` is used, so it checks the spec, not our
+``endless.transformer``, ``endless.rope`` or ``endless.fam`` is used, so it checks the spec, not our
 factoring of it. It runs in the streaming order (block by block, every layer per block) while
 ``endless.fam.parallel_forward`` runs layer by layer over all blocks.
 """
@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from endless.model import Transformer
 from endless.policies.spec import FAM, Policy, parse_policy
 from endless.rope import rotate
+from endless.transformer import Transformer
 
 
 @torch.inference_mode()

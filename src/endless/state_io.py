@@ -12,14 +12,13 @@ truncated, corrupt or tampered file, another model, or another policy is an ``En
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from endless.errors import EndlessError
+from endless.files import atomic_write
 from endless.policies.spec import parse_policy
 
 FORMAT = "endless-stream/1"
@@ -36,35 +35,6 @@ def _digest(tensors: dict[str, torch.Tensor], extra: dict[str, str] | None = Non
         h.update(str(tuple(t.shape)).encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-def atomic_write(path: Path, write, *, mode: int = 0o644) -> None:
-    """Call ``write(tmp_path)`` then move the finished file over ``path`` with permissions
-    ``mode`` (results are world-readable; a saved stream, which may hold a private chat, is
-    written 0o600 by ``save_stream``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, mode)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def save_png(fig, path: "str | Path", **savefig_kwargs) -> None:
-    """Save a matplotlib figure as a PNG atomically (dpi 120 unless given), then close it."""
-    import matplotlib.pyplot as plt
-
-    savefig_kwargs.setdefault("dpi", 120)
-    try:
-        atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", **savefig_kwargs))
-    finally:
-        plt.close(fig)
 
 
 def save_stream(stream, path: Path, extra: dict[str, str] | None = None) -> None:

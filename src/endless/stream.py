@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from endless.model import Transformer
-from endless.policies import make_state
 from endless.policies.spec import Policy, check_fits, parse_policy
+from endless.policies.states import make_state
+from endless.transformer import Transformer
 
 log = logging.getLogger(__name__)
 

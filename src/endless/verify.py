@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from endless.model import Transformer
 from endless.policies.spec import FAM, Dense, Policy, Recompute, parse_policy
 from endless.stream import Stream
+from endless.transformer import Transformer
 
 # One forward pass: transformers and we differ by float32 rounding only (docs/methods.md section 4: 1e-4).
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.25}

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from endless.attention import additive, softmax_attention
-from endless.model import Transformer
 from endless.rope import rotate
+from endless.transformer import Transformer
 
 
 class _Recorder:
@@ -74,7 +74,7 @@ def plot_maps(maps: torch.Tensor, layers: Sequence[int], path: "str | Path", *, 
     import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
 
-    from endless.state_io import save_png
+    from endless.files import save_png
 
     n = min(tokens, maps.shape[-1])
     fig, axes = plt.subplots(1, len(layers), figsize=(3.0 * len(layers), 3.3), squeeze=False)
@@ -99,7 +99,7 @@ def plot_token0(share0: torch.Tensor, path: "str | Path", *, uniform: float, tit
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from endless.state_io import save_png
+    from endless.files import save_png
 
     mean, lo, hi = share0.mean(1), share0.min(1).values, share0.max(1).values
     x = torch.arange(share0.shape[0]).numpy()

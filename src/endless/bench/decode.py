@@ -25,8 +25,8 @@ from collections.abc import Callable
 import torch
 
 from endless.bench.timing import interleave, stats
-from endless.model import Transformer
 from endless.stream import Stream
+from endless.transformer import Transformer
 
 log = logging.getLogger(__name__)
 

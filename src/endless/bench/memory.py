@@ -29,12 +29,12 @@ def measure(spec: dict, *, timeout: float = 1800) -> dict:
 
 def _worker(spec: dict) -> dict:
     from endless.bench.decode import HFDecoder, OursDecoder
-    from endless.bench.runner import load_model
     from endless.bench.timing import memory, reset_peak
-    from endless.model import Transformer
+    from endless.models import load
+    from endless.transformer import Transformer
 
     torch.set_num_threads(spec["threads"])
-    hf, _ = load_model(spec["model"], spec["dtype"])
+    hf, _ = load(spec["model"], dtype=spec["dtype"])
     length, impl = spec["cache"], spec["impl"]
     # transformers runs as a user would run it: no packed copy of the weights in its process
     model = None if impl == "transformers" else Transformer(hf, pack=spec.get("pack", True))

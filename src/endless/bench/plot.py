@@ -22,7 +22,7 @@ def plot(result: dict, path: "str | Path") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from endless.state_io import save_png
+    from endless.files import save_png
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.6))
     for dtype, run in result["runs"].items():

@@ -18,7 +18,7 @@ import torch
 
 from endless.bench.decode import OursDecoder, TokenFeed
 from endless.bench.timing import interleave, memory, stats
-from endless.model import Transformer
+from endless.transformer import Transformer
 
 log = logging.getLogger(__name__)
 

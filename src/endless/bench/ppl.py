@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from endless.model import Transformer
 from endless.stream import Stream
+from endless.transformer import Transformer
 
 
 def ppl_throughput(model: Transformer, ids: torch.Tensor, *, policy: str, chunk: int = 128, progress=None) -> dict:

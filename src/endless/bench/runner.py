@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from transformers.utils import logging as hf_logging
 
 from endless.bench import llamacpp
 from endless.bench.bandwidth import bandwidth
@@ -24,7 +25,8 @@ from endless.bench.positions import position_sweep
 from endless.bench.ppl import ppl_throughput
 from endless.bench.report import UNCOMPILED
 from endless.bench.timing import machine
-from endless.model import Transformer
+from endless.models import load
+from endless.transformer import Transformer
 
 log = logging.getLogger(__name__)
 SCHEMA = "endless-bench/1"
@@ -64,23 +66,6 @@ QUICK = BenchConfig(  # about a minute on one loaded core
 )
 
 
-def load_model(name: str, dtype: str, device: "str | torch.device" = "cpu"):
-    """(hf_model, tokenizer or None). ``tiny:FAMILY[:LAYERS]`` is a random model for smoke runs."""
-    if name.startswith("tiny:"):
-        from endless.models.tiny import tiny_model
-
-        _, family, *rest = name.split(":")
-        layers = int(rest[0]) if rest else 2
-        hf = tiny_model(family, seed=0, num_hidden_layers=layers, max_position_embeddings=1 << 17)
-        return hf.to(device=device, dtype=getattr(torch, dtype)), None
-    from transformers.utils import logging as hf_logging
-
-    from endless.models import load
-
-    hf_logging.disable_progress_bar()
-    return load(name, dtype=dtype, device=device)
-
-
 def token_ids(tokenizer, vocab: int, n: int, seed: int) -> torch.Tensor:
     """``n`` token ids of the default long text (KJV), or random ids when there is no tokenizer."""
     if tokenizer is None:
@@ -118,6 +103,7 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict:
     if device.type != "cpu":  # CPU-only parts: packed/compiled kernels, llama.cpp, per-process RSS
         config = dataclasses.replace(config, pack=False, compile=False, with_llamacpp=False, isolated_memory=False)
     sync = torch.cuda.synchronize if device.type == "cuda" else None
+    hf_logging.disable_progress_bar()
     started = time.time()
     result: dict = {"schema": SCHEMA, "config": dataclasses.asdict(config), "machine": machine(), "runs": {}}
     result["machine"]["device"] = describe(device)
@@ -126,7 +112,7 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict:
     gguf = _gguf_for(config.model) if config.with_llamacpp and llamacpp.available() else None
     cpp_dtype = "bfloat16" if "bfloat16" in config.dtypes else config.dtypes[-1]
     for dtype in config.dtypes:
-        hf, tok = load_model(config.model, dtype, device)
+        hf, tok = load(config.model, dtype=dtype, device=device)
         compile = config.compile and config.pack and dtype == "float32"  # bfloat16: oneDNN is faster (endless.gemv)
         t0 = time.perf_counter()
         model = Transformer(hf, pack=config.pack, compile=compile)

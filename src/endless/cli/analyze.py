@@ -42,7 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_attention(args: argparse.Namespace) -> int:
     from endless.analysis.attention import attention_maps, first_k_share, plot_maps, plot_token0, uniform_share
-    from endless.eval.texts import text_ids
+    from endless.data.texts import text_ids
     from endless.stream import as_transformer
 
     if args.tokens < 2 or args.map_tokens < 2:

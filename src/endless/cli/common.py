@@ -61,7 +61,7 @@ def load_from_args(args: argparse.Namespace, *, need_tokenizer: bool = True):
 
     A folder without tokenizer files is refused with one line unless ``need_tokenizer`` is
     False (then the tokenizer is None). With ``--fam CHECKPOINT`` the model is instead an
-    ``endless.model.Transformer`` (LoRA merged, ``fam_prompt`` attached, checkpoint-specific
+    ``endless.transformer.Transformer`` (LoRA merged, ``fam_prompt`` attached, checkpoint-specific
     identity): ``Stream`` and ``as_transformer`` take it as is, ``.hf`` is the transformers model.
     """
     from transformers.utils import logging as hf_logging
@@ -93,7 +93,7 @@ def write_json(path, payload) -> None:
     import json
     from pathlib import Path
 
-    from endless.state_io import atomic_write
+    from endless.files import atomic_write
 
     path = Path(path)
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2) + "\n"))

@@ -36,9 +36,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from endless.data.texts import text_ids
     from endless.errors import EndlessError
     from endless.eval.ppl import evaluate, plot, table
-    from endless.eval.texts import text_ids
 
     if args.tokens < 300:
         raise EndlessError("--tokens must be >= 300 (longer than the 256-token cache)")

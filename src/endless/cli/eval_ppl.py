@@ -52,8 +52,8 @@ def add_to(sub: argparse._SubParsersAction) -> None:
 def run_policies(args: argparse.Namespace, specs, *, title: str, reference: str | None = None):
     """Load the model and text, evaluate every spec, print the table, write JSON/NLL/plot.
     ``specs`` is a list of policy specs, or a function of the tokenizer returning one."""
+    from endless.data.texts import text_ids
     from endless.eval.ppl import evaluate, plot, save_nll, table
-    from endless.eval.texts import text_ids
     from endless.policies.spec import parse_policy
 
     if min(args.chunk, args.smooth, args.recompute_every) < 1:

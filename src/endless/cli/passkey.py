@@ -53,9 +53,9 @@ def add_to(eval_sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from endless.data.passkey import PasskeyFormat, random_key
     from endless.eval.passkey import passkey_accuracy, passkey_answer_loss, plot, summarize, table
     from endless.policies.spec import BSWA, FAM, parse_policy
-    from endless.train.data import PasskeyFormat, random_key
 
     for name in ("examples", "batch", "chunk", "digits"):
         if getattr(args, name) < 1:

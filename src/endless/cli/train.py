@@ -362,8 +362,8 @@ def _evaluate(module, tok, cfg, lengths, n: int):
     weights, keys at evenly spread depths."""
     import random
 
+    from endless.data.passkey import PasskeyFormat, random_key
     from endless.eval.passkey import passkey_accuracy, passkey_answer_loss, summarize
-    from endless.train.data import PasskeyFormat, random_key
 
     fmt = PasskeyFormat(tok)
     rng = random.Random(cfg.seed + 12345)

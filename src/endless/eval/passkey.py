@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from endless.model import Transformer
+from endless.data.passkey import Example, answer_positions
 from endless.policies.spec import BSWA, FAM, Policy, parse_policy
-from endless.train.data import Example, answer_positions
+from endless.transformer import Transformer
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ def plot(results: Iterable[PasskeyResult], path, *, title: str = "PassKey") -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from endless.state_io import save_png
+    from endless.files import save_png
 
     results = [r for r in results if r.depth is None]
     fig, ax = plt.subplots(figsize=(6.4, 4.0))

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from endless.model import Transformer
 from endless.policies.spec import Dense, Policy, Recompute, parse_policy
+from endless.transformer import Transformer
 
 
 @dataclass
@@ -150,7 +150,7 @@ def plot(results: Sequence[PplResult], path: "str | Path", *, smooth: int = 256,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from endless.state_io import save_png
+    from endless.files import save_png
 
     fig, ax = plt.subplots(figsize=(7.0, 4.2))
     for r in results:
@@ -173,7 +173,7 @@ def save_nll(results: Sequence[PplResult], path: "str | Path", metadata: dict[st
     """Per-token NLL of every policy in one safetensors file (tensor name = policy spec)."""
     from safetensors.torch import save_file
 
-    from endless.state_io import atomic_write
+    from endless.files import atomic_write
 
     tensors = {r.policy: r.nll.float().contiguous() for r in results}
     atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata or {}))

@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from endless.model import Transformer
 from endless.policies.spec import Dense, Policy, parse_policy
+from endless.transformer import Transformer
 
 ADJECTIVES = (
     "amber", "brave", "calm", "dusty", "eager", "faint", "gentle", "hollow", "icy", "jolly", "keen", "lucky",
@@ -134,7 +134,7 @@ def plot(curves: dict[str, list[tuple[int, float, int]]], path, *, title: str, d
 
     import matplotlib.pyplot as plt
 
-    from endless.state_io import save_png
+    from endless.files import save_png
 
     fig, ax = plt.subplots(figsize=(7.0, 4.0))
     for policy, rows in curves.items():

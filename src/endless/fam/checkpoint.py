@@ -26,10 +26,10 @@ import torch
 
 from endless.errors import EndlessError
 from endless.fam.memory import FamPrompt
-from endless.folder_io import read_folder_meta, write_folder
-from endless.model import Transformer
+from endless.files import read_folder_meta, write_folder
 from endless.peft_quiet import quiet_peft
 from endless.policies.spec import BSWA, FAM, parse_policy
+from endless.transformer import Transformer
 
 FORMAT = "endless-fam/1"
 META = "fam.json"

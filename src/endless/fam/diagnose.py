@@ -18,11 +18,11 @@ from __future__ import annotations
 import torch
 
 from endless.attention import gqa_scores
+from endless.data.passkey import Example
 from endless.fam.memory import fam_positions, fam_qkv
 from endless.fam.state import FamState
-from endless.model import Transformer
 from endless.policies.spec import FAM
-from endless.train.data import Example
+from endless.transformer import Transformer
 
 
 class _RecordingState(FamState):

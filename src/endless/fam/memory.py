@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from endless.attention import softmax_attention
-from endless.model import Transformer
 from endless.policies.spec import FAM
 from endless.rope import rotate
+from endless.transformer import Transformer
 
 
 class FamPrompt(nn.Module):

@@ -23,9 +23,9 @@ from torch.utils.checkpoint import checkpoint as grad_checkpoint
 from endless.attention import window_attention
 from endless.device import fused_attention
 from endless.fam.memory import FamPrompt, fam_qkv, fam_update, initial_fam
-from endless.model import Transformer
 from endless.policies.spec import BSWA, FAM
 from endless.rope import rotate
+from endless.transformer import Transformer
 
 
 def block_mask(policy: FAM, n_blocks: int, device: "torch.device | str" = "cpu") -> torch.Tensor:

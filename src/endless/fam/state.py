@@ -22,9 +22,9 @@ import torch
 
 from endless.attention import Kernel, Slots, additive
 from endless.fam.memory import FamPrompt, fam_positions, fam_qkv, fam_update, initial_fam
-from endless.model import Transformer
 from endless.policies.spec import FAM
 from endless.rope import rotate_signed, signed_tables
+from endless.transformer import Transformer
 
 log = logging.getLogger(__name__)
 

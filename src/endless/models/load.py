@@ -85,11 +85,28 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
 
 
+def _tiny(name: str, dtype: torch.dtype, device: "torch.device | None") -> PreTrainedModel:
+    """``tiny:FAMILY[:LAYERS]``: a random model of ``FAMILY`` (seed 0, 2 layers by default) whose
+    positions reach 2^17 tokens."""
+    from endless.models.tiny import FAMILIES, tiny_model
+
+    parts = name.split(":")
+    family, layers = parts[1], parts[2] if len(parts) > 2 else "2"
+    if len(parts) > 3 or family not in FAMILIES or not layers.isdigit() or int(layers) < 1:
+        raise EndlessError(f"unknown tiny model {name!r}: tiny:FAMILY[:LAYERS] with FAMILY one of {', '.join(FAMILIES)}")
+    layers = int(layers)
+    hf = tiny_model(family, seed=0, num_hidden_layers=layers, max_position_embeddings=1 << 17)
+    hf = hf.to(dtype=dtype).eval()
+    return hf.to(device) if device is not None else hf
+
+
 def load(
     name_or_path: str | os.PathLike = "smollm2-135m", *, dtype: str | torch.dtype = "float32",
     device: "str | torch.device | None" = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
-    """``(model, tokenizer)`` for an embedded name, a transformers folder or a ``.gguf`` file.
+    """``(model, tokenizer)`` for an embedded name, a transformers folder or a ``.gguf`` file;
+    ``tiny:FAMILY[:LAYERS]`` is a small random model of that family (``endless.models.tiny``, no
+    tokenizer) for smoke runs of any command.
 
     The model is in eval mode, in ``dtype`` (float32 or bfloat16) and on ``device`` (``auto``,
     ``cpu``, ``cuda``; default: the CPU); its attention implementation is whatever transformers chose. The tokenizer is ``None`` for a folder that
@@ -102,6 +119,8 @@ def load(
 
     dtype = as_dtype(dtype)
     dev = resolve_device(device) if device is not None else None  # a bad device fails before loading
+    if str(name_or_path).startswith("tiny:"):
+        return _tiny(str(name_or_path), dtype, dev), None
     folder = resolve(name_or_path)
     in_cache = cache_dir() in folder.parents
     redo = f"; delete {folder} to convert it again" if in_cache else ""

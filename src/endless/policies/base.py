@@ -2,7 +2,7 @@
 
 Two roles, two protocols:
 
-- ``Cache``: what ``endless.model.Transformer.forward`` calls. The model drives one forward pass:
+- ``Cache``: what ``endless.transformer.Transformer.forward`` calls. The model drives one forward pass:
   ``begin(n)`` once for the ``n`` new tokens (the cache prepares positions, slots, mask and RoPE
   tables shared by every layer), ``attend(layer, q, k, v)`` per layer with the un-rotated new
   queries/keys/values (the cache writes them and returns the attention output, as mlx-lm's and
@@ -13,8 +13,8 @@ Two roles, two protocols:
   because the FAM update is a computation of the model's layers on the memory rows);
   ``state_tensors``/``load_tensors`` snapshot and restore it exactly.
 
-Every policy builds its own state (``Policy.make_state``): ``RingKV`` for dense, window, sinks
-and BSWA; ``RecomputeState``; ``FamState``.
+``endless.policies.states.make_state`` builds the state of a policy: ``RingKV`` for dense,
+window, sinks and BSWA; ``RecomputeState``; ``FamState``.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from endless.model import Transformer
 from endless.policies.spec import Dense, Recompute
+from endless.transformer import Transformer
 
 WINDOWS_PER_BATCH = 8  # bounds the (windows x heads x W x W) score tensor
 

@@ -35,9 +35,9 @@ from __future__ import annotations
 import torch
 
 from endless.attention import Kernel, Slots, additive
-from endless.model import Transformer
 from endless.policies.spec import Policy, Sinks
 from endless.rope import rotate_signed, rotation_matrix, signed_tables
+from endless.transformer import Transformer
 
 DENSE_INITIAL = 1024
 

@@ -1,8 +1,8 @@
 """Attention policies: frozen, validated configurations and their one compact spec syntax.
 
-Each policy also says how a stream runs under it: ``make_state(model, batch=, chunk=)`` builds its
-state (``endless.policies.base.PolicyState``) and ``prefix()`` names the tokens a stream reads
-before its own (the sink copies of ``sinks:S+W,sink=#ID``; none for the others).
+Policies are configuration only (no torch state): ``endless.policies.states`` maps each class to
+the state that runs it, and ``prefix()`` names the tokens a stream reads before its own (the sink
+copies of ``sinks:S+W,sink=#ID``; none for the others).
 
 Every policy is named the same way in the Python API, the CLI, JSON results and plots:
 
@@ -42,16 +42,9 @@ SPEC_HELP = (
 
 
 class _Runs:
-    """What every policy offers a stream: its state and the tokens read before the stream's own."""
+    """What every policy tells a stream beyond its mask: sinks kept and tokens read first."""
 
     n_sinks = 0
-
-    def make_state(self, model, *, batch: int = 1, chunk: int = 128):
-        """The ring-buffer state (``endless.policies.ring.RingKV``); re-computation and FAM
-        override this with their own."""
-        from endless.policies.ring import RingKV
-
-        return RingKV(model, self, batch=batch, chunk=chunk)
 
     def prefix(self) -> tuple[int, ...]:
         """Token ids every stream reads before its first token (none)."""
@@ -116,11 +109,6 @@ class Recompute(_Runs):
 
     def __post_init__(self) -> None:
         _positive("window", self.window)
-
-    def make_state(self, model, *, batch: int = 1, chunk: int = 128):
-        from endless.policies.recompute import RecomputeState
-
-        return RecomputeState(model, self, batch=batch, chunk=chunk)
 
     @property
     def spec(self) -> str:
@@ -265,12 +253,6 @@ class FAM(_Runs):
 
     def as_bswa(self) -> BSWA:
         return BSWA(self.block, self.memory)
-
-    def make_state(self, model, *, batch: int = 1, chunk: int = 128):
-        """The streaming FAM (``endless.fam.state.FamState``; F = 0 is BSWA computed the FAM way)."""
-        from endless.fam.state import FamState
-
-        return FamState(model, self, batch=batch, chunk=chunk)
 
     def span(self) -> int:
         return (self.memory + 1) * self.block + self.fam

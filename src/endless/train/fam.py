@@ -40,13 +40,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from endless.data.passkey import Example, PasskeyFormat, collate, random_key, text_example
 from endless.errors import EndlessError
 from endless.fam import FamPrompt, parallel_forward
-from endless.model import Transformer
 from endless.peft_quiet import quiet_peft
 from endless.policies.spec import BSWA, FAM, parse_policy
 from endless.train.curriculum import Stages
-from endless.train.data import Example, PasskeyFormat, collate, random_key, text_example
+from endless.transformer import Transformer
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ continues from one; so it is saved, in a folder::
     model.safetensors     the transformers model (``save_pretrained``)
     prompt.safetensors    the F learned FAM prompt rows (tensor "embeddings"; absent for BSWA)
 
-Written atomically and verified on load (``endless.folder_io``): a missing or corrupt file,
+Written atomically and verified on load (``endless.files``): a missing or corrupt file,
 another format, a config this version cannot read are one-line ``EndlessError``\\ s.
 """
 
@@ -23,9 +23,10 @@ import torch
 
 from endless.errors import EndlessError
 from endless.fam.checkpoint import load_prompt, save_prompt
-from endless.folder_io import read_folder_meta, write_folder
-from endless.model import Transformer
+from endless.files import read_folder_meta, write_folder
 from endless.policies.spec import parse_policy
+from endless.train.tiny_config import TinyConfig, TinyRun
+from endless.transformer import Transformer
 
 FORMAT = "endless-tiny/1"
 META = "tiny.json"
@@ -47,8 +48,6 @@ def load_tiny(path: "str | Path"):
     """``(run, cfg)``: the saved ``TinyRun`` (model in eval mode, prompt attached, its losses)
     and the ``TinyConfig`` it was trained with."""
     from transformers import AutoModelForCausalLM
-
-    from endless.train.tiny import TinyConfig, TinyRun
 
     path = Path(path)
     meta = read_folder_meta(path, meta_name=META, fmt=FORMAT, what="tiny model", writer="endless train fam-tiny --save")

@@ -1,6 +1,8 @@
-"""Checkpoint folders: written atomically, every file checksummed, verified on load.
+"""Files that survive a crash: single files and checkpoint folders written atomically.
 
-A folder checkpoint (a FAM checkpoint of ``endless train fam``, a tiny model of ``endless train
+``atomic_write`` writes a file through a temporary sibling, fsync and rename, so a reader sees the
+old file or the new one, never half of one; ``save_png`` writes a matplotlib figure that way
+(every plot of the package). A folder checkpoint (a FAM checkpoint of ``endless train fam``, a tiny model of ``endless train
 fam-tiny --save``) is one JSON file of metadata, which lists the sha256 of every other file,
 plus those files. Contract: ``write_folder`` builds the folder in a temporary sibling and
 renames it into place, so a crash leaves the old folder or the new one, never a mix;
@@ -19,6 +21,35 @@ from collections.abc import Callable
 from pathlib import Path
 
 from endless.errors import EndlessError
+
+
+def atomic_write(path: Path, write, *, mode: int = 0o644) -> None:
+    """Call ``write(tmp_path)`` then move the finished file over ``path`` with permissions
+    ``mode`` (results are world-readable; a saved stream, which may hold a private chat, is
+    written 0o600 by ``save_stream``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, mode)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_png(fig, path: "str | Path", **savefig_kwargs) -> None:
+    """Save a matplotlib figure as a PNG atomically (dpi 120 unless given), then close it."""
+    import matplotlib.pyplot as plt
+
+    savefig_kwargs.setdefault("dpi", 120)
+    try:
+        atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", **savefig_kwargs))
+    finally:
+        plt.close(fig)
 
 
 def sha256_file(path: Path) -> str:

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from endless.model import Transformer
 from endless.models.tiny import tiny_model
 from endless.policies.ring import RingKV
 from endless.policies.spec import Dense
+from endless.transformer import Transformer
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
 
