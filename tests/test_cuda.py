@@ -4,7 +4,7 @@ float32 on both devices (TF32 off, PyTorch's default for matrix products): our f
 equals transformers' forward on the CPU within 1e-3, every policy's log-probs agree across
 devices, FAM's parallel (fused attention) and streaming forms agree on CUDA, a stream saved on
 one device resumes on the other, and `train fam` takes real steps on CUDA whose checkpoint
-loads on the CPU. `benchmarks/gpu/run.sh` runs this file first on a lent GPU."""
+loads on the CPU. `benchmarks/gpu/scripts/run.sh` runs this file first on a lent GPU."""
 
 import pytest
 import torch

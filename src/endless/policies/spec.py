@@ -215,7 +215,7 @@ class FAM(_Runs):
 
     ``normalize=True`` (*ours*, flag ``norm``) rescales every FAM row to unit RMS after each
     update. The paper's update is a residual sum, so the FAM's norm grows with every block and a
-    key written late is a vanishing part of it (docs/results.md section 7.2); on the unit sphere
+    key written late is a vanishing part of it (docs/experiments/fam-notebook.md section 7.2); on the unit sphere
     the state stays in the range it was trained in however long the stream. For models trained
     with it (from scratch): on a pretrained model unit RMS takes away each layer's own scale and an
     untrained FAM hurts (SmolLM2 PassKey answer loss 4.2 against 0.17 with ``firstres`` alone).
@@ -225,7 +225,7 @@ class FAM(_Runs):
     (Xiao et al. 2023, section 3.3, SoftMax-off-by-One): the FAM rows can put their attention on
     nothing, so a block of filler need not be written into the memory at all. Without it the rows'
     weights sum to one over the FAM and the block, and the first layer's FAM becomes a running
-    sum of filler that dilutes the key (docs/results.md section 7.2). No new weights.
+    sum of filler that dilutes the key (docs/experiments/fam-notebook.md section 7.2). No new weights.
     """
 
     block: int

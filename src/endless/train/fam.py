@@ -60,7 +60,7 @@ class FamTrainConfig:
 
     model: str = "smollm2-135m"
     # *ours*: ``firstres`` by default, since the paper's zero first residual makes an untrained FAM
-    # wreck a pretrained model (docs/results.md 7.3: PassKey answer loss 8.75 against 0.17)
+    # wreck a pretrained model (docs/experiments/fam-notebook.md 7.3: PassKey answer loss 8.75 against 0.17)
     policy: str = "fam:64x1+16,firstres"
     steps: int = 300
     batch: int = 1  # per process

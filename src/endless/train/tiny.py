@@ -14,7 +14,7 @@ match at 96 tokens in the same steps; with this schedule it learns the training 
 of some batches in a prefix read without gradient, so the graded part must hold a FAM that has
 already been held for up to ``carry`` tokens; with ``carry_grad`` the prefix is back-propagated
 through as well (the sequence is then simply longer, its key early). Three recipe options
-(benchmarks/fam/tiny_recipe.md measures them): ``curriculum`` grows the carried length in stages
+(benchmarks/fam-passkey-tiny/results/tiny_recipe.md measures them): ``curriculum`` grows the carried length in stages
 (``endless.train.curriculum.Stages``), ``grad_cap`` bounds the graded part of a carried prefix (the rest is read
 without gradient), and ``unexplored`` starts sequences from explored FAM states
 (``unexplored_start``).

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The SmolLM2 sweep of results 7.3: one short `endless train fam` run per setting (same data seed,
-# same number of steps), each measured by benchmarks/fam/digits.py (answer loss and digits right, keys
-# at depths 0.1-0.7, outside the window) at 384 and 1,024 tokens. Two runs at a time, one thread each.
+# The SmolLM2 sweep of the FAM notebook, 7.3 (docs/experiments/fam-notebook.md): one short
+# `endless train fam` run per setting (same data seed, same number of steps), each measured by
+# benchmarks/fam-passkey-smollm2/scripts/digits.py (answer loss and digits right, keys at depths
+# 0.1-0.7, outside the window) at 384 and 1,024 tokens. Two runs at a time, one thread each.
 #
-#   bash benchmarks/fam/sweep_smollm2.sh OUT STEPS NAME1 NAME2 ...     (names: the table below)
+#   bash benchmarks/fam-passkey-smollm2/scripts/sweep_smollm2.sh OUT STEPS NAME1 NAME2 ...     (names: the table below)
 set -euo pipefail
 out=$1 steps=$2; shift 2
-repo=$(cd "$(dirname "$0")/../.." && pwd)
+repo=$(cd "$(dirname "$0")/../../.." && pwd)
 py=${PYTHON:-$repo/.venv/bin/python}
 base=(--policy "fam:64x1+16,firstres" --min-len 192 --max-len 384 --lr 1e-3 --prompt-lr 3e-3)
 flags() {  # the settings: each is the base run with one thing changed
@@ -36,7 +37,7 @@ run() {
   eval "extra=($(flags "$name"))"
   "$py" -m endless.cli.main train fam --threads 1 "${base[@]}" "${extra[@]}" --steps "$steps" \
       --out "$dir/ckpt" --eval-lengths 384 --eval-examples 4 --json "$dir/train.json" >"$dir/train.log" 2>&1
-  for n in 384 1024; do "$py" "$repo/benchmarks/fam/digits.py" "$dir/ckpt" $n >"$dir/digits_$n.txt" 2>>"$dir/train.log"; done
+  for n in 384 1024; do "$py" "$repo/benchmarks/fam-passkey-smollm2/scripts/digits.py" "$dir/ckpt" $n >"$dir/digits_$n.txt" 2>>"$dir/train.log"; done
   echo "$name done $(date +%T)"
 }
 for name in "$@"; do

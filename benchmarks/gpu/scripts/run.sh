@@ -1,23 +1,23 @@
 #!/usr/bin/env bash
 # The GPU check of `endless`, in two calls of under 10 minutes on a lent machine (no network):
 #
-#   bash benchmarks/gpu/run.sh 1   the CUDA tests (tiny models); keeps the first half of the model
-#   bash benchmarks/gpu/run.sh 2   the model assembled and converted; its CUDA test; FAM training of
-#                                  SmolLM2 (LoRA, $POLICY, the recipe below) for $FAM_MINUTES; PassKey
-#                                  at $PK_LENGTHS; BSWA trained with the same steps and evaluated the
-#                                  same way; decode of sinks vs transformers at batch 1 and 16; PassKey
-#                                  with prose filler. Most important first: a call cut short at its
-#                                  limit still brings back what $OUT holds.
+#   bash benchmarks/gpu/scripts/run.sh 1   the CUDA tests (tiny models); keeps the first half of the model
+#   bash benchmarks/gpu/scripts/run.sh 2   the model assembled and converted; its CUDA test; FAM training of
+#                                          SmolLM2 (LoRA, $POLICY, the recipe below) for $FAM_MINUTES; PassKey
+#                                          at $PK_LENGTHS; BSWA trained with the same steps and evaluated the
+#                                          same way; decode of sinks vs transformers at batch 1 and 16; PassKey
+#                                          with prose filler. Most important first: a call cut short at its
+#                                          limit still brings back what $OUT holds.
 #
 # Inputs: the repository; .whl/ (the gguf wheel: the image lacks it); .xfer/a/ and .xfer/b/, the
 # two halves of the 98 MB SmolLM2 GGUF (`split -b 50M`), one per call since a call carries at
 # most 64 MiB (ignored paths left by call 1 stay while the machine is warm). Everything written
 # goes to $OUT (default out/gpu): run.log, results.tar (JSON of every step) and ckpt.tar.part0N (the
 # FAM checkpoint, LoRA adapter + prompt, for benchmarks/fam/models/smollm2-fam/: `cat` the parts).
-# On a machine with the model installed (`make setup`) and a GPU, `bash benchmarks/gpu/run.sh 2`
+# On a machine with the model installed (`make setup`) and a GPU, `bash benchmarks/gpu/scripts/run.sh 2`
 # alone does the whole job.
 set -uo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../../.."
 stage=${1:?usage: run.sh 1|2}
 OUT=${OUT:-$PWD/out/gpu}
 mkdir -p "$OUT"
@@ -101,7 +101,7 @@ endless eval passkey --fam "$WORK/smollm2-bswa" "${PK[@]}" --json "$WORK/passkey
 pack
 say "decode"
 for dt in $DECODE_DTYPES; do
-  $py benchmarks/gpu/decode.py --device "$DEVICE" --dtype "$dt" --batches "$DECODE_BATCHES" --prompt "$DECODE_PROMPT" \
+  $py benchmarks/gpu/scripts/decode.py --device "$DEVICE" --dtype "$dt" --batches "$DECODE_BATCHES" --prompt "$DECODE_PROMPT" \
     --json "$WORK/decode_$dt.json"
 done
 pack

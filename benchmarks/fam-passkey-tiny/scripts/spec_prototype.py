@@ -2,14 +2,14 @@
 
 Why it exists: the library's FAM (``endless.fam``) does not reproduce the specification's CPU-sized
 claim (0.82-0.99 exact match at 6,144 tokens after 1,500 steps on 16-96-token sequences;
-docs/results.md section 7.2). This script shares no code with the package (its own model,
-RoPE, data, training loop and evaluation; only PyTorch) and makes the choices a quick prototype
-would: multi-head attention without GQA, a GELU MLP of width 256, PyTorch's default
+docs/experiments/fam-notebook.md section 7.2). This script shares no code with the package (its
+own model, RoPE, data, training loop and evaluation; only PyTorch) and makes the choices a quick
+prototype would: multi-head attention without GQA, a GELU MLP of width 256, PyTorch's default
 initialisation, a prompt drawn from N(0, 1), AdamW, 100 warm-up steps then a constant learning rate, batch 32.
 If this one extrapolated where the package does not, the package would be at fault.
 
-    python benchmarks/fam/spec_prototype.py                       # ~2 min train on one core
-    python benchmarks/fam/spec_prototype.py --norm ln --vocab 16   # the variants of section 7.2
+    python benchmarks/fam-passkey-tiny/scripts/spec_prototype.py                       # ~2 min train on one core
+    python benchmarks/fam-passkey-tiny/scripts/spec_prototype.py --norm ln --vocab 16   # the variants of section 7.2
 
 It prints the loss every 100 steps, the exact match at every ``--lens`` (100 keys each, random
 depth) and one JSON line with the arguments and the results.

@@ -5,7 +5,7 @@ decodes `--steps` tokens (fed from a fixed sequence, so both do identical work),
 device synchronised around the loop. Reports tokens per second per stream and in total, at each
 batch size. The issue asks for the figures (a faster GPU path is later work).
 
-    python benchmarks/gpu/decode.py --json OUT.json [--batches 1,16] [--dtype bfloat16]
+    python benchmarks/gpu/scripts/decode.py --json OUT.json [--batches 1,16] [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def main() -> None:
               f"ratio {theirs / ours:.2f}x")
     result = {"device": describe(device), "dtype": args.dtype, "prompt": args.prompt, "steps": args.steps,
               "torch": torch.__version__, "rows": rows,
-              "command": "python benchmarks/gpu/decode.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()
+              "command": "python benchmarks/gpu/scripts/decode.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()
                                                                      if v is not None and k != "json")}
     if args.json:
         with open(args.json, "w") as f:

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Here, before the two device calls of benchmarks/gpu/run.sh: puts what they carry in ignored folders.
+# Here, before the two device calls of benchmarks/gpu/scripts/run.sh: puts what they carry in ignored folders.
 #   .xfer/a/part00, .xfer/b/part01   the embedded SmolLM2 GGUF (98 MB) in two halves (a call carries 64 MiB)
 #   .xfer/b/prose.txt                400 kB of the KJV text, for PassKey with prose filler
 #   .whl/gguf-*.whl                  the gguf package for the device's Python 3.12 (its image lacks it)
-# Needs `make setup` first. Then: run `bash benchmarks/gpu/run.sh 1` carrying [".xfer/a", ".whl"] and,
-# while the machine is warm (30 s), `bash benchmarks/gpu/run.sh 2` carrying [".xfer/b", ".whl"].
+# Needs `make setup` first. Then: run `bash benchmarks/gpu/scripts/run.sh 1` carrying [".xfer/a", ".whl"] and,
+# while the machine is warm (30 s), `bash benchmarks/gpu/scripts/run.sh 2` carrying [".xfer/b", ".whl"].
 set -euo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../../.."
 py=.venv/bin/python
 grep -qx "/.xfer/" .git/info/exclude 2>/dev/null || echo "/.xfer/" >> .git/info/exclude
 grep -qx "/.whl/" .git/info/exclude 2>/dev/null || echo "/.whl/" >> .git/info/exclude

@@ -5,7 +5,7 @@ at depths 0.1 / 0.3 / 0.5 / 0.7 (outside a 64x1 window), the loss and the argmax
 each answer token given the prompt and the true earlier digits. Exact match needs all five
 digits right at once; this shows how far a checkpoint is from it, digit by digit.
 
-    python benchmarks/fam/digits.py CHECKPOINT [N]
+    python benchmarks/fam-passkey-smollm2/scripts/digits.py CHECKPOINT [N]
 """
 
 import random

@@ -1,10 +1,10 @@
 """The table of the SmolLM2 sweep (results 7.3) from the folders sweep_smollm2.sh wrote.
 
 Per setting: the training loss over the last 50 steps, and at 384 and 1,024 tokens the mean answer
-loss of the five digits and the mean share of digits right (benchmarks/fam/digits.py: 24 keys at
+loss of the five digits and the mean share of digits right (benchmarks/fam-passkey-smollm2/scripts/digits.py: 24 keys at
 depths 0.1-0.7, outside the window). Also writes the figures as JSON.
 
-    python benchmarks/fam/sweep_table.py OUT [JSON]
+    python benchmarks/fam-passkey-smollm2/scripts/sweep_table.py OUT [JSON]
 """
 
 import json
