@@ -5,7 +5,7 @@ loaded (norms, projections, MLP, embeddings, LM head), so LoRA adapters from pef
 path unchanged; what is ours is everything between the projections: RoPE with float64 angles
 (``endless.rope``), GQA attention, and where the keys/values live (an ``Attention`` backend, one
 per policy). With the dense backend the logits equal ``hf_model(ids).logits`` (float32, max abs
-diff <= 1e-4) -- ``endless verify`` and tests/test_model.py check it per family.
+diff <= 1e-4) -- ``endless verify`` and tests/test_transformer.py check it per family.
 
 ``Transformer(hf_model, pack=True)`` (or ``.pack()``) adds packed copies of the weights for
 inference (``endless.packed``: fused q/k/v and gate/up in the layout the CPU kernels stream

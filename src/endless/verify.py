@@ -50,11 +50,15 @@ def _stream_logits(model: Transformer, policy: Policy, ids: torch.Tensor, chunk:
 
 @torch.inference_mode()
 def _recompute_reference(model: Transformer, policy: Recompute, ids: torch.Tensor) -> torch.Tensor:
-    out = []
-    for t in range(ids.shape[1]):
-        window = ids[:, max(0, t - policy.window) : t + 1]
-        out.append(model.hf(window).logits[:, -1:])
-    return torch.cat(out, dim=1)
+    """Every token's window through transformers' own forward (the windows as the policy defines
+    them, ``endless.policies.recompute.window_logits``; the forward is the oracle's)."""
+    from endless.policies.recompute import window_logits
+
+    def hf_forward(x: torch.Tensor, *, last_only: bool = False) -> torch.Tensor:
+        logits = model.hf(x).logits
+        return logits[:, -1:] if last_only else logits
+
+    return window_logits(model, ids, range(ids.shape[1]), policy.window, forward=hf_forward)
 
 
 def reference_logits(model: Transformer, policy: Policy, ids: torch.Tensor) -> tuple[torch.Tensor, str]:

@@ -60,7 +60,7 @@ def _add_fam(tsub) -> None:
     p.add_argument("--max-depth", type=float, default=d.max_depth, metavar="D",
                    help="the key's depth is drawn uniformly in [0, D]; below 1 more keys sit outside the "
                         "window, where only the memory can answer (from the start it learns slower: the keys "
-                        "inside the window teach the answer first, docs/results.md 7.3) (default: %(default)s)")
+                        "inside the window teach the answer first, docs/experiments/fam-notebook.md 7.3) (default: %(default)s)")
     p.add_argument("--text", default=None, help="plain text to mix in: kjv, shakespeare or a file (default: kjv when --text-fraction > 0)")
     p.add_argument("--text-fraction", type=float, default=0.0, help="share of steps on plain text, loss on every token")
     p.add_argument("--all-tokens", action="store_true", help="loss on every PassKey token, not only the answer")

@@ -75,26 +75,23 @@ def recompute_nll(model: Transformer, ids: torch.Tensor, window: int, *, every: 
                   progress: Callable[[int], object] | None = None) -> torch.Tensor:
     """NLL under ``recompute:window`` of tokens 1..N-1, exact, for one token in ``every`` past
     the first window (NaN for the others). Token t is predicted from tokens t-1-W..t-1 run
-    afresh at positions 0..W; the first W+1 predictions share one causal pass."""
-    from endless.policies.ring import RingKV
-    from endless.stream import Stream
+    afresh at positions 0..W (``endless.policies.recompute.window_logits``); the first W+1
+    predictions share one causal pass. ``batch``: predictions per call, for ``progress``."""
+    from endless.policies.recompute import window_logits
 
     n = ids.numel()
     out = torch.full((n,), float("nan"), dtype=torch.float64)
-    head = min(n, window + 1)  # tokens 0..W: their window is the whole prefix
-    out[:head] = -Stream(model, Dense(), chunk=head).feed(ids[:head])[0].double()
-    if progress is not None:
-        progress(head)
-    targets = list(range(window + 1 + every - 1, n, every)) if every > 1 else list(range(window + 1, n))
-    for lo in range(0, len(targets), batch):
-        group = torch.tensor(targets[lo : lo + batch])
-        windows = ids[group[:, None] - window - 1 + torch.arange(window + 1)]  # (g, W+1)
-        fresh = RingKV(model, Dense(), batch=windows.shape[0], chunk=windows.shape[1])
-        logits = fresh.forward(windows.to(model.device), last_only=True)[:, 0].float().cpu()
+    seq = ids[None].to(model.device)
+    first = list(range(1, min(n, window + 1)))  # their window is the whole prefix
+    rest = list(range(window + 1, n, every)) if every == 1 else list(range(window + every, n, every))
+    for group in [first, *[rest[lo : lo + batch] for lo in range(0, len(rest), batch)]]:
+        if not group:
+            continue
+        logits = window_logits(model, seq, [t - 1 for t in group], window)[0].float().cpu()  # predicts each t
         lp = torch.log_softmax(logits, dim=-1).gather(1, ids[group][:, None])[:, 0]
         out[group] = -lp.double()
         if progress is not None:
-            progress(len(group) * every)
+            progress(len(group) * every if group is not first else len(group) + 1)
     return out[1:]
 
 

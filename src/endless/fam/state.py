@@ -74,11 +74,8 @@ class FamState:
 
     @property
     def ring(self) -> int:
+        """Slots of the window: the M memory blocks and the current one."""
         return self.slots.ring
-
-    @property
-    def slot_pos(self) -> torch.Tensor:
-        return self.slots.pos
 
     @torch.no_grad()
     def _load_fam_kv(self, block: int) -> None:

@@ -70,14 +70,6 @@ class RingKV:
     def capacity(self) -> int:
         return self.slots.capacity
 
-    @property
-    def ring(self) -> int:
-        return self.slots.ring
-
-    @property
-    def slot_pos(self) -> torch.Tensor:
-        return self.slots.pos
-
     def _grow(self, needed: int) -> None:
         new = self.slots.ring
         while new < needed:
