@@ -1,10 +1,11 @@
 """One ring-buffer KV state for dense, window, sinks and BSWA (docs/methods.md sections 1-2).
 
-Layout per layer: ``k, v`` of shape (B, KV, S + R, D) allocated once. Slots [0, S) hold the S
-sinks forever; slots [S, S+R) are a ring: the key of stream index j >= S lives in slot
-``S + (j - S) % R``. ``slot_pos`` records the stream index in each slot (-1 = empty), and the
-policy's mask function, applied to (query index, slot_pos), decides visibility. So one
-definition of the policy serves the runtime and the dense oracles.
+Layout per layer: ``k, v`` of shape (B, KV, S + R, D) allocated once, laid out by
+``endless.attention.Slots``: slots [0, S) hold the S sinks forever; slots [S, S+R) are a ring:
+the key of stream index j >= S lives in slot ``S + (j - S) % R``. The slots' stream indices and
+the policy's mask function, applied to (query index, slot index), decide visibility. So one
+definition of the policy serves the runtime and the dense oracles. The attention itself is
+``endless.attention.Kernel``'s, as for every other path.
 
 Why R = span + chunk: a chunk of C new tokens is written before attention, and its earliest
 query still needs the oldest key of its window. With R >= window + C nothing needed is
@@ -19,10 +20,9 @@ gives every window key its true distance. For sinks the in-cache distance of sin
 a second time at ``min(t, S+W)``. That costs S columns per token instead of re-rotating the cache.
 
 Constant memory: after construction nothing is allocated that grows with the stream; per step
-the temporaries are O(chunk x (S+R)). A chunk's score matrix (MBs) lives in a buffer reused by
-every layer and step: fresh, it would be mapped and page-faulted anew each time, which cost more
-than its arithmetic (with the same fix for the log-probabilities in ``endless.stream``, bfloat16
-chunked perplexity went from 687 to 799-905 tokens/s on one core).
+the temporaries are O(chunk x (S+R)), and a chunk's score matrix lives in the kernel's reused
+buffer (with the same fix for the log-probabilities in ``endless.stream``, bfloat16 chunked
+perplexity went from 687 to 799-905 tokens/s on one core).
 
 Per-token cost (issue 5): everything that depends only on the step -- the additive mask, the
 RoPE tables with the attention scale folded into the query's, the sinks' tables (constant once

@@ -1,0 +1,117 @@
+"""Before/after timing of two source trees of endless, interleaved on one machine.
+
+Usage (from the repository root, with the package's venv):
+
+    python benchmarks/arch/scripts/ab.py --before /path/to/old/checkout --after . \
+        --rounds 3 --out benchmarks/arch/results/ab
+
+Each round runs, for the "before" tree and then the "after" tree (each in its own process, its
+``src`` first on PYTHONPATH): ``endless bench --quick --dtype both --no-transformers`` (decode
+latency of sinks, dense and recompute per token, chunked vs token-by-token perplexity speed) and
+``endless eval fam-cost`` (FAM and BSWA per decoded token and per prefilled block). Rounds
+alternate the trees so both see the same machine load; the summary compares the medians over
+rounds, after / before (below 1: the after tree is faster). Writes ``OUT.json``, ``OUT.txt`` and
+``OUT.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+def _run(tree: Path, args: list[str], threads: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "r.json"
+        env = {**os.environ, "PYTHONPATH": str(tree / "src"), "OMP_NUM_THREADS": str(threads)}
+        cmd = [sys.executable, "-m", "endless.cli.main", *args, "--threads", str(threads), "--json", str(out)]
+        subprocess.run(cmd, env=env, cwd=tree, check=True, stdout=subprocess.DEVNULL)
+        return json.loads(out.read_text())
+
+
+def _figures(bench: dict, famcost: dict) -> dict[str, float]:
+    """Flat name -> value (ms per token, or tokens/s for throughputs) of one round."""
+    out: dict[str, float] = {}
+    for dtype, run in bench["runs"].items():
+        for cell in run["decode"]:
+            for impl, r in cell["impls"].items():
+                out[f"{dtype} decode {impl} cache {cell['cache']} (ms)"] = r["median_ms"]
+        ppl = run["ppl"]
+        out[f"{dtype} chunked ppl (tok/s)"] = ppl["chunked"]["tokens_per_s"]
+        out[f"{dtype} token-by-token ppl (tok/s)"] = ppl["token_by_token"]["tokens_per_s"]
+    for row in famcost["results"]:
+        out[f"float32 {row['mode']} {row['policy']} (ms/token)"] = row["ms_per_token"]
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--before", type=Path, required=True)
+    p.add_argument("--after", type=Path, required=True)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, required=True)
+    a = p.parse_args()
+    trees = {"before": a.before.resolve(), "after": a.after.resolve()}
+    rounds: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
+    for r in range(a.rounds):
+        for name, tree in trees.items():
+            bench = _run(tree, ["bench", "--quick", "--dtype", "both", "--no-transformers", "--no-llamacpp"], a.threads)
+            famcost = _run(tree, ["eval", "fam-cost", "--rounds", "4", "--warmup", "256"], a.threads)
+            rounds[name].append(_figures(bench, famcost))
+            print(f"round {r + 1} {name} done", flush=True)
+    keys = [k for k in rounds["before"][0] if all(k in x for x in rounds["before"] + rounds["after"])]
+    summary = {}
+    for k in keys:
+        b = statistics.median(x[k] for x in rounds["before"])
+        f = statistics.median(x[k] for x in rounds["after"])
+        summary[k] = {"before": b, "after": f, "after/before": f / b}
+    machine = {"cpu": _cpu(), "python": platform.python_version(), "threads": a.threads}
+    result = {"command": " ".join(["python", *sys.argv]), "machine": machine, "trees": {k: str(v) for k, v in trees.items()},
+              "rounds": rounds, "summary": summary}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    lines = [f"{'figure':58s} {'before':>10s} {'after':>10s} {'after/before':>13s}"]
+    lines += [f"{k:58s} {v['before']:10.3f} {v['after']:10.3f} {v['after/before']:13.3f}" for k, v in summary.items()]
+    a.out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    _plot(summary, a.out.with_suffix(".png"))
+    return 0
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary)
+    fig, ax = plt.subplots(figsize=(8, 0.28 * len(names) + 1.2))
+    ax.barh(range(len(names)), [summary[n]["after/before"] for n in names], color="tab:blue")
+    ax.axvline(1.0, color="grey", lw=0.8)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.set_xlabel("after / before (median over rounds; ms: lower is faster, tok/s: higher is faster)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
