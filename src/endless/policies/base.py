@@ -1,4 +1,4 @@
-"""What a policy's state offers (docs/methods.md section 4, "Runtime").
+"""What a policy's state offers (docs/methods.md section 4).
 
 Two roles, two protocols:
 

@@ -1,1 +1,1 @@
-"""TransformerFAM training (docs/methods.md section 3): data, the tiny from-scratch experiment, LoRA fine-tuning."""
+"""TransformerFAM training (docs/methods.md section 3): LoRA fine-tuning, the tiny from-scratch experiment, the curriculum (the data is in ``endless.data.passkey``)."""
