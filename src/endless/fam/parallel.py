@@ -24,7 +24,7 @@ from endless.attention import window_attention
 from endless.device import fused_attention
 from endless.fam.memory import FamPrompt, fam_qkv, fam_update, initial_fam
 from endless.policies.spec import BSWA, FAM
-from endless.rope import rotate
+from endless.rope import rotate, rotate_signed, signed_tables
 from endless.transformer import Transformer
 
 
@@ -88,13 +88,17 @@ def parallel_forward(
             first = True
     # one table for the FAM positions and the tokens: block b's FAM sits at rows b*Bl .. b*Bl+F-1
     cos_all, sin_all = model.rope.tables(torch.arange(-f, nb * bl), model.dtype)
-    cos, sin = cos_all[f:], sin_all[f:]
+    # the tokens rotate as in the streaming state (``FamState.begin``): float32 tables, the scale
+    # folded into the query's, one rounding; so both forms compute the same numbers
+    kcos, ksin = signed_tables(model.rope, torch.arange(nb * bl))
+    qcos, qsin = (kcos * model.scale).float(), (ksin * model.scale).float()
+    kcos, ksin = kcos.float(), ksin.float()
     mask = block_mask(policy, nb, dev)
     d = model.dims
 
     def layer(i: int, x: torch.Tensor, fam: torch.Tensor | None):
         q, k, v = model.qkv(i, x)
-        q, k = rotate(q, cos, sin) * model.scale, rotate(k, cos, sin)
+        q, k = rotate_signed(q, qcos, qsin), rotate_signed(k, kcos, ksin)
         # (B, KV, nb, (M+1)Bl, D): each block's window of memory blocks + itself
         kw = F.pad(k, (0, 0, m * bl, 0)).unfold(2, (m + 1) * bl, bl).transpose(-1, -2)
         vw = F.pad(v, (0, 0, m * bl, 0)).unfold(2, (m + 1) * bl, bl).transpose(-1, -2)
