@@ -144,6 +144,11 @@ class Engine:
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run())
+        self._task.add_done_callback(self._died)
+
+    def _died(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("the model worker stopped", exc_info=task.exception())
 
     async def close(self) -> None:
         """Stop after the current step and save every session."""
