@@ -37,6 +37,7 @@ from endless.stream import Stream
 
 log = logging.getLogger(__name__)
 
+IDLE_SAVE_SECONDS = 1.0  # sessions are saved once the server has been idle this long
 COMPLETION_SINKS = 4  # sinks:prefix+W on /v1/completions: no template header, StreamingLLM's 4 sinks
 
 
@@ -189,10 +190,14 @@ class Engine:
         while not self._closing:
             self._admit()
             if not self.active:
-                if any(s.dirty for s in self.store.live.values()):
-                    await loop.run_in_executor(self._pool, self.store.save_all)  # idle: make sessions durable
-                    continue
                 self._wake.clear()
+                if any(s.dirty for s in self.store.live.values()):
+                    # idle for a moment (not between two turns of a busy client): make sessions durable
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), timeout=IDLE_SAVE_SECONDS)
+                    except asyncio.TimeoutError:
+                        await loop.run_in_executor(self._pool, self.store.save_all)
+                    continue
                 await self._wake.wait()
                 continue
             try:
