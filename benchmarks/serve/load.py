@@ -109,7 +109,9 @@ async def level(url: str, n: int, turns: int, max_tokens: int) -> dict:
 
 
 def engine_alone(threads: int, dtype: str, sizes: list[int], steps: int = 24) -> dict:
-    """Tokens/s of one batched decoding step of K streams (different positions) vs one stream."""
+    """Tokens/s of one batched decoding step of K streams (each at its own position) vs one
+    stream: young streams (64-620 tokens read, as the load test's conversations) and streams past
+    the window (every slot of the ring in use: the steady state of a long conversation)."""
     import torch
 
     from endless.cli.common import inference_model
@@ -121,20 +123,22 @@ def engine_alone(threads: int, dtype: str, sizes: list[int], steps: int = 24) ->
     hf, _ = load("smollm2-135m", dtype=dtype)
     model = inference_model(hf)
     out = {}
-    for k in sizes:
-        streams = []
-        for i in range(k):
-            s = Stream(model, "sinks:4+1020")
-            s.feed(torch.randint(0, 49152, (64 + 37 * i,)), logprobs=False)  # each at its own position
-            streams.append(s)
-        tokens = [int(s.next_token()) for s in streams]
-        decode_step(streams, tokens)  # warm-up
-        t0 = time.perf_counter()
-        for _ in range(steps):
+    for age, base in (("young", 64), ("past_window", 1160)):
+        out[age] = {}
+        for k in sizes:
+            streams = []
+            for i in range(k):
+                s = Stream(model, "sinks:4+1020")
+                s.feed(torch.randint(0, 49152, (base + 37 * i,)), logprobs=False)
+                streams.append(s)
             tokens = [int(s.next_token()) for s in streams]
-            decode_step(streams, tokens)
-        dt = time.perf_counter() - t0
-        out[str(k)] = {"step_ms": 1000 * dt / steps, "tokens_per_second": k * steps / dt}
+            decode_step(streams, tokens)  # warm-up
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                tokens = [int(s.next_token()) for s in streams]
+                decode_step(streams, tokens)
+            dt = time.perf_counter() - t0
+            out[age][str(k)] = {"step_ms": 1000 * dt / steps, "tokens_per_second": k * steps / dt}
     return out
 
 
@@ -147,8 +151,12 @@ def main() -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--policy", default="sinks:prefix+1020")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--engine-only", action="store_true", help="time the engine alone, no server")
     args = ap.parse_args()
     levels = [int(x) for x in args.sessions.split(",")]
+    if args.engine_only:
+        print(json.dumps(engine_alone(args.threads, args.dtype, levels), indent=1))
+        return 0
     port = free_port()
     sessions_dir = Path(tempfile.mkdtemp(prefix="endless-serve-bench-"))
     cmd = [sys.executable, "-m", "endless.cli.main", "serve", "--threads", str(args.threads), "--dtype", args.dtype,
@@ -192,8 +200,9 @@ def main() -> int:
     base = result["levels"][0]["tokens_per_second"]
     result["batched_over_single"] = {str(r["sessions"]): r["tokens_per_second"] / base for r in result["levels"]}
     result["engine_alone"] = engine_alone(args.threads, args.dtype, levels)
-    e1 = result["engine_alone"][str(levels[0])]["tokens_per_second"]
-    result["engine_batched_over_single"] = {k: v["tokens_per_second"] / e1 for k, v in result["engine_alone"].items()}
+    result["engine_batched_over_single"] = {
+        age: {k: v["tokens_per_second"] / rows[str(levels[0])]["tokens_per_second"] for k, v in rows.items()}
+        for age, rows in result["engine_alone"].items()}
     print(json.dumps({k: result[k] for k in ("batched_over_single", "engine_batched_over_single", "session_files")}, indent=1))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
