@@ -42,7 +42,7 @@ def model():
     return tiny_chat_model()
 
 
-def serve(model, tok, policy="sinks:prefix+64", *, key=KEY, limits=Limits(), **kw):
+def serve(model, tok, policy="sinks:prefix+64", *, key=KEY, limits=None, **kw):
     engine = Engine(model, tok, parse_policy(policy), model_name="tiny", **kw)
     return engine, running(create_app(engine, api_key=key, limits=limits))
 
@@ -83,24 +83,20 @@ def test_turns_feed_only_new_tokens_and_a_changed_history_is_refed(model, tok):
     with server as url:
         c = client(url)
         msgs = [SYSTEM, {"role": "user", "content": "First question"}]
-        fed_text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        first_prompt = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        expect_new = len(tok(first_prompt, add_special_tokens=False).input_ids)
+        pinned = engine._pinned(msgs)
+        before = 0
         for turn in range(3):
             text, usage = ask(c, msgs, "conv-1")
-            n_new = len(tok(fed_text, add_special_tokens=False).input_ids) if turn == 0 else None
-            if turn == 0:
-                pinned = engine._pinned(msgs)
-                assert usage.fed_tokens == n_new and usage.prompt_tokens_details.cached_tokens == 0
-            else:
-                # only the new user message and the headers around it: the history is not read again
-                assert usage.prompt_tokens_details.cached_tokens == before
-                assert usage.fed_tokens == expect_new
-                assert not usage.refed
+            # turn 1 reads the whole prompt; later turns only the new user message and the headers
+            # around it: the history is not read again
+            assert usage.fed_tokens == expect_new and not usage.refed
+            assert usage.prompt_tokens_details.cached_tokens == before
             before = usage.session_tokens
             msgs = msgs + [{"role": "assistant", "content": text}, {"role": "user", "content": f"Question {turn + 2}"}]
             full = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-            read = engine.store.live["conv-1"]
-            new_text = full[read.chars :]
-            expect_new = len(tok(new_text, add_special_tokens=False).input_ids)
+            expect_new = len(tok(full[engine.store.live["conv-1"].chars :], add_special_tokens=False).input_ids)
             assert 0 < expect_new < 25
         # the pinned system prompt and header are the stream's sinks
         s = engine.store.live["conv-1"].stream
@@ -256,7 +252,7 @@ def test_completions_echo_logprobs_for_lm_eval(model, tok):
         c = client(url)
         prompts = [[5, 6, 7, 8, 9] * 20, [11, 12, 13]]
         r = c.completions.create(model="tiny", prompt=prompts, max_tokens=1, echo=True, logprobs=1, temperature=0)
-        for p, choice in zip(prompts, sorted(r.choices, key=lambda ch: ch.index)):
+        for p, choice in zip(prompts, sorted(r.choices, key=lambda ch: ch.index), strict=True):
             lp = choice.logprobs
             assert len(lp.token_logprobs) == len(p) + 1 and lp.token_logprobs[0] is None
             ref = Stream(model, "sinks:4+60").feed(torch.tensor(p))[0]

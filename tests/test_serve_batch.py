@@ -29,7 +29,7 @@ def test_batched_decode_equals_alone(policy):
         expect = torch.cat([torch.log_softmax(s.last_logits, -1) for s in alone])
         got = torch.log_softmax(torch.cat([s.last_logits for s in batched]), -1)
         torch.testing.assert_close(got, expect, atol=1e-5, rtol=0)
-        for s, t in zip(alone, tokens):
+        for s, t in zip(alone, tokens, strict=True):
             s.feed(torch.tensor([t]), logprobs=False)
         decode_step(batched, tokens)
     assert [s.position for s in batched] == [s.position for s in alone]

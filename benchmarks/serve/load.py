@@ -176,7 +176,7 @@ def main() -> int:
                 break
             except OSError:
                 if server.poll() is not None or time.time() > deadline:
-                    raise RuntimeError("the server did not start: " + (server.stderr.read() if server.poll() is not None else "timeout"))
+                    raise RuntimeError("the server did not start: " + (server.stderr.read() if server.poll() is not None else "timeout")) from None
                 time.sleep(0.5)
         for n in levels:
             r = asyncio.run(level(url, n, args.turns, args.max_tokens))

@@ -8,11 +8,11 @@ apart from the policy classes so that configuration never imports the runtime.
 
 from __future__ import annotations
 
+from endless.errors import EndlessError
 from endless.fam.state import FamState
 from endless.policies.base import PolicyState
 from endless.policies.recompute import RecomputeState
 from endless.policies.ring import RingKV
-from endless.errors import EndlessError
 from endless.policies.spec import BSWA, FAM, Dense, Policy, PrefixSinks, Recompute, Sinks, Window, parse_policy
 
 STATES: dict[type, type] = {

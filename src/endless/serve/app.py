@@ -45,8 +45,9 @@ def _sse(payload) -> bytes:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n".encode()
 
 
-def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits = Limits()) -> FastAPI:
+def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits | None = None) -> FastAPI:
     """The application serving ``engine``; the engine starts and stops with it."""
+    limits = limits or Limits()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -171,7 +172,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits = L
             }
         else:
             choices = []
-            for i, (job, res) in enumerate(zip(jobs, done)):
+            for i, (job, res) in enumerate(zip(jobs, done, strict=True)):
                 text = res["text"]
                 if job.req.echo:
                     prompt = job.req.prompt

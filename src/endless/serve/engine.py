@@ -332,7 +332,7 @@ class Engine:
             logits = stream.logits(torch.tensor(part))[0]  # (n, V)
             prev = [before] + [logits[i] for i in range(n - 1)]
             k = job.req.logprobs
-            for tok_id, lg in zip(part, prev):
+            for tok_id, lg in zip(part, prev, strict=True):
                 if lg is None:
                     job.prompt_logprobs.append((tok_id, None, []))
                 else:
@@ -364,7 +364,7 @@ class Engine:
         decode_step([j.stream for j in going], tokens)  # every chosen token is read, a stop token too
         self.recent.append((time.perf_counter(), len(going)))
         self.counts["generated"] += len(going)
-        for job, tok_id in zip(going, tokens):
+        for job, tok_id in zip(going, tokens, strict=True):
             job.gen.append(tok_id)
             self._emit(job, tok_id, events)
 

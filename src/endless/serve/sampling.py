@@ -30,7 +30,7 @@ def logprob_and_top(logits: torch.Tensor, token: int, k: int) -> tuple[float, li
     """log p(token) and the ``k`` most likely (id, log p), from (V,) or (1, V) logits."""
     lp = torch.log_softmax(logits.reshape(-1).float(), dim=-1)
     top = lp.topk(k) if k > 0 else None
-    pairs = [] if top is None else [(int(i), float(v)) for v, i in zip(top.values, top.indices)]
+    pairs = [] if top is None else [(int(i), float(v)) for v, i in zip(top.values, top.indices, strict=True)]
     return float(lp[token]), pairs
 
 
