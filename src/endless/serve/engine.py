@@ -228,11 +228,12 @@ class Engine:
                 if job.phase == "new":
                     try:
                         self._setup(job)
-                    except EndlessError as e:
+                    except Exception as e:  # this request only: the others go on
                         self._release(job)
                         job.phase = "finished"
                         self.counts["errors"] += 1
-                        events.append((job, ("error", 400, str(e))))
+                        status, text = (400, str(e)) if isinstance(e, EndlessError) else (500, f"{type(e).__name__}: {e}")
+                        events.append((job, ("error", status, text)))
             budget = self.prefill_budget
             for job in self.active:
                 if job.phase == "prefill" and budget > 0:
@@ -284,7 +285,10 @@ class Engine:
     def _setup(self, job: Job) -> None:
         req = job.req
         if req.kind == "chat":
-            text = self.tok.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
+            try:
+                text = self.tok.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
+            except Exception as e:  # e.g. a template that wants user and assistant to alternate
+                raise EndlessError(f"the chat template refuses these messages: {e}") from None
             s = self.store.get(req.session_id) if req.session_id is not None else Session(None)
             s.in_use = True
             job.session = s
