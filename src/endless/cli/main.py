@@ -17,6 +17,7 @@ from endless.errors import EndlessError
 COMMANDS = [
     "generate",
     "chat",
+    "serve",
     "verify",
     "info",
     "demo",

@@ -11,6 +11,8 @@ Every policy is named the same way in the Python API, the CLI, JSON results and 
     recompute:W            re-run the model on the last W tokens + the new one, for every token
     sinks:S+W              StreamingLLM: the first S tokens + the W before the query (section 2)
     sinks:S+W,sink=#ID     ... with the sinks' content replaced by S copies of token ID
+    sinks:prefix+W         ... with S decided per stream (``PrefixSinks.resolve``): the server
+                           pins a conversation's system prompt and template header
     bswa:BxM               block sliding window: own block (causal) + M previous blocks
     fam:BxM+F              TransformerFAM: BSWA plus F feedback-memory rows per layer (section 3)
 
@@ -35,7 +37,7 @@ from endless import masks
 from endless.errors import EndlessError
 
 SPEC_HELP = (
-    "valid policies: dense | window:W | recompute:W | sinks:S+W[,sink=#TOKEN_ID] | bswa:BxM "
+    "valid policies: dense | window:W | recompute:W | sinks:S+W[,sink=#TOKEN_ID] | sinks:prefix+W | bswa:BxM "
     "| fam:BxM+F[,firstres][,norm][,null][,noffn|static|detach] "
     "(e.g. sinks:4+1020, window:1024, bswa:64x3, fam:64x1+16)"
 )
@@ -170,6 +172,34 @@ class Sinks(_Runs):
 
 
 @dataclass(frozen=True)
+class PrefixSinks(_Runs):
+    """``sinks:prefix+W``: StreamingLLM whose sinks are a stream's own first S tokens, S chosen
+    per stream. ``endless serve`` pins each conversation's system prompt and chat-template header
+    this way (they stay visible however long the conversation) and lets the window roll after them.
+
+    A template, not a runnable policy: ``resolve(S)`` gives the ``Sinks(S, W)`` a stream runs
+    (saved streams record the resolved spec, so a resume under another S is refused).
+    """
+
+    window: int
+    kind = "sinks-prefix"
+
+    def __post_init__(self) -> None:
+        _positive("window", self.window)
+
+    @property
+    def spec(self) -> str:
+        return f"sinks:prefix+{self.window}"
+
+    def resolve(self, sinks: int) -> Sinks:
+        """The policy of a stream whose first ``sinks`` tokens are pinned (S < W, else EndlessError)."""
+        return Sinks(sinks, self.window)
+
+    def span(self) -> int:
+        return 2 * self.window  # the largest S is W - 1: S + W + 1 keys
+
+
+@dataclass(frozen=True)
 class BSWA(_Runs):
     """Block Sliding Window Attention (docs/methods.md section 1): blocks of ``block`` tokens; a query
     sees its own block causally and the ``memory`` previous blocks fully."""
@@ -258,7 +288,7 @@ class FAM(_Runs):
         return (self.memory + 1) * self.block + self.fam
 
 
-Policy = Union[Dense, Window, Recompute, Sinks, BSWA, FAM]  # noqa: UP007 (a runtime alias)
+Policy = Union[Dense, Window, Recompute, Sinks, PrefixSinks, BSWA, FAM]  # noqa: UP007 (a runtime alias)
 
 
 def _positive(name: str, value: int) -> None:
@@ -274,6 +304,8 @@ def _parse_window(args: str, kind: str) -> Policy:
 
 def _parse_sinks(args: str, kind: str) -> Policy:
     head, _, opts = args.partition(",")
+    if head.startswith("prefix+") and not opts:
+        return PrefixSinks(int(head.removeprefix("prefix+")))
     m = re.fullmatch(r"(\d+)\+(\d+)", head)
     if not m:
         raise ValueError(head)
@@ -342,4 +374,4 @@ def check_fits(policy: Policy, trained_context: int) -> None:
         )
 
 
-__all__ = ["Dense", "Window", "Recompute", "Sinks", "BSWA", "FAM", "Policy", "parse_policy", "check_fits", "SPEC_HELP"]
+__all__ = ["Dense", "Window", "Recompute", "Sinks", "PrefixSinks", "BSWA", "FAM", "Policy", "parse_policy", "check_fits", "SPEC_HELP"]

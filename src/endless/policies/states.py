@@ -8,11 +8,12 @@ apart from the policy classes so that configuration never imports the runtime.
 
 from __future__ import annotations
 
+from endless.errors import EndlessError
 from endless.fam.state import FamState
 from endless.policies.base import PolicyState
 from endless.policies.recompute import RecomputeState
 from endless.policies.ring import RingKV
-from endless.policies.spec import BSWA, FAM, Dense, Policy, Recompute, Sinks, Window, parse_policy
+from endless.policies.spec import BSWA, FAM, Dense, Policy, PrefixSinks, Recompute, Sinks, Window, parse_policy
 
 STATES: dict[type, type] = {
     Dense: RingKV,
@@ -27,6 +28,9 @@ STATES: dict[type, type] = {
 def make_state(model, policy: "Policy | str", *, batch: int = 1, chunk: int = 128) -> PolicyState:
     """Allocate the state of ``policy`` for ``batch`` streams processed ``chunk`` tokens at a time."""
     policy = parse_policy(policy)
+    if isinstance(policy, PrefixSinks):
+        raise EndlessError(f"{policy.spec} decides its sinks per conversation (endless serve); "
+                           "give a stream sinks:S+W")
     return STATES[type(policy)](model, policy, batch=batch, chunk=chunk)
 
 

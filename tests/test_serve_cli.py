@@ -1,0 +1,23 @@
+"""`endless serve` refuses bad flags in one line (exit 2) before anything loads."""
+
+import pytest
+
+from endless.cli.main import main
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--port", "70000"], "--port must be in [0, 65535]"),
+    (["--policy", "recompute:64"], "cannot decode in a batch"),
+    (["--policy", "sinks:prefix+0"], "window must be >= 1"),
+    (["--policy", "sinks:4+100", "--fam", "ckpt"], "not both"),
+    (["--max-batch", "0"], "--max-batch must be >= 1"),
+    (["--max-queue", "-1"], "--max-queue must be >= 0"),
+    (["--max-batch", "8", "--max-sessions", "4"], "cannot exceed --max-sessions"),
+    (["--model", "tiny:llama"], "has no tokenizer files"),
+])
+def test_bad_flags_are_one_line_and_exit_2(args, message, capsys):
+    pytest.importorskip("fastapi")
+    assert main(["serve", "--threads", "1", *args]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("endless: error: ") and message in lines[0], err
