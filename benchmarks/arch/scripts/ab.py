@@ -6,8 +6,9 @@ Usage (from the repository root, with the package's venv):
         --rounds 3 --out benchmarks/arch/results/ab
 
 Each round runs, for the "before" tree and then the "after" tree (each in its own process, its
-``src`` first on PYTHONPATH): ``endless bench --quick --dtype both --no-transformers`` (decode
-latency of sinks, dense and recompute per token, chunked vs token-by-token perplexity speed) and
+``src`` first on PYTHONPATH): ``endless bench`` on caches 256 and 1024 in float32 and bfloat16 (decode
+latency of sinks, dense and recompute per token, chunked vs token-by-token perplexity speed; no
+transformers, llama.cpp or compiled kernels: only our own path, which is what changed) and
 ``endless eval fam-cost`` (FAM and BSWA per decoded token and per prefilled block). Rounds
 alternate the trees so both see the same machine load; the summary compares the medians over
 rounds, after / before (below 1: the after tree is faster). Writes ``OUT.json``, ``OUT.txt`` and
@@ -57,13 +58,16 @@ def main() -> int:
     p.add_argument("--after", type=Path, required=True)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--steps", type=int, default=24, help="timed decode steps per cell and round")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
     trees = {"before": a.before.resolve(), "after": a.after.resolve()}
     rounds: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
     for r in range(a.rounds):
         for name, tree in trees.items():
-            bench = _run(tree, ["bench", "--quick", "--dtype", "both", "--no-transformers", "--no-llamacpp"], a.threads)
+            bench = _run(tree, ["bench", "--dtype", "both", "--caches", "256,1024", "--positions", "1024", "--window", "252",
+                                "--rounds", str(a.steps), "--ppl-tokens", "512", "--no-transformers", "--no-llamacpp",
+                                "--no-isolated-rss", "--no-compile"], a.threads)
             famcost = _run(tree, ["eval", "fam-cost", "--rounds", "4", "--warmup", "256"], a.threads)
             rounds[name].append(_figures(bench, famcost))
             print(f"round {r + 1} {name} done", flush=True)

@@ -8,7 +8,7 @@ position after the previous turn) and its file verifies after shut-down. Reports
 latency and generated tokens per second per N, and the engine alone: one batched decoding step of
 N streams against one stream (``endless.serve.batch.decode_step``), as JSON.
 
-    python benchmarks/serve/load.py --threads 1 --json benchmarks/serve/load.json
+    python benchmarks/serve/scripts/load.py --threads 1 --json benchmarks/serve/results/load.json
 """
 
 from __future__ import annotations
