@@ -119,7 +119,7 @@ def _checkpoints(tokens: int) -> list[int]:
 def soak(model, ids: torch.Tensor, cfg: SoakConfig, *, progress=None) -> dict:
     """Stream ``ids`` under ``cfg.policy`` and measure it (see the module's contract).
     ``progress(span_row)`` is called after every span (e.g. to print a line)."""
-    stream = Stream(model, cfg.policy, chunk=cfg.chunk, check_context=False)
+    stream = Stream(model, cfg.policy, chunk=cfg.chunk)
     window = getattr(stream.policy, "sinks", 0) + getattr(stream.policy, "window", 0)  # 0: no window
     checkpoints, cp_rows = _checkpoints(len(ids)), []
     spans, times = [], array("d")  # times: per-token seconds of this span's chunks
