@@ -133,7 +133,7 @@ def test_bad_state_files_are_refused_and_nothing_is_overwritten(model, tmp_path)
     good = path.read_bytes()
     with pytest.raises(EndlessError, match="another model"):
         Stream.load(path, Transformer(tiny_model("llama", seed=9)))
-    with pytest.raises(EndlessError, match="holds a sinks:4\\+20 stream"):
+    with pytest.raises(EndlessError, match="another policy \\(sinks:4\\+20 vs window:24\\)"):
         Stream.load(path, model, policy="window:24")
     (tmp_path / "trunc.st").write_bytes(good[: len(good) // 2])
     with pytest.raises(EndlessError, match="not a readable"):

@@ -12,6 +12,7 @@ present with its hash (otherwise a one-line ``EndlessError``).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -23,19 +24,97 @@ from pathlib import Path
 from endless.errors import EndlessError
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def temp_prefix(path: Path) -> str:
+    """Temporary siblings of ``path`` are named ``.NAME.tmp-PID.*``: hidden (never mistaken for
+    state: every reader opens ``path`` itself) and tagged with their writer, so a later save can
+    tell a dead writer's leftovers from a live writer's work in progress."""
+    return f".{path.name}.tmp-{os.getpid()}."
+
+
+def clean_stale(path: Path) -> list[Path]:
+    """Remove the temporary siblings of ``path`` left by writers that died (SIGKILL, power loss)
+    mid-save; return what was removed. A live writer's temporaries are left alone."""
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for p in path.parent.glob(f".{glob_escape(path.name)}.tmp-*"):
+        try:
+            pid = int(p.name[len(path.name) + 6 :].split(".", 1)[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p)
+    if path.exists():  # a folder writer that died after moving the new folder in, before deleting the old
+        for p in path.parent.glob(f".{glob_escape(path.name)}.old-*"):
+            pid = p.name.rsplit("-", 1)[1]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable: the directory entry itself must reach the disk."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a directory; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def write_failed(path: Path, e: OSError) -> EndlessError:
+    """The one line for a save that failed (disk full, read-only, no permission)."""
+    why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or type(e).__name__)
+    return EndlessError(f"cannot save {path}: {why}; the previous file, if any, is unchanged")
+
+
 def atomic_write(path: Path, write, *, mode: int = 0o644) -> None:
     """Call ``write(tmp_path)`` then move the finished file over ``path`` with permissions
     ``mode`` (results are world-readable; a saved stream, which may hold a private chat, is
-    written 0o600 by ``save_stream``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
+    written 0o600 by ``save_stream``).
+
+    Crash-safe: a reader sees the old file or the new one, never half of one, whenever the
+    process dies; a dead writer's temporary file is removed by the next save of ``path``. An
+    ``OSError`` while writing (a full disk: ENOSPC) leaves the old file and becomes one
+    ``EndlessError`` line."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(path)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        raise write_failed(path, e) from None
     try:
         write(tmp)
         os.chmod(tmp, mode)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise write_failed(path, e) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -66,15 +145,42 @@ def file_hashes(folder: Path, *, skip: str) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != skip}
 
 
+def recover_folder(path: Path) -> None:
+    """Undo the one non-atomic moment of ``write_folder``: between moving the old folder aside
+    (``.NAME.old-PID``) and moving the new one in, ``path`` does not exist. If its writer died
+    there, the old folder goes back into place (a live writer is left to finish)."""
+    if path.exists() or not path.parent.is_dir():
+        return
+    for old in sorted(path.parent.glob(f".{glob_escape(path.name)}.old-*")):
+        try:
+            pid = int(old.name.rsplit("-", 1)[1])
+        except ValueError:
+            continue
+        if not _pid_alive(pid) or pid == os.getpid():
+            try:
+                os.replace(old, path)
+            except OSError:
+                continue
+            return
+
+
 def write_folder(path: "str | Path", fill: Callable[[Path], dict], *, meta_name: str) -> Path:
     """Write a checkpoint folder at ``path`` (replacing one that is there) and return it.
 
     ``fill(tmp)`` writes the files into the temporary folder and returns the metadata; its
-    ``"files"`` entry is set here to the hashes of what ``fill`` wrote.
+    ``"files"`` entry is set here to the hashes of what ``fill`` wrote. A process killed at any
+    moment leaves the old folder or the new one (``recover_folder`` puts the old one back if it
+    died between the two renames); a failed write (disk full) leaves the old folder and is one
+    ``EndlessError`` line.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        recover_folder(path)
+        clean_stale(path)
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path), dir=path.parent))
+    except OSError as e:
+        raise write_failed(path, e) from None
     try:
         meta = dict(fill(tmp))
         meta["files"] = file_hashes(tmp, skip=meta_name)
@@ -83,16 +189,23 @@ def write_folder(path: "str | Path", fill: Callable[[Path], dict], *, meta_name:
             if p.is_file():
                 with open(p, "rb") as f:
                     os.fsync(f.fileno())
+        _fsync_dir(tmp)
         os.chmod(tmp, 0o755)
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        recover_folder(path)
+        raise write_failed(path, e) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        recover_folder(path)
         raise
     return path
 
@@ -102,6 +215,7 @@ def read_folder_meta(path: "str | Path", *, meta_name: str, fmt: str, what: str,
     file present with its hash. ``what`` names the kind in messages ("FAM checkpoint"), ``writer``
     the command that writes it."""
     path = Path(path)
+    recover_folder(path)
     if not path.is_dir():
         raise EndlessError(f"no {what} at {path} (expected a folder written by `{writer}`)")
     try:
@@ -111,7 +225,8 @@ def read_folder_meta(path: "str | Path", *, meta_name: str, fmt: str, what: str,
     except (OSError, ValueError) as e:
         raise EndlessError(f"{path / meta_name} is unreadable ({type(e).__name__}); the checkpoint is damaged") from None
     if not isinstance(meta, dict) or meta.get("format") != fmt:
-        raise EndlessError(f"{path} is not an {fmt} checkpoint (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise EndlessError(f"{path} is not a {what} this version can read: format {found!r}, this version reads {fmt}")
     if not isinstance(meta.get("files"), dict):
         raise EndlessError(f"{path / meta_name} lacks 'files'; the checkpoint is damaged")
     for name, sha in meta["files"].items():
@@ -123,4 +238,5 @@ def read_folder_meta(path: "str | Path", *, meta_name: str, fmt: str, what: str,
     return meta
 
 
-__all__ = ["sha256_file", "file_hashes", "write_folder", "read_folder_meta"]
+__all__ = ["atomic_write", "save_png", "sha256_file", "file_hashes", "write_folder", "read_folder_meta",
+           "recover_folder", "clean_stale", "write_failed"]

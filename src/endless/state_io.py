@@ -2,11 +2,13 @@
 
 Format: one safetensors file. Tensors: the policy state (KV buffers and slot indices, or token
 history for recompute) and the last logits. Metadata (strings): format version, policy spec,
-model identity, position, batch, chunk, and a sha256 over every tensor's bytes in name order.
+model identity, compute dtype, the package version that wrote it, position, batch, chunk, and a
+sha256 over every tensor's bytes in name order. ``endless-stream/1`` files (no dtype) still load.
 
 Atomic: written to a temporary file in the same folder, fsync'ed, then renamed over the target,
 so a crash leaves either the old file or the new one, never half of one. Verified on load: a
-truncated, corrupt or tampered file, another model, or another policy is an ``EndlessError``.
+truncated, corrupt or tampered file is an ``EndlessError``; so is a file from another model,
+policy or dtype, in one line naming every field that differs (saved vs here).
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ import hashlib
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from endless.errors import EndlessError
 from endless.files import atomic_write
 from endless.policies.spec import parse_policy
 
-FORMAT = "endless-stream/1"
+FORMAT = "endless-stream/2"
+READABLE = (FORMAT, "endless-stream/1")  # /1: the same without dtype and writer
 
 
 def _digest(tensors: dict[str, torch.Tensor], extra: dict[str, str] | None = None) -> str:
@@ -45,6 +48,8 @@ def save_stream(stream, path: Path, extra: dict[str, str] | None = None) -> None
         "format": FORMAT,
         "policy": stream.policy.spec,
         "model": stream.model.identity,
+        "dtype": str(stream.model.dtype).removeprefix("torch."),
+        "written_by": _version(),
         "t": str(stream.state.t),
         "fed": str(stream.fed),
         "batch": str(stream.batch),
@@ -53,7 +58,19 @@ def save_stream(stream, path: Path, extra: dict[str, str] | None = None) -> None
     }
     for key, value in (extra or {}).items():
         meta[f"extra.{key}"] = value
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), mode=0o600)
+    # Serialized in memory, then written by Python: a full disk is then a plain OSError(ENOSPC)
+    # that atomic_write turns into one line, whatever safetensors' own writer would raise.
+    blob = save(tensors, metadata=meta)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(blob), mode=0o600)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"endless-lm {version('endless-lm')}"
+    except PackageNotFoundError:
+        return "endless-lm (source)"
 
 
 def read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -68,8 +85,12 @@ def read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         tensors = load_file(str(path))
     except Exception as e:  # safetensors reports truncation/corruption in several ways
         raise EndlessError(f"{path} is not a readable stream state ({type(e).__name__}: {str(e)[:80]})") from None
-    if meta.get("format") != FORMAT:
-        raise EndlessError(f"{path} is not an endless stream state (format {meta.get('format')!r})")
+    fmt = meta.get("format")
+    if fmt not in READABLE:
+        if isinstance(fmt, str) and fmt.startswith("endless-stream/"):
+            raise EndlessError(f"{path} was saved in {fmt}, a format this version ({_version()}) cannot read; "
+                               f"it reads {', '.join(READABLE)}")
+        raise EndlessError(f"{path} is not an endless stream state (format {fmt!r})")
     extra = {k.removeprefix("extra."): v for k, v in meta.items() if k.startswith("extra.")}
     if _digest(tensors, extra) != meta.get("sha256"):
         raise EndlessError(f"{path} is corrupt: checksum mismatch")
@@ -78,13 +99,18 @@ def read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 def load_stream(cls, path: Path, model, policy):
     tensors, meta = read_state(path)
-    if meta["model"] != model.identity:
-        raise EndlessError(
-            f"{path} was saved with another model ({meta['model'][:40]}...), not {model.identity[:40]}..."
-        )
     saved = parse_policy(meta["policy"])
+    here_dtype = str(model.dtype).removeprefix("torch.")
+    differs = []
+    if meta["model"] != model.identity:
+        differs.append(f"another model ({meta['model']} vs {model.identity})")
+    if meta.get("dtype", here_dtype) != here_dtype:
+        differs.append(f"another dtype ({meta['dtype']} vs {here_dtype})")
     if policy is not None and parse_policy(policy) != saved:
-        raise EndlessError(f"{path} holds a {saved.spec} stream, not {parse_policy(policy).spec}")
+        differs.append(f"another policy ({saved.spec} vs {parse_policy(policy).spec})")
+    if differs:
+        by = f", written by {meta['written_by']}" if "written_by" in meta else " (an older format)"
+        raise EndlessError(f"{path} was saved with {', '.join(differs)} (saved vs here){by}")
     stream = cls(model, saved, batch=int(meta["batch"]), chunk=int(meta["chunk"]), check_context=False)
     state = {k.removeprefix("state."): v for k, v in tensors.items() if k.startswith("state.")}
     try:

@@ -25,11 +25,21 @@ COMMANDS = [
     "train",
     "eval",
     "analyze",
+    "soak",
 ]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``endless: error: argument --x: ...``) and exit 2,
+    like every other user mistake; ``--help`` still prints the usage. Subcommands inherit it."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        print(f"endless: error: {' '.join(message.split())}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="endless",
         description=(
             "Run a pretrained transformer LM over an input that never ends, with constant memory "
