@@ -73,7 +73,7 @@ class Stream:
         self.policy = parse_policy(policy)
         if check_context:
             check_fits(self.policy, self.model.dims.context)
-        self.state = make_state(self.model, self.policy, batch=batch, chunk=chunk)
+        self.state = make_state(self.model, self.policy, batch=self.batch, chunk=self.chunk)
         self.last_logits: torch.Tensor | None = None  # (B, V) float32, after the last token fed
         self.fed = 0  # tokens fed by the user (the sink-token prefix excluded)
         self.saved_extra: dict[str, str] = {}

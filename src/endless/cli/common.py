@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from endless.validate import THREADS, number_list  # noqa: F401 - number_list: the commands' list flags
+from endless.validate import THREADS
 
 DTYPES = ("float32", "bfloat16")
 
