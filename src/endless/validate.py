@@ -2,10 +2,12 @@
 
 Contract (issue 24): a value out of range, of the wrong kind or contradicting another is refused
 with one line that names the option and the accepted range. The same ``Rule`` serves both
-surfaces: ``rule.arg`` is an argparse ``type=`` (argparse then prints ``endless: error: argument
---chunk: must be an integer in [1, 65536], got '0'`` and exits 2, see ``endless.cli.main``) and
-``rule.check(value)`` is what ``Stream``, ``load``, ``generate`` and the trainers call (raising
-``EndlessError("chunk (--chunk) must be an integer in [1, 65536], got 0")``).
+surfaces: ``rule.arg`` is an argparse ``type=`` (``endless.cli.main`` then prints ``endless: error:
+argument --chunk: must be an integer in [1, 65536], got '0'`` and returns 2) and ``rule.check(value)``
+is what ``Stream``, ``Stream.generate`` and the trainers' configs call (raising
+``EndlessError("chunk (--chunk) must be an integer in [1, 65536], got 0")``). A component with many
+numbers keeps them in a ``rules(...)`` table that its CLI flags and its ``check_fields`` share.
+Comma-separated lists of numbers (``--lengths 1024,4096``) go through ``number_list``.
 
 NaN and infinities are refused by every float rule: no option of this package means anything
 at NaN, and ``nan < 0`` is False, so a bare comparison would let it through.
