@@ -29,6 +29,7 @@ import torch
 from endless.policies.spec import Policy, check_fits, parse_policy
 from endless.policies.states import make_state
 from endless.transformer import Transformer
+from endless.validate import BATCH, CHUNK, MAX_NEW_TOKENS, SEED, TEMPERATURE
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +69,11 @@ class Stream:
         self.model = as_transformer(model)
         if device is not None:  # moves the model: a stream's state lives where its weights do
             self.model.to(device)
+        self.batch, self.chunk = BATCH.check(batch), CHUNK.check(chunk)  # before anything is built
         self.policy = parse_policy(policy)
         if check_context:
             check_fits(self.policy, self.model.dims.context)
-        if chunk < 1:
-            raise ValueError("chunk must be >= 1")
-        self.batch = batch
-        self.chunk = chunk
-        self.state = make_state(self.model, self.policy, batch=batch, chunk=chunk)
+        self.state = make_state(self.model, self.policy, batch=self.batch, chunk=self.chunk)
         self.last_logits: torch.Tensor | None = None  # (B, V) float32, after the last token fed
         self.fed = 0  # tokens fed by the user (the sink-token prefix excluded)
         self.saved_extra: dict[str, str] = {}
@@ -144,7 +142,9 @@ class Stream:
         return torch.cat(out, dim=1)
 
     def next_token(self, *, temperature: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Pick the next token of every stream (B,): greedy, or sampled at ``temperature``."""
+        """Pick the next token of every stream (B,): greedy, or sampled at ``temperature`` (in [0, 100],
+        ``EndlessError`` otherwise: NaN or a negative value would silently mean greedy)."""
+        temperature = TEMPERATURE.check(temperature)
         if self.last_logits is None:
             raise ValueError("feed a prompt before generating")
         if temperature <= 0:
@@ -164,7 +164,17 @@ class Stream:
         stop: Sequence[int] = (),
     ) -> Iterator[int]:
         """Decode up to ``max_new_tokens`` tokens of a single stream, yielding each token id as
-        soon as it is chosen (and fed back). Stops after yielding a token in ``stop``."""
+        soon as it is chosen (and fed back). Stops after yielding a token in ``stop``.
+
+        ``max_new_tokens``, ``temperature`` and ``seed`` are checked before the first token (a
+        generator body runs on the first ``next``), with the wording of the matching CLI flags."""
+        MAX_NEW_TOKENS.check(max_new_tokens)
+        TEMPERATURE.check(temperature)
+        SEED.check_optional(seed)
+        return self._generate(max_new_tokens, temperature=temperature, seed=seed, stop=stop)
+
+    def _generate(self, max_new_tokens: int, *, temperature: float, seed: int | None,
+                  stop: Sequence[int]) -> Iterator[int]:
         if self.batch != 1:
             raise ValueError("generate() drives one stream; use next_token() and feed() for batches")
         gen = torch.Generator().manual_seed(seed) if seed is not None else None

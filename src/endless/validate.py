@@ -2,10 +2,12 @@
 
 Contract (issue 24): a value out of range, of the wrong kind or contradicting another is refused
 with one line that names the option and the accepted range. The same ``Rule`` serves both
-surfaces: ``rule.arg`` is an argparse ``type=`` (argparse then prints ``endless: error: argument
---chunk: must be an integer in [1, 65536], got '0'`` and exits 2, see ``endless.cli.main``) and
-``rule.check(value)`` is what ``Stream``, ``load``, ``generate`` and the trainers call (raising
-``EndlessError("chunk (--chunk) must be an integer in [1, 65536], got 0")``).
+surfaces: ``rule.arg`` is an argparse ``type=`` (``endless.cli.main`` then prints ``endless: error:
+argument --chunk: must be an integer in [1, 65536], got '0'`` and returns 2) and ``rule.check(value)``
+is what ``Stream``, ``Stream.generate`` and the trainers' configs call (raising
+``EndlessError("chunk (--chunk) must be an integer in [1, 65536], got 0")``). A component with many
+numbers keeps them in a ``rules(...)`` table that its CLI flags and its ``check_fields`` share.
+Comma-separated lists of numbers (``--lengths 1024,4096``) go through ``number_list``.
 
 NaN and infinities are refused by every float rule: no option of this package means anything
 at NaN, and ``nan < 0`` is False, so a bare comparison would let it through.
@@ -22,9 +24,13 @@ from endless.errors import EndlessError
 
 
 def _fmt(x: float) -> str:
-    """Bounds as people write them: 65536, 2^63-1, 0.5."""
+    """Bounds as people write them: 65536, 2^30, 2^63-1, 0.5, 1000000."""
     if x == 2**63 - 1:
         return "2^63-1"
+    if isinstance(x, int) and x >= 1 << 20 and x & (x - 1) == 0:
+        return f"2^{x.bit_length() - 1}"  # 2^30, not 1073741824
+    if isinstance(x, float) and x.is_integer() and abs(x) < 1e16:
+        return str(int(x))  # 1000000, not 1e+06
     return f"{x:g}" if isinstance(x, float) else str(x)
 
 
@@ -106,6 +112,30 @@ def float_range(flag: str, low: float | None = None, high: float | None = None, 
     return Rule(flag.lstrip("-").replace("-", "_"), float, low, high, open_low).arg
 
 
+def number_list(kind: type = int, *, low: float | None = 1, high: float | None = None, what: str = "values"):
+    """An argparse ``type`` for comma-separated numbers ("1024,4096"), each ``kind`` within [low, high].
+
+    Empty items are skipped ("1024,,4096" is two values) but at least one must remain. A refusal is
+    argparse's one-line usage error naming the flag: ``argument --lengths: lengths must be
+    comma-separated integers >= 1, got '0,abc'``. NaN and infinities are refused, as by ``Rule``.
+    """
+    rule = Rule(what, kind, low, high)
+    plural = "integers" if kind is int else "numbers"
+    accepted = rule.accepted().replace("an integer", plural).replace("a number", plural)
+
+    def parse(text: str) -> tuple:
+        items = [v.strip() for v in str(text).split(",") if v.strip()]
+        try:
+            values = tuple(int(v, 10) if kind is int else float(v) for v in items)
+        except ValueError:
+            values = ()
+        if not values or any(rule.problem(v) is not None for v in values):
+            raise argparse.ArgumentTypeError(f"{what} must be comma-separated {accepted}, got {text!r}")
+        return values
+
+    return parse
+
+
 BIG = 1 << 30  # "any count a user could mean": a bound that still catches a typo'd 10^12
 SEED_MAX = 2**63 - 1
 
@@ -118,8 +148,24 @@ MAX_NEW_TOKENS = Rule("max_new_tokens", int, 1, BIG)
 SEED = Rule("seed", int, 0, SEED_MAX)
 TOKENS = Rule("tokens", int, 2, BIG)
 PROBABILITY = Rule("p", float, 0.0, 1.0)
-LR = Rule("lr", float, 0.0, 10.0, open_low=True)
-MINUTES = Rule("minutes", float, 0.0, 1e6, open_low=True)
+LR = Rule("lr", float, 0.0, None, open_low=True)  # no ceiling: a diverging run stops at its first non-finite loss
+MINUTES = Rule("minutes", float, 0.0, 1e6, open_low=True)  # ~2 years
+
+
+def rules(*items: Rule) -> dict[str, Rule]:
+    """``{rule.name: rule}``: a component's rules, looked up by the CLI (``.arg``) and checked by
+    the component itself (``check_fields``), so both surfaces word a refusal alike."""
+    return {r.name: r for r in items}
+
+
+def check_fields(obj, table: dict[str, Rule], optional: tuple[str, ...] = ()) -> None:
+    """Check ``obj``'s attribute of every rule in ``table`` (those in ``optional`` may be None)."""
+    for name, rule in table.items():
+        value = getattr(obj, name)
+        if name in optional:
+            rule.check_optional(value)
+        else:
+            rule.check(value)
 
 
 def probability(name: str) -> Rule:
@@ -165,5 +211,5 @@ def writable_target(flag: str, path: "str | Path") -> Path:
     return p
 
 
-__all__ = ["Rule", "int_range", "float_range", "probability", "choice", "ordered", "existing_file", "writable_target",
+__all__ = ["Rule", "int_range", "float_range", "number_list", "rules", "check_fields", "probability", "choice", "ordered", "existing_file", "writable_target",
            "CHUNK", "BATCH", "THREADS", "TEMPERATURE", "MAX_NEW_TOKENS", "SEED", "TOKENS", "LR", "MINUTES"]

@@ -7,8 +7,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from endless.cli.common import add_model_args, load_from_args, number_list, write_json
+from endless.cli.common import add_model_args, load_from_args, write_json
 from endless.errors import EndlessError
+from endless.validate import BIG, int_range, number_list
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,12 +28,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_model_args(a, dtype_default="float32")
     a.add_argument("--text", default=None, metavar="FILE", help="UTF-8 text file, or kjv (default), shakespeare")
-    a.add_argument("--tokens", type=int, default=256, help="tokens analysed (default: %(default)s)")
-    a.add_argument("--first", type=number_list(int, low=0), default=(1, 4), metavar="K,K",
+    a.add_argument("--tokens", type=int_range("--tokens", 2, BIG), default=256, help="tokens analysed (default: %(default)s)")
+    a.add_argument("--first", type=number_list(int, low=1, what="first-k counts"), default=(1, 4), metavar="K,K",
                    help="measure attention on the first k tokens for each k (default: 1,4)")
-    a.add_argument("--layers", type=number_list(int, low=0), default=None, metavar="L,L",
+    a.add_argument("--layers", type=number_list(int, low=0, what="layers"), default=None, metavar="L,L",
                    help="layers drawn in --plot (default: first two, middle, last)")
-    a.add_argument("--map-tokens", type=int, default=16, help="tokens shown in each map (default: %(default)s)")
+    a.add_argument("--map-tokens", type=int_range("--map-tokens", 2, BIG), default=16, help="tokens shown in each map (default: %(default)s)")
     a.add_argument("--plot", type=Path, default=None, metavar="PNG", help="attention maps of --layers")
     a.add_argument("--bars", type=Path, default=None, metavar="PNG", help="per-layer attention on token 0")
     a.add_argument("--json", type=Path, default=None, metavar="PATH")
@@ -45,8 +46,6 @@ def run_attention(args: argparse.Namespace) -> int:
     from endless.data.texts import text_ids
     from endless.stream import as_transformer
 
-    if args.tokens < 2 or args.map_tokens < 2:
-        raise EndlessError("--tokens and --map-tokens must be >= 2")
     if max(args.first) >= args.tokens or min(args.first) < 1:
         raise EndlessError(f"--first values must be in 1..{args.tokens - 1}")
     hf, tok = load_from_args(args)

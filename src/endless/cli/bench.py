@@ -9,8 +9,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from endless.cli.common import add_device_arg, device_from_args, number_list
+from endless.cli.common import add_device_arg, device_from_args
 from endless.errors import EndlessError
+from endless.validate import BIG, THREADS, int_range, number_list
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -30,13 +31,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "tiny:FAMILY[:LAYERS] is a random model for smoke tests")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "both"), default=None,
                    help="compute dtype(s) (default: both; float32 with --quick)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads, recorded in the results (default: %(default)s)")
+    p.add_argument("--threads", type=THREADS.arg, default=1, help="torch threads, recorded in the results (default: %(default)s)")
     add_device_arg(p)
-    p.add_argument("--caches", type=number_list(int), help="cache lengths, e.g. 256,512,1024,2048,4096")
-    p.add_argument("--positions", type=number_list(int), help="stream positions for the sinks sweep, e.g. 1024,4096,16384,65536")
-    p.add_argument("--window", type=int, help="sinks window of the position sweep (default 1020; 252 with --quick)")
-    p.add_argument("--rounds", type=int, help="timed decode steps per implementation and cache length")
-    p.add_argument("--ppl-tokens", type=int, help="tokens of text for the perplexity throughput")
+    p.add_argument("--caches", type=number_list(int, low=9, what="cache lengths"), help="cache lengths, e.g. 256,512,1024,2048,4096")
+    p.add_argument("--positions", type=number_list(int, low=2, what="positions"), help="stream positions for the sinks sweep, e.g. 1024,4096,16384,65536")
+    p.add_argument("--window", type=int_range("--window", 1, BIG), help="sinks window of the position sweep (default 1020; 252 with --quick)")
+    p.add_argument("--rounds", type=int_range("--rounds", 1, BIG), help="timed decode steps per implementation and cache length")
+    p.add_argument("--ppl-tokens", type=int_range("--ppl-tokens", 2, BIG), help="tokens of text for the perplexity throughput")
     p.add_argument("--no-pack", action="store_true", help="run our path without packed weights (endless.packed)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="float32: compiled one-token kernels (endless.gemv), timed beside the uncompiled path "
@@ -80,8 +81,6 @@ def config_from_args(args: argparse.Namespace):
     if args.no_isolated_rss:
         changes["isolated_memory"] = False
     cfg = dataclasses.replace(base, **changes)
-    if cfg.threads < 1:
-        raise EndlessError("--threads must be >= 1")
     if min(cfg.caches) <= 8:
         raise EndlessError("cache lengths must be > 8 (4 sinks + a window)")
     if cfg.position_window >= min(cfg.positions):

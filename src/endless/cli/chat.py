@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from endless.cli.common import add_model_args, inference_model, load_from_args
-from endless.errors import EndlessError
+from endless.validate import MAX_NEW_TOKENS, SEED, TEMPERATURE
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,9 +27,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", default="sinks:4+1020", help="attention policy spec (default: %(default)s)")
     p.add_argument("--session", type=Path, default=None, help="save/resume the conversation in this file")
     p.add_argument("--system", default=None, help="system prompt for a new conversation")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="longest reply (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=MAX_NEW_TOKENS.arg, default=512, help="longest reply (default: %(default)s)")
+    p.add_argument("--temperature", type=TEMPERATURE.arg, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--seed", type=SEED.arg, default=None)
     p.set_defaults(func=run)
 
 
@@ -39,8 +39,6 @@ def run(args: argparse.Namespace) -> int:
     from endless.stream import Stream
 
     policy = parse_policy(args.policy)
-    if not args.temperature >= 0:  # also refuses NaN
-        raise EndlessError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
     hf, tok = load_from_args(args)
     model = inference_model(hf, compile=args.compile)
     if args.session and args.session.exists():

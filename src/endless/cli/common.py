@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from endless.validate import THREADS
+
 DTYPES = ("float32", "bfloat16")
 
 
@@ -16,7 +18,7 @@ def add_model_args(parser: argparse.ArgumentParser, *, dtype_default: str = "flo
                    help="embedded name (smollm2-135m), a transformers folder or a .gguf file (default: %(default)s)")
     g.add_argument("--dtype", choices=DTYPES, default=dtype_default,
                    help="compute dtype; float32 is the reference for comparisons (default: %(default)s)")
-    g.add_argument("--threads", type=int, default=None,
+    g.add_argument("--threads", type=THREADS.arg, default=None,
                    help="torch threads (default: all cores); set it when running several jobs at once")
     add_device_arg(g)
     if fam:
@@ -48,11 +50,7 @@ def set_threads(args: argparse.Namespace) -> None:
     """torch threads from --threads (default: every core)."""
     import torch
 
-    n = getattr(args, "threads", None)
-    if n is not None and n < 1:
-        from endless.errors import EndlessError
-
-        raise EndlessError(f"--threads must be >= 1, got {n}")
+    n = THREADS.check_optional(getattr(args, "threads", None))  # a Namespace built by hand too
     torch.set_num_threads(n or os.cpu_count() or 1)
 
 
@@ -97,24 +95,6 @@ def write_json(path, payload) -> None:
 
     path = Path(path)
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2) + "\n"))
-
-
-def number_list(kind: type = int, *, low: float = 1, high: float | None = None, what: str = "values"):
-    """An argparse ``type`` for comma-separated numbers ("1024,4096") each within [low, high];
-    bad input becomes argparse's one-line usage error (exit code 2)."""
-    import argparse
-
-    def parse(text: str) -> tuple:
-        try:
-            values = tuple(kind(v) for v in text.split(",") if v.strip())
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
-        bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        if not values or any(v < low or (high is not None and v > high) for v in values):
-            raise argparse.ArgumentTypeError(f"{what} must be {bounds}, got {text!r}")
-        return values
-
-    return parse
 
 
 def inference_model(model, *, pack: bool = True, compile: bool = False):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from endless.cli.common import add_model_args, inference_model, load_from_args, write_json
 from endless.progress import bar
+from endless.validate import BIG, int_range
 
 POLICIES = ("dense", "window:256", "sinks:4+252")
 
@@ -28,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         ),
     )
     add_model_args(p, dtype_default="bfloat16")
-    p.add_argument("--tokens", type=int, default=12288, help="tokens of the text to stream (default: %(default)s)")
+    p.add_argument("--tokens", type=int_range("--tokens", 300, BIG), default=12288, help="tokens of the text to stream (default: %(default)s)")
     p.add_argument("--plot", type=Path, default=Path("endless-demo.png"), metavar="PNG",
                    help="where to draw the plot (default: %(default)s)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the results as JSON")
@@ -37,11 +38,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from endless.data.texts import text_ids
-    from endless.errors import EndlessError
     from endless.eval.ppl import evaluate, plot, table
 
-    if args.tokens < 300:
-        raise EndlessError("--tokens must be >= 300 (longer than the 256-token cache)")
     hf, tok = load_from_args(args)
     model = inference_model(hf)
     ids = text_ids(tok, "kjv", args.tokens, longer_than=257)

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from endless.cli.common import add_model_args, inference_model, load_from_args, write_json
-from endless.errors import EndlessError
 from endless.progress import bar
+from endless.validate import BIG, CHUNK, int_range
 
 REFERENCE = "one-at-a-time"
 
@@ -28,12 +28,12 @@ def add_to(sub: argparse._SubParsersAction) -> None:
     add_model_args(p, dtype_default="bfloat16")
     p.add_argument("--policy", action="append", default=None, metavar="SPEC",
                    help="policy to evaluate; repeat for several (default: window:1024, sinks:4+1020, dense)")
-    p.add_argument("--questions", type=int, default=500,
+    p.add_argument("--questions", type=int_range("--questions", 1, BIG), default=500,
                    help="questions, in the test set's order (default: %(default)s; the whole set: 2376)")
     p.add_argument("--no-reference", action="store_true", help=f"skip the {REFERENCE} reference")
     p.add_argument("--data", type=Path, default=None, metavar="FILE",
                    help='JSON lines of {"id", "question", "choices", "gold"} instead of ARC-Easy')
-    p.add_argument("--chunk", type=int, default=256, help="tokens per forward pass (default: %(default)s)")
+    p.add_argument("--chunk", type=CHUNK.arg, default=256, help="tokens per forward pass (default: %(default)s)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH")
     p.set_defaults(func=run)
 
@@ -43,8 +43,6 @@ def run(args: argparse.Namespace) -> int:
     from endless.eval.arc import accuracy, isolated, streaming_arc
     from endless.policies.spec import parse_policy
 
-    if args.questions < 1 or args.chunk < 1:
-        raise EndlessError("--questions and --chunk must be >= 1")
     policies = [parse_policy(s) for s in args.policy or ("window:1024", "sinks:4+1020", "dense")]
     questions = load_questions(args.data)[: args.questions]
     hf, tok = load_from_args(args)

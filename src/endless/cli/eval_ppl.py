@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from endless.cli.common import add_model_args, inference_model, load_from_args, write_json
-from endless.errors import EndlessError
 from endless.progress import bar
+from endless.validate import BIG, CHUNK, int_range
 
 DEFAULT_POLICIES = ("sinks:4+1020", "window:1024", "dense")
 
@@ -18,16 +18,16 @@ def add_text_args(p: argparse.ArgumentParser, *, tokens: int, recompute_every: i
     """--text, --tokens, --chunk, --recompute-every, --json, --plot, --smooth: shared by ppl and sinks."""
     p.add_argument("--text", default=None, metavar="FILE",
                    help="UTF-8 text file, or a built-in corpus: kjv (default), shakespeare")
-    p.add_argument("--tokens", type=int, default=tokens, help="tokens of the text to stream (default: %(default)s)")
-    p.add_argument("--chunk", type=int, default=256,
+    p.add_argument("--tokens", type=int_range("--tokens", 2, BIG), default=tokens, help="tokens of the text to stream (default: %(default)s)")
+    p.add_argument("--chunk", type=CHUNK.arg, default=256,
                    help="tokens per forward pass; exact for any size, only speed changes (default: %(default)s)")
-    p.add_argument("--recompute-every", type=int, default=recompute_every, metavar="K",
+    p.add_argument("--recompute-every", type=int_range("--recompute-every", 1, BIG), default=recompute_every, metavar="K",
                    help="score recompute:W on one token in K past the first window (it costs W+1 forwards per "
                         "token); other policies are compared with it on those tokens (default: %(default)s)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH",
                    help="write the results as JSON; the per-token NLL goes next to it (PATH.nll.safetensors)")
     p.add_argument("--plot", type=Path, default=None, metavar="PNG", help="log-perplexity against position")
-    p.add_argument("--smooth", type=int, default=256, help="moving-average width of the plot (default: %(default)s)")
+    p.add_argument("--smooth", type=int_range("--smooth", 1, BIG), default=256, help="moving-average width of the plot (default: %(default)s)")
 
 
 def add_to(sub: argparse._SubParsersAction) -> None:
@@ -56,8 +56,6 @@ def run_policies(args: argparse.Namespace, specs, *, title: str, reference: str 
     from endless.eval.ppl import evaluate, plot, save_nll, table
     from endless.policies.spec import parse_policy
 
-    if min(args.chunk, args.smooth, args.recompute_every) < 1:
-        raise EndlessError("--chunk, --smooth and --recompute-every must be >= 1")
     if not callable(specs):
         [parse_policy(s) for s in specs]  # bad specs fail before the model loads
     hf, tok = load_from_args(args)

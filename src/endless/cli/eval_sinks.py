@@ -7,7 +7,7 @@ import argparse
 
 from endless.cli.common import add_model_args
 from endless.cli.eval_ppl import add_text_args, run_policies
-from endless.errors import EndlessError
+from endless.validate import BIG, int_range
 
 SINK_COUNTS = (0, 1, 2, 4, 8)
 
@@ -36,15 +36,13 @@ def add_to(sub: argparse._SubParsersAction) -> None:
         ),
     )
     add_model_args(p, dtype_default="bfloat16")
-    p.add_argument("--cache", type=int, default=256, help="total cache size S+W (default: %(default)s)")
+    p.add_argument("--cache", type=int_range("--cache", 9, BIG), default=256, help="total cache size S+W (default: %(default)s)")
     p.add_argument("--no-recompute", action="store_true", help="skip the re-computation baseline")
     add_text_args(p, tokens=2048, recompute_every=4)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.cache < 9:
-        raise EndlessError(f"--cache must be >= 9 (8 sinks and a window), got {args.cache}")
 
     def specs(tok) -> list[str]:
         nl = tok("\n", add_special_tokens=False).input_ids

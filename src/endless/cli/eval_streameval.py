@@ -7,9 +7,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from endless.cli.common import add_model_args, inference_model, load_from_args, number_list, write_json
+from endless.cli.common import add_model_args, inference_model, load_from_args, write_json
 from endless.errors import EndlessError
 from endless.progress import bar
+from endless.validate import BIG, CHUNK, SEED, int_range, number_list
 
 
 def add_to(sub: argparse._SubParsersAction) -> None:
@@ -30,13 +31,13 @@ def add_to(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--caches", type=number_list(int, low=9, what="cache sizes"), default=(256, 1024), metavar="C,C",
                    help="cache sizes for the default sinks/window policies (default: 256,1024)")
     p.add_argument("--no-dense", action="store_true", help="leave dense out of the default policies")
-    p.add_argument("--lines", type=int, default=400, help="lines in the stream (default: %(default)s)")
-    p.add_argument("--every", type=int, default=10, help="a question every N lines (default: %(default)s)")
-    p.add_argument("--back", type=int, default=20, help="questions ask for the line N lines back (default: %(default)s)")
-    p.add_argument("--digits", type=int, default=5, help="digits of each value (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the stream (default: %(default)s)")
-    p.add_argument("--bucket", type=int, default=1024, help="accuracy per stretch of N tokens (default: %(default)s)")
-    p.add_argument("--chunk", type=int, default=256, help="tokens per forward pass (default: %(default)s)")
+    p.add_argument("--lines", type=int_range("--lines", 1, BIG), default=400, help="lines in the stream (default: %(default)s)")
+    p.add_argument("--every", type=int_range("--every", 1, BIG), default=10, help="a question every N lines (default: %(default)s)")
+    p.add_argument("--back", type=int_range("--back", 1, BIG), default=20, help="questions ask for the line N lines back (default: %(default)s)")
+    p.add_argument("--digits", type=int_range("--digits", 1, 64), default=5, help="digits of each value (default: %(default)s)")
+    p.add_argument("--seed", type=SEED.arg, default=0, help="seed of the stream (default: %(default)s)")
+    p.add_argument("--bucket", type=int_range("--bucket", 1, BIG), default=1024, help="accuracy per stretch of N tokens (default: %(default)s)")
+    p.add_argument("--chunk", type=CHUNK.arg, default=256, help="tokens per forward pass (default: %(default)s)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH")
     p.add_argument("--plot", type=Path, default=None, metavar="PNG", help="accuracy against stream length")
     p.set_defaults(func=run)
@@ -46,9 +47,6 @@ def run(args: argparse.Namespace) -> int:
     from endless.eval.streameval import accuracy_by_length, make_stream, plot, run_streameval, stream_text
     from endless.policies.spec import parse_policy
 
-    for name in ("lines", "every", "back", "digits", "bucket", "chunk"):
-        if getattr(args, name) < 1:
-            raise EndlessError(f"--{name} must be >= 1")
     if args.lines < args.back + args.every:
         raise EndlessError(f"--lines ({args.lines}) must be at least --back + --every ({args.back + args.every}) "
                            "for one question to be asked")

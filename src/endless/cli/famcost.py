@@ -8,6 +8,7 @@ from pathlib import Path
 
 from endless.cli.common import add_model_args, inference_model, load_from_args, write_json
 from endless.errors import EndlessError
+from endless.validate import BIG, int_range
 
 
 def add_to(sub: argparse._SubParsersAction) -> None:
@@ -23,8 +24,8 @@ def add_to(sub: argparse._SubParsersAction) -> None:
     )
     add_model_args(p)
     p.add_argument("--policy", default="fam:64x1+16", help="the FAM policy (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=1024, help="tokens streamed before timing (default: %(default)s)")
-    p.add_argument("--rounds", type=int, default=8, help="timed blocks per policy and mode (default: %(default)s)")
+    p.add_argument("--warmup", type=int_range("--warmup", 0, BIG), default=1024, help="tokens streamed before timing (default: %(default)s)")
+    p.add_argument("--rounds", type=int_range("--rounds", 1, BIG), default=8, help="timed blocks per policy and mode (default: %(default)s)")
     p.add_argument("--no-pack", action="store_true", help="run without the packed inference weights")
     p.add_argument("--json", type=Path, default=None, metavar="PATH")
     p.set_defaults(func=run)
@@ -37,8 +38,6 @@ def run(args: argparse.Namespace) -> int:
     pol = parse_policy(args.policy)
     if not isinstance(pol, FAM):
         raise EndlessError(f"--policy must be fam:BxM+F, got {pol.spec}")
-    if args.warmup < 0 or args.rounds < 1:
-        raise EndlessError("--warmup must be >= 0 and --rounds >= 1")
     if args.threads is None:
         args.threads = 1  # timings are compared, not maximised
     hf, _ = load_from_args(args, need_tokenizer=False)

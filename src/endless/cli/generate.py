@@ -9,6 +9,7 @@ import time
 
 from endless.cli.common import add_model_args, inference_model, load_from_args
 from endless.errors import EndlessError
+from endless.validate import BIG, MAX_NEW_TOKENS, SEED, TEMPERATURE, int_range
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,12 +25,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("prompt", help="the prompt text (use - to read it from stdin)")
     add_model_args(p, dtype_default="bfloat16", compile=True)
     p.add_argument("--policy", default="sinks:4+1020", help="attention policy spec (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=MAX_NEW_TOKENS.arg, default=200, help="tokens to generate (default: %(default)s)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--temperature", type=TEMPERATURE.arg, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--seed", type=SEED.arg, default=None, help="random seed for sampling")
     p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-sequence token")
-    p.add_argument("--stats", type=int, default=0, metavar="N",
+    p.add_argument("--stats", type=int_range("--stats", 0, BIG), default=0, metavar="N",
                    help="every N tokens, report position, ms/token and peak RSS on stderr")
     p.set_defaults(func=run)
 
@@ -48,10 +49,6 @@ def run(args: argparse.Namespace) -> int:
         prompt = args.prompt
     if not prompt.strip():
         raise EndlessError("empty prompt")
-    if args.max_new_tokens < 1:
-        raise EndlessError("--max-new-tokens must be >= 1")
-    if not args.temperature >= 0:  # also refuses NaN
-        raise EndlessError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
     hf, tok = load_from_args(args)
     stream = Stream(inference_model(hf, compile=args.compile), policy)
     if args.chat:

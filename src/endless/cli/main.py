@@ -2,7 +2,7 @@
 
 Every subcommand lives in its own module exposing ``add_parser(subparsers)``; adding one is a
 line in ``COMMANDS``. User mistakes (``EndlessError``) print one line on stderr and exit 2,
-never a traceback; argparse's own usage errors exit 2 as well.
+never a traceback; argparse's own usage errors (``OneLineParser``) are one line and exit 2 as well.
 """
 
 from __future__ import annotations
@@ -29,13 +29,19 @@ COMMANDS = [
 ]
 
 
+class UsageError(EndlessError):
+    """A command line argparse refused (unknown flag, out-of-range value, bad choice)."""
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (``endless: error: argument --x: ...``) and exit 2,
-    like every other user mistake; ``--help`` still prints the usage. Subcommands inherit it."""
+    like every other user mistake; ``--help`` still prints the usage. Subcommands inherit it.
+
+    ``error`` raises ``UsageError`` (argparse's documented hook must not return) so that ``main``
+    reports it like an ``EndlessError`` and returns 2 instead of exiting inside the parser."""
 
     def error(self, message: str):  # noqa: D401 - argparse's hook
-        print(f"endless: error: {' '.join(message.split())}", file=sys.stderr)
-        raise SystemExit(2)
+        raise UsageError(" ".join(message.split()))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:
+        print(f"endless: error: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.WARNING - 10 * min(args.verbose, 2),
         format="%(levelname)s %(name)s: %(message)s",

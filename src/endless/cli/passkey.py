@@ -7,8 +7,9 @@ import random
 import sys
 from pathlib import Path
 
-from endless.cli.common import add_model_args, inference_model, load_from_args, number_list, write_json
+from endless.cli.common import add_model_args, inference_model, load_from_args, write_json
 from endless.errors import EndlessError
+from endless.validate import BATCH, BIG, CHUNK, SEED, int_range, number_list
 
 DESCRIPTION = (
     "PassKey retrieval in the TransformerFAM paper's format: an instruction, filler text with the pass key "
@@ -29,11 +30,11 @@ def _configure(p: argparse.ArgumentParser) -> None:
                    help="prompt lengths in tokens (default: 1024,2048,4096,8192)")
     p.add_argument("--depths", type=number_list(float, low=0, high=1, what="depths"), default=(0.1, 0.3, 0.5, 0.7, 0.9), metavar="D,D",
                    help="key depths, 0 = start, 1 = just before the question (default: 0.1,0.3,0.5,0.7,0.9)")
-    p.add_argument("--examples", type=int, default=2, help="examples (random keys) per length and depth (default: %(default)s)")
-    p.add_argument("--digits", type=int, default=5, help="digits of the key (default: %(default)s)")
-    p.add_argument("--batch", type=int, default=4, help="prompts read together as a batch of streams (default: %(default)s)")
-    p.add_argument("--chunk", type=int, default=256, help="tokens per forward while reading (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the keys (default: %(default)s)")
+    p.add_argument("--examples", type=int_range("--examples", 1, BIG), default=2, help="examples (random keys) per length and depth (default: %(default)s)")
+    p.add_argument("--digits", type=int_range("--digits", 1, 64), default=5, help="digits of the key (default: %(default)s)")
+    p.add_argument("--batch", type=BATCH.arg, default=4, help="prompts read together as a batch of streams (default: %(default)s)")
+    p.add_argument("--chunk", type=CHUNK.arg, default=256, help="tokens per forward while reading (default: %(default)s)")
+    p.add_argument("--seed", type=SEED.arg, default=0, help="seed of the keys (default: %(default)s)")
     p.add_argument("--filler", default=None, metavar="FILE",
                    help="prose instead of the repeated filler sentences: a text file, or kjv / shakespeare")
     p.add_argument("--by-depth", action="store_true", help="also report accuracy per depth")
@@ -57,9 +58,6 @@ def run(args: argparse.Namespace) -> int:
     from endless.eval.passkey import passkey_accuracy, passkey_answer_loss, plot, summarize, table
     from endless.policies.spec import BSWA, FAM, parse_policy
 
-    for name in ("examples", "batch", "chunk", "digits"):
-        if getattr(args, name) < 1:
-            raise EndlessError(f"--{name} must be >= 1")
     specs = [parse_policy(s) for s in args.policy or []]  # bad specs fail before the model loads
     if args.loss and any(not isinstance(p, (FAM, BSWA)) for p in specs):
         raise EndlessError("--loss is measured for fam:... and bswa:... policies only")

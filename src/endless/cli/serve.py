@@ -9,6 +9,7 @@ from pathlib import Path
 
 from endless.cli.common import add_model_args, inference_model, load_from_args
 from endless.errors import EndlessError
+from endless.validate import BIG, int_range, ordered
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +33,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", default=None,
                    help=f"attention policy of every conversation (default: {DEFAULT_POLICY}; with --fam the checkpoint's)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    p.add_argument("--port", type=int_range("--port", 0, 65535), default=8000, help="port (default: %(default)s)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 and /metrics")
     p.add_argument("--sessions", type=Path, default=None, metavar="DIR",
                    help="keep conversations in this folder (survive a restart); default: in memory only")
-    p.add_argument("--max-sessions", type=int, default=64, help="conversations held in memory (LRU; default: %(default)s)")
-    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default: %(default)s)")
-    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 429 (default: %(default)s)")
-    p.add_argument("--max-tokens", type=int, default=4096, help="largest max_tokens a request may ask (default: %(default)s)")
-    p.add_argument("--max-prompt-bytes", type=int, default=1_000_000,
+    p.add_argument("--max-sessions", type=int_range("--max-sessions", 1, BIG), default=64, help="conversations held in memory (LRU; default: %(default)s)")
+    p.add_argument("--max-batch", type=int_range("--max-batch", 1, 4096), default=16, help="requests decoded together (default: %(default)s)")
+    p.add_argument("--max-queue", type=int_range("--max-queue", 0, BIG), default=64, help="requests waiting beyond those; more get 429 (default: %(default)s)")
+    p.add_argument("--max-tokens", type=int_range("--max-tokens", 1, BIG), default=4096, help="largest max_tokens a request may ask (default: %(default)s)")
+    p.add_argument("--max-prompt-bytes", type=int_range("--max-prompt-bytes", 1, BIG), default=1_000_000,
                    help="largest prompt a request may send, UTF-8 bytes (default: %(default)s)")
     p.set_defaults(func=run)
 
@@ -51,15 +52,7 @@ def check_args(args: argparse.Namespace):
 
     if args.fam and args.policy:
         raise EndlessError("give --policy or --fam, not both (a FAM checkpoint brings its own policy)")
-    if not 0 <= args.port <= 65535:
-        raise EndlessError(f"--port must be in [0, 65535], got {args.port}")
-    for flag in ("max_sessions", "max_batch", "max_tokens", "max_prompt_bytes"):
-        if getattr(args, flag) < 1:
-            raise EndlessError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.max_queue < 0:
-        raise EndlessError(f"--max-queue must be >= 0, got {args.max_queue}")
-    if args.max_batch > args.max_sessions:
-        raise EndlessError(f"--max-batch ({args.max_batch}) cannot exceed --max-sessions ({args.max_sessions})")
+    ordered("--max-batch", args.max_batch, "--max-sessions", args.max_sessions)
     if args.sessions is not None and args.sessions.exists() and not args.sessions.is_dir():
         raise EndlessError(f"--sessions {args.sessions} is not a folder")
     if args.fam:

@@ -7,7 +7,7 @@ import shlex
 import sys
 
 from endless.cli.common import add_model_args, load_from_args, write_json
-from endless.validate import int_range
+from endless.validate import SEED, int_range
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="tokens per reported span (default: %(default)s)")
     p.add_argument("--chunk", type=int_range("--chunk", 1, 4096), default=128,
                    help="tokens per forward pass (default: %(default)s)")
-    p.add_argument("--seed", type=int_range("--seed", 0, 2**63 - 1), default=0, help="section shuffle seed")
+    p.add_argument("--seed", type=SEED.arg, default=0, help="section shuffle seed")
     p.add_argument("--json", metavar="PATH", help="write every figure as JSON")
     p.add_argument("--plot", metavar="PNG", help="draw latency, RSS and perplexity against position")
     p.set_defaults(func=run)

@@ -16,8 +16,11 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from endless.cli.common import add_device_arg, add_model_args, device_from_args, number_list, write_json
+from endless.cli.common import add_device_arg, add_model_args, device_from_args, write_json
 from endless.errors import EndlessError
+from endless.validate import BIG, THREADS, Rule, int_range, number_list
+
+EVAL_EXAMPLES = Rule("eval_examples", int, 1, BIG)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -30,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_fam(tsub) -> None:
-    from endless.train.fam import FamTrainConfig
+    from endless.train.fam import RULES, FamTrainConfig
 
     d = FamTrainConfig()
     p = tsub.add_parser(
@@ -48,37 +51,37 @@ def _add_fam(tsub) -> None:
     add_model_args(p, fam=False)
     p.add_argument("--out", type=Path, required=True, metavar="CHECKPOINT", help="checkpoint folder to write")
     p.add_argument("--policy", default=d.policy, help="fam:BxM+F (or bswa:BxM for the baseline) (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (default: %(default)s)")
-    p.add_argument("--batch", type=int, default=d.batch, help="examples per step per process (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=d.lr, help="LoRA learning rate, constant (default: %(default)s)")
-    p.add_argument("--prompt-lr", type=float, default=d.prompt_lr, help="FAM prompt learning rate (default: %(default)s)")
-    p.add_argument("--lora-rank", type=int, default=d.lora_rank, help="(default: %(default)s)")
-    p.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="(default: %(default)s)")
-    p.add_argument("--min-len", type=int, default=d.min_len, help="shortest PassKey prompt in tokens (default: %(default)s)")
-    p.add_argument("--max-len", type=int, default=d.max_len, help="longest PassKey prompt in tokens (default: %(default)s)")
-    p.add_argument("--digits", type=int, default=d.digits, help="digits of the pass key (default: %(default)s)")
-    p.add_argument("--max-depth", type=float, default=d.max_depth, metavar="D",
+    p.add_argument("--steps", type=RULES["steps"].arg, default=d.steps, help="optimizer steps (default: %(default)s)")
+    p.add_argument("--batch", type=RULES["batch"].arg, default=d.batch, help="examples per step per process (default: %(default)s)")
+    p.add_argument("--lr", type=RULES["lr"].arg, default=d.lr, help="LoRA learning rate, constant (default: %(default)s)")
+    p.add_argument("--prompt-lr", type=RULES["prompt_lr"].arg, default=d.prompt_lr, help="FAM prompt learning rate (default: %(default)s)")
+    p.add_argument("--lora-rank", type=RULES["lora_rank"].arg, default=d.lora_rank, help="(default: %(default)s)")
+    p.add_argument("--lora-alpha", type=RULES["lora_alpha"].arg, default=d.lora_alpha, help="(default: %(default)s)")
+    p.add_argument("--min-len", type=RULES["min_len"].arg, default=d.min_len, help="shortest PassKey prompt in tokens (default: %(default)s)")
+    p.add_argument("--max-len", type=RULES["max_len"].arg, default=d.max_len, help="longest PassKey prompt in tokens (default: %(default)s)")
+    p.add_argument("--digits", type=RULES["digits"].arg, default=d.digits, help="digits of the pass key (default: %(default)s)")
+    p.add_argument("--max-depth", type=RULES["max_depth"].arg, default=d.max_depth, metavar="D",
                    help="the key's depth is drawn uniformly in [0, D]; below 1 more keys sit outside the "
                         "window, where only the memory can answer (from the start it learns slower: the keys "
                         "inside the window teach the answer first, docs/experiments/fam-notebook.md 7.3) (default: %(default)s)")
     p.add_argument("--text", default=None, help="plain text to mix in: kjv, shakespeare or a file (default: kjv when --text-fraction > 0)")
-    p.add_argument("--text-fraction", type=float, default=0.0, help="share of steps on plain text, loss on every token")
+    p.add_argument("--text-fraction", type=RULES["text_fraction"].arg, default=0.0, help="share of steps on plain text, loss on every token")
     p.add_argument("--all-tokens", action="store_true", help="loss on every PassKey token, not only the answer")
     p.add_argument("--rpo", action="store_true", help="random position offset (docs/methods.md; off by default)")
-    p.add_argument("--rsp", type=float, default=0.0, metavar="P",
+    p.add_argument("--rsp", type=RULES["rsp"].arg, default=0.0, metavar="P",
                    help="random state passing: start a step from the last step's final FAM with probability P (paper: 0.8; off by default)")
     p.add_argument("--filler", default=None, metavar="FILE",
                    help="prose instead of the paper's repeated filler sentences: a text file, or kjv / shakespeare")
     p.add_argument("--rsp-shuffle", action="store_true",
                    help="with --rsp: each sequence starts from the final FAM of a random sequence of the last "
                         "step (default: all from the first sequence's, the paper's)")
-    p.add_argument("--minutes", type=float, default=None, metavar="M",
+    p.add_argument("--minutes", type=RULES["minutes"].arg, default=None, metavar="M",
                    help="stop training after M minutes (the checkpoint is written all the same; set --steps high)")
-    p.add_argument("--curriculum", type=number_list(int), default=(), metavar="N,N",
+    p.add_argument("--curriculum", type=number_list(int, what="curriculum lengths"), default=(), metavar="N,N",
                    help="longest training sequence of each stage, ascending (RMT's curriculum over the number "
                         "of memory updates); a stage ends at its share of --steps/--minutes or once learned "
                         "(--curriculum-loss)")
-    p.add_argument("--curriculum-loss", type=float, default=0.0, metavar="X",
+    p.add_argument("--curriculum-loss", type=RULES["curriculum_loss"].arg, default=0.0, metavar="X",
                    help="end a curriculum stage early once the recent answer loss is below X nats (default: off)")
     p.add_argument("--mixed-precision", choices=("auto", "no", "bf16"), default="auto",
                    help="bf16 autocast over float32 weights; auto: bf16 on CUDA, none on the CPU (default: %(default)s)")
@@ -88,17 +91,17 @@ def _add_fam(tsub) -> None:
     p.add_argument("--init", default=None, metavar="CHECKPOINT",
                    help="train a checkpoint of `endless train fam` further with this command's budget and data "
                         "(its policy, LoRA rank and alpha, prompt and base model; --out may be another folder)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-lengths", type=number_list(int), default=None, metavar="N,N",
+    p.add_argument("--seed", type=RULES["seed"].arg, default=0)
+    p.add_argument("--eval-lengths", type=number_list(int, what="lengths"), default=None, metavar="N,N",
                    help="after training, PassKey accuracy at these prompt lengths (default: --max-len)")
-    p.add_argument("--eval-examples", type=int, default=10, help="examples per evaluation length (default: %(default)s)")
+    p.add_argument("--eval-examples", type=EVAL_EXAMPLES.arg, default=10, help="examples per evaluation length (default: %(default)s)")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation after training (`eval passkey` does it)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write results and the loss curve as JSON")
     p.set_defaults(func=run_fam)
 
 
 def _add_tiny(tsub) -> None:
-    from endless.train.tiny import TinyConfig
+    from endless.train.tiny_config import RULES, TinyConfig
 
     d = TinyConfig()
     p = tsub.add_parser(
@@ -110,63 +113,63 @@ def _add_tiny(tsub) -> None:
             "stop-gradient between updates, F in {1, 4, 16})."
         ),
     )
-    p.add_argument("--steps", type=int, default=d.steps, help="(default: %(default)s)")
-    p.add_argument("--minutes", type=float, default=None, metavar="M",
+    p.add_argument("--steps", type=RULES["steps"].arg, default=d.steps, help="(default: %(default)s)")
+    p.add_argument("--minutes", type=RULES["minutes"].arg, default=None, metavar="M",
                    help="stop each policy's training after M minutes; the cosine decay follows the clock "
                         "when it ends before --steps")
-    p.add_argument("--batch", type=int, default=d.batch, help="(default: %(default)s)")
-    p.add_argument("--lr", type=float, default=d.lr, help="(default: %(default)s)")
-    p.add_argument("--block", type=int, default=d.block, help="B (default: %(default)s)")
-    p.add_argument("--fam", type=int, default=d.fam, help="F (default: %(default)s)")
-    p.add_argument("--kv-heads", type=int, default=d.kv_heads, choices=(1, 2, 4), help="key/value heads of 4 (default: %(default)s)")
-    p.add_argument("--ffn", type=int, default=d.ffn, help="MLP width (default: %(default)s)")
-    p.add_argument("--vocab", type=int, default=d.vocab, help="10 digits, 2 markers, the rest filler symbols (default: %(default)s)")
-    p.add_argument("--min-len", type=int, default=d.min_len, help="shortest training sequence (default: %(default)s)")
-    p.add_argument("--max-len", type=int, default=d.max_len, help="longest training sequence (default: %(default)s)")
-    p.add_argument("--init-std", type=float, default=d.init_std, help="std of the random weights (default: %(default)s)")
-    p.add_argument("--out-std", type=float, default=None,
+    p.add_argument("--batch", type=RULES["batch"].arg, default=d.batch, help="(default: %(default)s)")
+    p.add_argument("--lr", type=RULES["lr"].arg, default=d.lr, help="(default: %(default)s)")
+    p.add_argument("--block", type=RULES["block"].arg, default=d.block, help="B (default: %(default)s)")
+    p.add_argument("--fam", type=RULES["fam"].arg, default=d.fam, help="F (default: %(default)s)")
+    p.add_argument("--kv-heads", type=RULES["kv_heads"].arg, default=d.kv_heads, choices=(1, 2, 4), help="key/value heads of 4 (default: %(default)s)")
+    p.add_argument("--ffn", type=RULES["ffn"].arg, default=d.ffn, help="MLP width (default: %(default)s)")
+    p.add_argument("--vocab", type=RULES["vocab"].arg, default=d.vocab, help="10 digits, 2 markers, the rest filler symbols (default: %(default)s)")
+    p.add_argument("--min-len", type=RULES["min_len"].arg, default=d.min_len, help="shortest training sequence (default: %(default)s)")
+    p.add_argument("--max-len", type=RULES["max_len"].arg, default=d.max_len, help="longest training sequence (default: %(default)s)")
+    p.add_argument("--init-std", type=RULES["init_std"].arg, default=d.init_std, help="std of the random weights (default: %(default)s)")
+    p.add_argument("--out-std", type=RULES["out_std"].arg, default=None,
                    help="std of the o_proj/down_proj weights, which write into the residual streams (default: --init-std)")
     p.add_argument("--constant-lr", action="store_true", help="no warm-up and cosine decay (the lr stays at --lr)")
-    p.add_argument("--rsp", type=float, default=d.rsp, metavar="P",
+    p.add_argument("--rsp", type=RULES["rsp"].arg, default=d.rsp, metavar="P",
                    help="random state passing with probability P (docs/methods.md; off by default)")
-    p.add_argument("--rsp-after", type=int, default=d.rsp_after, metavar="STEP", help="first step of RSP (default: %(default)s)")
-    p.add_argument("--carry", type=int, default=d.carry, metavar="N",
+    p.add_argument("--rsp-after", type=RULES["rsp_after"].arg, default=d.rsp_after, metavar="STEP", help="first step of RSP (default: %(default)s)")
+    p.add_argument("--carry", type=RULES["carry"].arg, default=d.carry, metavar="N",
                    help="ours: with probability --carry-p a batch's key lies in a prefix of up to N tokens read "
                         "without gradient (with --carry-grad: with), so the FAM must hold it (default: %(default)s, off)")
     p.add_argument("--carry-grad", action="store_true",
                    help="back-propagate through the carried prefix too: the whole hold is trained (slower)")
-    p.add_argument("--carry-p", type=float, default=d.carry_p, metavar="P", help="(default: %(default)s)")
-    p.add_argument("--carry-after", type=int, default=d.carry_after, metavar="STEP",
+    p.add_argument("--carry-p", type=RULES["carry_p"].arg, default=d.carry_p, metavar="P", help="(default: %(default)s)")
+    p.add_argument("--carry-after", type=RULES["carry_after"].arg, default=d.carry_after, metavar="STEP",
                    help="first step of --carry (default: %(default)s)")
-    p.add_argument("--grad-cap", type=int, default=d.grad_cap, metavar="N",
+    p.add_argument("--grad-cap", type=RULES["grad_cap"].arg, default=d.grad_cap, metavar="N",
                    help="with --carry-grad: back-propagate through at most the last N tokens of a carried prefix, "
                         "the rest is read without gradient (a multiple of the block; default: %(default)s, no cap)")
-    p.add_argument("--curriculum", type=number_list(int), default=(), metavar="N,N",
+    p.add_argument("--curriculum", type=number_list(int, what="carry lengths"), default=(), metavar="N,N",
                    help="instead of --carry: carry lengths grown in stages (RMT's curriculum), the next once the "
                         "carried batches' mean loss over 50 steps is below --curriculum-loss (off by default)")
-    p.add_argument("--curriculum-loss", type=float, default=d.curriculum_loss, metavar="L", help="(default: %(default)s)")
-    p.add_argument("--unexplored", type=float, default=d.unexplored, metavar="P",
+    p.add_argument("--curriculum-loss", type=RULES["curriculum_loss"].arg, default=d.curriculum_loss, metavar="L", help="(default: %(default)s)")
+    p.add_argument("--unexplored", type=RULES["unexplored"].arg, default=d.unexplored, metavar="P",
                    help="unexplored states (Buitrago Ruiz and Gu 2025): each sequence starts with probability P "
                         "from an explored FAM instead of the learned one (default: %(default)s, off)")
-    p.add_argument("--unexplored-after", type=int, default=d.unexplored_after, metavar="STEP",
+    p.add_argument("--unexplored-after", type=RULES["unexplored_after"].arg, default=d.unexplored_after, metavar="STEP",
                    help="first step of --unexplored (default: %(default)s)")
     p.add_argument("--unexplored-from", default=d.unexplored_from, metavar="SOURCE",
                    help="batch: the last step's final FAMs, permuted (they chain over steps); noise: Gaussian rows "
                         "with their mean and std (default: %(default)s)")
-    p.add_argument("--key-depth", type=float, default=None, metavar="D",
+    p.add_argument("--key-depth", type=RULES["key_depth"].arg, default=None, metavar="D",
                    help="put the key at depth D in [0, 1] of every training and test prompt (0: the first tokens, "
                         "the paper's PassKey layout; default: uniform at random)")
-    p.add_argument("--diagnose", type=int, default=0, metavar="N",
+    p.add_argument("--diagnose", type=int_range("--diagnose", 0, BIG), default=0, metavar="N",
                    help="after training, report per layer where each FAM's memory goes on N-token prompts "
                         "with the key in the first block (attention share of the update on the block; "
                         "exact match with one layer's FAM put back from a training-length stream)")
-    p.add_argument("--memories", type=number_list(int, low=0), default=d.memories, help="values of M (default: 0,1)")
+    p.add_argument("--memories", type=number_list(int, low=0, high=64, what="memory sizes M"), default=d.memories, help="values of M (default: 0,1)")
     p.add_argument("--policies", default=None, help="specs separated by ';' to run instead of the default set (a spec may hold commas: 'fam:8x1+4,norm')")
     p.add_argument("--ablation", action="store_true", help="add the paper's ablations")
-    p.add_argument("--eval-lengths", type=number_list(int), default=d.eval_lengths, help="(default: 96,384,6144)")
-    p.add_argument("--eval-examples", type=int, default=d.eval_examples, help="examples per length (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
+    p.add_argument("--eval-lengths", type=number_list(int, what="lengths"), default=d.eval_lengths, help="(default: 96,384,6144)")
+    p.add_argument("--eval-examples", type=RULES["eval_examples"].arg, default=d.eval_examples, help="examples per length (default: %(default)s)")
+    p.add_argument("--seed", type=RULES["seed"].arg, default=d.seed)
+    p.add_argument("--threads", type=THREADS.arg, default=1, help="torch threads (default: %(default)s)")
     p.add_argument("--save", type=Path, default=None, metavar="DIR",
                    help="write each trained model to DIR/SPEC (':' and ',' as '-' and '_', e.g. DIR/fam-8x1+4) "
                         "before it is evaluated, for --load and --init")
@@ -303,8 +306,7 @@ def run_fam(args: argparse.Namespace) -> int:
         args.lora_alpha = float(trained.get("lora_alpha", args.lora_alpha))
         args.dtype = str(trained.get("dtype", args.dtype))
     _threads(args)
-    if args.eval_examples < 1:
-        raise EndlessError("--eval-examples must be >= 1")
+    EVAL_EXAMPLES.check(args.eval_examples)  # a Namespace built by hand too
     cfg = FamTrainConfig(  # validates the rest
         model=args.model, policy=args.policy, steps=args.steps, batch=args.batch, lr=args.lr, prompt_lr=args.prompt_lr,
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, min_len=args.min_len, max_len=args.max_len,

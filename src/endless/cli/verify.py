@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from endless.cli.common import add_model_args, load_from_args, write_json
-from endless.errors import EndlessError
+from endless.validate import BIG, CHUNK, float_range, int_range
 
 SAMPLE = (
     "The river ran past the old mill, and the miller's daughter counted the sacks of grain "
@@ -29,9 +29,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_model_args(p, dtype_default="float32")
     p.add_argument("--policy", action="append", default=[], help="policy spec to check (repeatable)")
-    p.add_argument("--tokens", type=int, default=None, help="stream length (default: 64, or 3x the window)")
-    p.add_argument("--chunk", type=int, default=64, help="chunk size of the streaming run (default: %(default)s)")
-    p.add_argument("--tolerance", type=float, default=None, help="override the tolerance")
+    p.add_argument("--tokens", type=int_range("--tokens", 2, BIG), default=None, help="stream length (default: 64, or 3x the window)")
+    p.add_argument("--chunk", type=CHUNK.arg, default=64, help="chunk size of the streaming run (default: %(default)s)")
+    p.add_argument("--tolerance", type=float_range("--tolerance", 0.0, 1e6, open_low=True), default=None, help="override the tolerance")
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON")
     p.set_defaults(func=run)
 
@@ -50,8 +50,6 @@ def run(args: argparse.Namespace) -> int:
     from endless.verify import verify_forward, verify_policy
 
     policies = [parse_policy(s) for s in args.policy]
-    if args.tokens is not None and args.tokens < 2:
-        raise EndlessError("--tokens must be >= 2")
     hf, tok = load_from_args(args)
     model = as_transformer(hf)
     verdicts = [verify_forward(model, _ids(tok, 64))]

@@ -349,7 +349,9 @@ _PARSERS: dict[str, Callable[[str, str], Policy]] = {
 
 
 def parse_policy(spec: "str | Policy") -> Policy:
-    """Parse a spec such as ``sinks:4+1020``; a policy object is returned unchanged."""
+    """Parse a spec such as ``sinks:4+1020``; a policy object is returned unchanged.
+
+    Anything else than a valid spec raises ``EndlessError`` with one line quoting the spec."""
     if not isinstance(spec, str):
         return spec
     text = spec.strip()
@@ -362,6 +364,8 @@ def parse_policy(spec: "str | Policy") -> Policy:
         return _PARSERS[kind](args, kind)
     except ValueError:
         raise EndlessError(f"cannot parse policy {spec!r}; {SPEC_HELP}") from None
+    except EndlessError as e:  # a value out of range: say which spec it came from
+        raise EndlessError(f"policy {spec!r}: {e}") from None
 
 
 def check_fits(policy: Policy, trained_context: int) -> None:

@@ -47,11 +47,23 @@ from endless.peft_quiet import quiet_peft
 from endless.policies.spec import BSWA, FAM, parse_policy
 from endless.train.curriculum import Stages
 from endless.transformer import Transformer
+from endless.validate import BATCH, BIG, LR, MINUTES, SEED, Rule, check_fields, choice, ordered, probability, rules
 
 log = logging.getLogger(__name__)
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RPO_MAX = int(2 * math.pi * 1e4)  # docs/methods.md: offset ~ U(0, 2*pi*10^4)
+MIXED_PRECISION = ("auto", "no", "bf16")
+
+# Every number of ``FamTrainConfig``, with its accepted range: ``endless train fam`` parses its flags
+# with these (``RULES[name].arg``) and the config checks itself with them (one wording for both).
+RULES = rules(
+    Rule("steps", int, 1, BIG), BATCH, LR, Rule("prompt_lr", float, 0.0, None, open_low=True),
+    Rule("lora_rank", int, 1, 4096), Rule("lora_alpha", float, 0.0, None, open_low=True),
+    Rule("min_len", int, 1, BIG), Rule("max_len", int, 1, BIG), Rule("digits", int, 1, 64),
+    probability("max_depth"), probability("text_fraction"), probability("rsp"), SEED, Rule("log_every", int, 1, BIG),
+    MINUTES, Rule("curriculum_loss", float, 0.0, 100.0),
+)
 
 
 @dataclass(frozen=True)
@@ -92,28 +104,14 @@ class FamTrainConfig:
     filler: str | None = None  # prose (a file, kjv, shakespeare) instead of the paper's filler sentences
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch", "lora_rank", "min_len", "max_len"):
-            if getattr(self, name) < 1:
-                raise EndlessError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.min_len > self.max_len:
-            raise EndlessError("--min-len must not exceed --max-len")
-        if not 0 <= self.max_depth <= 1:
-            raise EndlessError(f"--max-depth must be in [0, 1], got {self.max_depth}")
-        if not 0 <= self.rsp <= 1:
-            raise EndlessError(f"--rsp is a probability, got {self.rsp}")
-        if not 0 <= self.text_fraction <= 1:
-            raise EndlessError(f"--text-fraction is a fraction, got {self.text_fraction}")
-        if self.mixed_precision not in ("auto", "no", "bf16"):
-            raise EndlessError(f"--mixed-precision must be auto, no or bf16, got {self.mixed_precision!r}")
-        if self.minutes is not None and not self.minutes > 0:
-            raise EndlessError(f"--minutes must be > 0, got {self.minutes}")
+        check_fields(self, RULES, optional=("minutes",))
+        ordered("--min-len", self.min_len, "--max-len", self.max_len)
+        choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
         if self.curriculum:
             c = tuple(self.curriculum)
             if list(c) != sorted(c) or c[0] < self.min_len or c[-1] > self.max_len:
                 raise EndlessError(f"--curriculum lengths must ascend within [--min-len, --max-len] = "
                                    f"[{self.min_len}, {self.max_len}], got {','.join(map(str, c))}")
-        if self.curriculum_loss < 0:
-            raise EndlessError(f"--curriculum-loss must be >= 0, got {self.curriculum_loss}")
 
 
 @dataclass

@@ -12,8 +12,23 @@ from endless.data.passkey import MIN_VOCAB
 from endless.errors import EndlessError
 from endless.eval.passkey import PasskeyResult
 from endless.transformer import Transformer
+from endless.validate import BATCH, BIG, LR, MINUTES, SEED, Rule, check_fields, ordered, probability, rules
 
 UNEXPLORED_SOURCES = ("batch", "noise")
+
+# Every number of ``TinyConfig``, with its accepted range: ``endless train fam-tiny`` parses its flags
+# with these (``RULES[name].arg``) and ``TinyConfig`` checks itself with them (one wording for both).
+RULES = rules(
+    Rule("steps", int, 1, BIG), MINUTES, BATCH, LR, Rule("min_len", int, 1, BIG), Rule("max_len", int, 1, BIG),
+    Rule("digits", int, 1, 64), Rule("block", int, 1, 1 << 16), Rule("fam", int, 1, 1024),
+    Rule("eval_examples", int, 1, BIG), Rule("vocab", int, MIN_VOCAB, 1 << 20), Rule("kv_heads", int, 1, 4),
+    Rule("ffn", int, 1, 1 << 16), Rule("init_std", float, 0.0, 10.0, open_low=True), Rule("out_std", float, 0.0, 10.0),
+    Rule("warmup", int, 0, BIG), probability("rsp"), Rule("rsp_after", int, 0, BIG), Rule("carry", int, 0, BIG),
+    probability("carry_p"), Rule("carry_after", int, 0, BIG), probability("key_depth"), Rule("grad_cap", int, 0, BIG),
+    Rule("curriculum_loss", float, 0.0, 100.0, open_low=True), probability("unexplored"),
+    Rule("unexplored_after", int, 0, BIG), SEED,
+)
+OPTIONAL = ("minutes", "out_std", "key_depth")  # None: not given
 
 
 @dataclass(frozen=True)
@@ -55,37 +70,22 @@ class TinyConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.minutes is not None and not self.minutes > 0:
-            raise EndlessError(f"--minutes must be > 0, got {self.minutes}")
-        for name in ("steps", "batch", "eval_examples", "ffn"):
-            if getattr(self, name) < 1:
-                raise EndlessError(f"--{name.replace('_', '-')} must be >= 1")
-        if not (0 <= self.rsp <= 1 and 0 <= self.carry_p <= 1) or self.carry < 0:
-            raise EndlessError("--rsp and --carry-p must be in [0, 1] and --carry >= 0")
-        if self.key_depth is not None and not 0 <= self.key_depth <= 1:
-            raise EndlessError("--key-depth must be in [0, 1]")
-        if not 2 * self.digits + 2 <= self.min_len <= self.max_len:  # the whole sequence: prompt and answer
-            raise EndlessError(f"need {2 * self.digits + 2} <= --min-len <= --max-len, got {self.min_len} and {self.max_len}")
-        if self.vocab < MIN_VOCAB:
-            raise EndlessError(f"--vocab must be at least {MIN_VOCAB} (digits, two markers, filler)")
-        if self.init_std <= 0 or (self.out_std is not None and self.out_std < 0):
-            raise EndlessError("--init-std must be > 0 and --out-std >= 0")
+        check_fields(self, RULES, OPTIONAL)
+        ordered("--min-len", self.min_len, "--max-len", self.max_len)
+        if not 2 * self.digits + 2 <= self.min_len:  # the whole sequence: prompt and answer
+            raise EndlessError(f"--min-len must be at least {2 * self.digits + 2} (2 x --digits + 2), got {self.min_len}")
         if self.carry and self.carry < self.block:
             raise EndlessError(f"--carry must be 0 or at least one block ({self.block} tokens)")
         self._check_recipe()
 
     def _check_recipe(self) -> None:
         """The curriculum, gradient cap and unexplored-state options: one line naming the flag."""
-        if self.grad_cap < 0 or self.grad_cap % self.block:
+        if self.grad_cap % self.block:
             raise EndlessError(f"--grad-cap must be 0 or a positive multiple of the block ({self.block} tokens)")
         stages = self.curriculum
         if stages and (self.carry or any(n < self.block for n in stages) or list(stages) != sorted(set(stages))):
             raise EndlessError(f"--curriculum must be increasing carry lengths of at least one block ({self.block} "
                                "tokens), given instead of --carry")
-        if not self.curriculum_loss > 0:
-            raise EndlessError("--curriculum-loss must be > 0")
-        if not 0 <= self.unexplored <= 1 or self.unexplored_after < 0:
-            raise EndlessError("--unexplored must be in [0, 1] and --unexplored-after >= 0")
         if self.unexplored_from not in UNEXPLORED_SOURCES:
             raise EndlessError(f"--unexplored-from must be one of {', '.join(UNEXPLORED_SOURCES)}")
 
@@ -107,4 +107,4 @@ class TinyRun:
     stages: list[dict] = field(default_factory=list)  # curriculum: {"step", "length"} where each carry stage began
 
 
-__all__ = ["TinyConfig", "TinyRun", "UNEXPLORED_SOURCES"]
+__all__ = ["TinyConfig", "TinyRun", "UNEXPLORED_SOURCES", "RULES"]
