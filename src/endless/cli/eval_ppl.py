@@ -42,7 +42,7 @@ def add_to(sub: argparse._SubParsersAction) -> None:
             "model's trained context on purpose, to show it degrade there."
         ),
     )
-    add_model_args(p, dtype_default="bfloat16")
+    add_model_args(p, dtype_default="bfloat16", weights=True)
     p.add_argument("--policy", action="append", default=None, metavar="SPEC",
                    help=f"policy to evaluate; repeat for several (default: {' '.join(DEFAULT_POLICIES)})")
     add_text_args(p, tokens=4096)
@@ -62,7 +62,7 @@ def run_policies(args: argparse.Namespace, specs, *, title: str, reference: str 
         [parse_policy(s) for s in specs]  # bad specs fail before the model loads
     hf, tok = load_from_args(args)
     policies = [parse_policy(s) for s in (specs(tok) if callable(specs) else specs)]
-    model = inference_model(hf)
+    model = inference_model(hf, weights=args.weights)
     spans = [p.span() for p in policies if p.span() is not None]
     ids = text_ids(tok, args.text, args.tokens, longer_than=max(spans, default=0))
     results = []
