@@ -96,3 +96,12 @@ def test_int8_with_float32_is_one_line_and_exit_2(capsys):
     assert main(["eval", "ppl", "--weights", "int8", "--dtype", "float32", "--threads", "1", "--model", "tiny:llama"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "bfloat16" in err
+
+
+def test_verify_reports_the_int8_distance():
+    from endless.verify import verify_int8
+
+    model = Transformer(tiny_model("llama", seed=4, initializer_range=0.2))
+    rows = {v.check: v for v in verify_int8(model, ids_of(24))}
+    assert set(rows) == {"bfloat16", "int8"}
+    assert 0 < rows["bfloat16"].max_abs_diff < rows["int8"].max_abs_diff < rows["int8"].tolerance
