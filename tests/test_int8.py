@@ -105,3 +105,10 @@ def test_verify_reports_the_int8_distance():
     rows = {v.check: v for v in verify_int8(model, ids_of(24))}
     assert set(rows) == {"bfloat16", "int8"}
     assert 0 < rows["bfloat16"].max_abs_diff < rows["int8"].max_abs_diff < rows["int8"].tolerance
+
+
+def test_bench_int8_needs_bfloat16(capsys):
+    from endless.cli.main import main
+
+    assert main(["bench", "--quick", "--weights", "int8", "--dtype", "float32", "--model", "tiny:llama"]) == 2
+    assert "bfloat16" in capsys.readouterr().err

@@ -77,7 +77,7 @@ def run_policies(args: argparse.Namespace, specs, *, title: str, reference: str 
         save_nll(results, nll_path, {"text": str(args.text or "kjv"), "model": str(args.fam or args.model)})
         write_json(args.json, {
             "results": [r.as_dict() for r in results],
-            "model": args.fam or args.model, "identity": model.identity, "dtype": args.dtype,
+            "model": args.fam or args.model, "identity": model.identity, "dtype": args.dtype, "weights": args.weights,
             "text": str(args.text or "kjv"), "chunk": args.chunk, "recompute_every": args.recompute_every,
             "threads": args.threads,
             "nll": nll_path.name, "command": "endless " + " ".join(sys.argv[1:]),
