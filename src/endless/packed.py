@@ -26,6 +26,10 @@ transposed layout (float32) or ``F.linear``.
   ``nbytes``). That is the price of the speed; ``Transformer(..., pack=False)`` does without.
 - ``compile=True`` (float32): one-token products run compiled kernels (``endless.gemv``, 1.4x
   the weight streaming rate; a second copy of the weights, and 20-60 s at load); chunks keep oneDNN's.
+- ``weights="int8"`` (bfloat16 only, issue 21): the copies are per-channel int8 instead
+  (``endless.int8``: half the bytes, PyTorch's ``_weight_int8pack_mm`` for a decoded token).
+  Results then equal the modules' up to the quantisation, not float rounding: the probe is
+  against the dequantised weight. The embeddings stay the modules' own bfloat16.
 """
 
 from __future__ import annotations
@@ -38,10 +42,12 @@ import torch
 import torch.nn.functional as F
 
 from endless.gemv import compiled_gemv
+from endless.int8 import int8_linear
 
 log = logging.getLogger(__name__)
 
 LinearFn = Callable[[torch.Tensor], torch.Tensor]
+WEIGHTS = ("auto", "int8")  # auto: packed in the model's dtype; int8: endless.int8 (bfloat16 activations)
 
 
 def _mkldnn_linear(w: torch.Tensor, bias: torch.Tensor | None) -> LinearFn | None:
@@ -77,18 +83,22 @@ def _transposed_linear(w: torch.Tensor, bias: torch.Tensor | None) -> LinearFn:
     return linear
 
 
-def pack_linear(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None], *, compile: bool = False) -> LinearFn:
+def pack_linear(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None], *, compile: bool = False,
+                quant: str = "auto") -> LinearFn:
     """One function computing ``cat([F.linear(x, w, b) for w, b], -1)`` from a packed copy.
 
     Picks the fastest kernel measured for the dtype and keeps it only if it agrees with
     ``F.linear`` on a probe input. With ``compile``, one-row inputs (a decoded token) go to a
     compiled kernel (``endless.gemv``, float32 only) when it can be built and agrees too.
+    ``quant="int8"``: the fused weight quantised per output channel (``endless.int8``).
     """
     w = torch.cat([t.detach() for t in weights]) if len(weights) > 1 else weights[0].detach().clone()
     if any(b is not None for b in biases):
         bias = torch.cat([b.detach() if b is not None else w.new_zeros(t.shape[0]) for t, b in zip(weights, biases, strict=True)])
     else:
         bias = None
+    if quant == "int8":
+        return int8_linear(w, bias)
     fn = _mkldnn_linear(w, bias)
     if fn is None or not _agrees(fn, w, bias):
         fn = _transposed_linear(w, bias) if w.dtype == torch.float32 else None
@@ -172,15 +182,16 @@ class PackedLayer:
 
     __slots__ = ("qkv", "o", "gate_up", "down", "act", "norm_in", "norm_post", "split", "_attn", "_mlp", "_mods", "_weights", "_versions")
 
-    def __init__(self, layer: torch.nn.Module, act: Callable[[torch.Tensor], torch.Tensor], *, compile: bool = False) -> None:
+    def __init__(self, layer: torch.nn.Module, act: Callable[[torch.Tensor], torch.Tensor], *, compile: bool = False,
+                 weights: str = "auto") -> None:
         attn, mlp = layer.self_attn, layer.mlp
         projs = (attn.q_proj, attn.k_proj, attn.v_proj)
-        self.qkv = pack_linear([p.weight for p in projs], [p.bias for p in projs], compile=compile)
+        kw = {"compile": compile, "quant": weights}
+        self.qkv = pack_linear([p.weight for p in projs], [p.bias for p in projs], **kw)
         self.split = [p.weight.shape[0] for p in projs]
-        self.o = pack_linear([attn.o_proj.weight], [attn.o_proj.bias], compile=compile)
-        self.gate_up = pack_linear([mlp.gate_proj.weight, mlp.up_proj.weight], [mlp.gate_proj.bias, mlp.up_proj.bias],
-                                   compile=compile)
-        self.down = pack_linear([mlp.down_proj.weight], [mlp.down_proj.bias], compile=compile)
+        self.o = pack_linear([attn.o_proj.weight], [attn.o_proj.bias], **kw)
+        self.gate_up = pack_linear([mlp.gate_proj.weight, mlp.up_proj.weight], [mlp.gate_proj.bias, mlp.up_proj.bias], **kw)
+        self.down = pack_linear([mlp.down_proj.weight], [mlp.down_proj.bias], **kw)
         self.act = act
         self.norm_in = fast_rms_norm(layer.input_layernorm) or layer.input_layernorm
         self.norm_post = fast_rms_norm(layer.post_attention_layernorm) or layer.post_attention_layernorm
@@ -215,10 +226,15 @@ class Packed:
     """Packed decoder layers and LM head of one model (see the module docstring)."""
 
     def __init__(self, layers: Sequence[torch.nn.Module], lm_head: torch.nn.Module, act_name: str, *,
-                 compile: bool = False) -> None:
+                 compile: bool = False, weights: str = "auto") -> None:
+        if weights not in WEIGHTS:
+            raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
         act = F.silu if act_name == "silu" else None
-        self.layers = [PackedLayer(layer, act or layer.mlp.act_fn, compile=compile) for layer in layers]
-        self.head = pack_linear([lm_head.weight], [lm_head.bias], compile=compile)
+        self.weights = weights
+        self.layers = [PackedLayer(layer, act or layer.mlp.act_fn, compile=compile, weights=weights) for layer in layers]
+        # the LM head is the largest matrix (49152 x 576 in SmolLM2, tied to the embeddings, which
+        # keep their own bfloat16 copy for the lookup): quantised too
+        self.head = pack_linear([lm_head.weight], [lm_head.bias], compile=compile, quant=weights)
         fns = [f for p in self.layers for f in (p.qkv, p.o, p.gate_up, p.down)] + [self.head]
         self.compiled = sum(getattr(f, "compiled", False) for f in fns)  # matrices with a compiled one-token kernel
         self._head_snapshot = (id(lm_head.weight), lm_head.weight._version)

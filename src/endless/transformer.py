@@ -13,7 +13,9 @@ fastest, fused RMSNorm): 1.4-1.7x faster per decoded token, at the cost of one m
 the weights. They are used only without autograd and only while the modules are the ones
 packed, so training and LoRA always run transformers' modules. ``compile=True`` adds compiled
 one-token kernels on top (``endless.gemv``, float32: another 1.4x on the weight products).
-Both are CPU kernels: on CUDA (``device="cuda"`` or a model already there) they are skipped and
+``weights="int8"`` (issue 21; bfloat16 models, implies ``pack``) makes those copies per-channel
+int8 (``endless.int8``): half the bytes per decoded token, results within the quantisation error.
+All are CPU kernels: on CUDA (``device="cuda"`` or a model already there) they are skipped and
 the modules run as they are, attention through PyTorch's own kernels.
 
 The keys/values live in a cache (``endless.policies.base.Cache``): ``forward`` calls its
@@ -45,11 +47,32 @@ class Dims:
     context: int  # trained context length (max_position_embeddings)
 
 
+def check_weights(weights: str, dtype: torch.dtype, device: torch.device, *, compile: bool = False) -> None:
+    """Refuse (one line, :class:`EndlessError`) a ``weights`` choice this model cannot run.
+
+    int8 weights run bfloat16 activations on the CPU: float32 activations through PyTorch's int8
+    kernel take 20-60x oneDNN's bfloat16 time (``endless.int8``), and there is no CUDA kernel here."""
+    from endless.errors import EndlessError
+    from endless.packed import WEIGHTS
+
+    if weights not in WEIGHTS:
+        raise EndlessError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    if weights == "auto":
+        return
+    if dtype != torch.bfloat16:
+        raise EndlessError(f"int8 weights run bfloat16 activations (PyTorch's int8 kernel is 20-60x slower with {dtype}); "
+                           "use --dtype bfloat16")
+    if device.type != "cpu":
+        raise EndlessError("int8 weights are CPU kernels; on CUDA use --weights auto")
+    if compile:
+        raise EndlessError("--compile is for float32; int8 weights run their own kernels, drop --compile")
+
+
 class Transformer:
     """A Llama-family causal LM seen as embed -> layers (qkv, attention, rest) -> logits."""
 
     def __init__(self, hf_model: torch.nn.Module, *, pack: bool = False, compile: bool = False,
-                 device: "str | torch.device | None" = None) -> None:
+                 weights: str = "auto", device: "str | torch.device | None" = None) -> None:
         from endless.device import resolve_device
         from endless.models import check_supported, model_identity
 
@@ -78,21 +101,26 @@ class Transformer:
         self.identity = model_identity(hf_model)
         self.packed: Packed | None = None
         self._pack_wanted = False
+        self._weights = "auto"
         self._act = getattr(cfg, "hidden_act", None)
-        if pack or compile:
-            self.pack(compile=compile)
+        if pack or compile or weights != "auto":
+            self.pack(compile=compile, weights=weights)
 
-    def pack(self, *, compile: bool = False) -> "Transformer":
+    def pack(self, *, compile: bool = False, weights: str = "auto") -> "Transformer":
         """Build (or rebuild, after changing weights) the packed inference weights; returns self.
 
         ``compile`` also compiles the one-token products (``endless.gemv``: float32, 1.15-1.5x
-        faster per decoded token, a second copy of the weights, 20-60 s now). CPU only: on
-        another device this does nothing (the modules serve every call)."""
+        faster per decoded token, a second copy of the weights, 20-60 s now). ``weights="int8"``
+        packs per-channel int8 copies instead (``endless.int8``; bfloat16 and CPU only, else
+        :class:`EndlessError`). CPU only: on another device this does nothing (the modules
+        serve every call)."""
+        check_weights(weights, self.dtype, self.device, compile=compile)
         self._pack_wanted = True
+        self._weights = weights
         if self.device.type != "cpu":
             self.packed = None
             return self
-        self.packed = Packed(self.layers, self.lm_head, self._act, compile=compile)
+        self.packed = Packed(self.layers, self.lm_head, self._act, compile=compile, weights=weights)
         return self
 
     def to(self, device: "str | torch.device") -> "Transformer":
@@ -109,8 +137,8 @@ class Transformer:
         if prompt is not None:
             prompt.to(device)
         self.packed = None
-        if self._pack_wanted:
-            self.pack()
+        if self._pack_wanted and device.type == "cpu":  # elsewhere the modules serve every call
+            self.pack(weights=self._weights)
         return self
 
     def _fast(self, i: int) -> PackedLayer | None:

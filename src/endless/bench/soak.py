@@ -193,7 +193,7 @@ def _probe(stream: Stream, control: OursDecoder, ids: torch.Tensor, at: int) -> 
     mine, ref = stats(times["stream"]), stats(times["control"])
     # the median of per-round ratios: a round's two steps run back to back, so a load change
     # between rounds cancels in their ratio
-    ratio = statistics.median(a / b for a, b in zip(times["stream"], times["control"]))
+    ratio = statistics.median(a / b for a, b in zip(times["stream"], times["control"], strict=True))
     return {"ms_per_token": mine["median_ms"], "control_ms_per_token": ref["median_ms"], "ratio_to_control": ratio}
 
 

@@ -11,8 +11,13 @@ DTYPES = ("float32", "bfloat16")
 
 
 def add_model_args(parser: argparse.ArgumentParser, *, dtype_default: str = "float32", fam: bool = True,
-                   compile: bool = False) -> None:
-    """--model, --dtype, --threads, (with ``fam``) --fam CHECKPOINT and (with ``compile``) --compile."""
+                   compile: bool = False, weights: bool = False) -> None:
+    """--model, --dtype, --threads, (with ``fam``) --fam CHECKPOINT, (with ``compile``) --compile and
+    (with ``weights``, commands whose model goes through ``inference_model``) --weights {auto,int8}.
+
+    --weights is separate from --dtype because it names how the packed weights are stored, not
+    what the activations compute in: ``--dtype bfloat16 --weights int8`` is int8 weights with
+    bfloat16 activations (issue 21); int8 with float32 activations is refused (``check_weights``)."""
     g = parser.add_argument_group("model")
     g.add_argument("--model", default="smollm2-135m",
                    help="embedded name (smollm2-135m), a transformers folder or a .gguf file (default: %(default)s)")
@@ -25,6 +30,10 @@ def add_model_args(parser: argparse.ArgumentParser, *, dtype_default: str = "flo
         g.add_argument("--fam", default=None, metavar="CHECKPOINT",
                        help="a checkpoint from `endless train fam`: its base model with the LoRA merged and the "
                             "learned FAM prompt (replaces --model; use its fam:BxM+F policy)")
+    if weights:
+        g.add_argument("--weights", choices=("auto", "int8"), default="auto",
+                       help="how the packed inference weights are stored: auto (in --dtype) or int8 (per-channel "
+                            "int8, half the bytes; needs --dtype bfloat16, CPU only; endless.int8) (default: %(default)s)")
     if compile:
         g.add_argument("--compile", action="store_true",
                        help="float32: compile the one-token weight products with TorchInductor (1.15-1.5x faster "
@@ -73,6 +82,13 @@ def load_from_args(args: argparse.Namespace, *, need_tokenizer: bool = True):
     device = device_from_args(args)
     if getattr(args, "compile", False) and device.type != "cpu":
         raise EndlessError("--compile builds CPU kernels; on --device cuda drop it (PyTorch's CUDA kernels run instead)")
+    weights = getattr(args, "weights", "auto")
+    if weights != "auto":  # one line before a model loads: int8 needs bfloat16 on the CPU
+        import torch
+
+        from endless.transformer import check_weights
+
+        check_weights(weights, getattr(torch, args.dtype), device, compile=getattr(args, "compile", False))
     set_threads(args)
     hf_logging.disable_progress_bar()  # weight-loading bars are noise on every start
     if getattr(args, "fam", None):
@@ -97,13 +113,37 @@ def write_json(path, payload) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2) + "\n"))
 
 
+<<<<<<< HEAD
 def inference_model(model, *, pack: bool = True, compile: bool = False):
+=======
+def number_list(kind: type = int, *, low: float = 1, high: float | None = None, what: str = "values"):
+    """An argparse ``type`` for comma-separated numbers ("1024,4096") each within [low, high];
+    bad input becomes argparse's one-line usage error (exit code 2)."""
+    import argparse
+
+    def parse(text: str) -> tuple:
+        try:
+            values = tuple(kind(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
+        bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        if not values or any(v < low or (high is not None and v > high) for v in values):
+            raise argparse.ArgumentTypeError(f"{what} must be {bounds}, got {text!r}")
+        return values
+
+    return parse
+
+
+def inference_model(model, *, pack: bool = True, compile: bool = False, weights: str = "auto"):
+>>>>>>> perf
     """Our ``Transformer`` over ``model``, with packed inference weights unless ``pack`` is False
     (``endless.packed``: the fast per-token layout, one extra copy of the weights; autograd and
-    LoRA still use the modules) and with ``compile`` compiled one-token kernels (``endless.gemv``)."""
+    LoRA still use the modules), with ``compile`` compiled one-token kernels (``endless.gemv``)
+    and with ``weights="int8"`` int8 copies instead (``endless.int8``; implies ``pack``)."""
     from endless.stream import as_transformer
 
     model = as_transformer(model)
-    if (pack and model.packed is None) or (compile and not (model.packed and model.packed.compiled)):
-        model.pack(compile=compile)
+    have = model.packed.weights if model.packed is not None else None
+    if ((pack or weights != "auto") and have != weights) or (compile and not (model.packed and model.packed.compiled)):
+        model.pack(compile=compile, weights=weights)
     return model

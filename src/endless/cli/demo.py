@@ -28,8 +28,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "sinks keep the model fluent, they do not extend its memory (TransformerFAM does)."
         ),
     )
+<<<<<<< HEAD
     add_model_args(p, dtype_default="bfloat16")
     p.add_argument("--tokens", type=int_range("--tokens", 300, BIG), default=12288, help="tokens of the text to stream (default: %(default)s)")
+=======
+    add_model_args(p, dtype_default="bfloat16", weights=True)
+    p.add_argument("--tokens", type=int, default=12288, help="tokens of the text to stream (default: %(default)s)")
+>>>>>>> perf
     p.add_argument("--plot", type=Path, default=Path("endless-demo.png"), metavar="PNG",
                    help="where to draw the plot (default: %(default)s)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the results as JSON")
@@ -41,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from endless.eval.ppl import evaluate, plot, table
 
     hf, tok = load_from_args(args)
-    model = inference_model(hf)
+    model = inference_model(hf, weights=args.weights)
     ids = text_ids(tok, "kjv", args.tokens, longer_than=257)
     context = model.dims.context
     print(f"Streaming {ids.numel()} tokens of the King James Bible through {args.model} ({args.dtype}, trained "

@@ -25,7 +25,7 @@ def add_to(sub: argparse._SubParsersAction) -> None:
             f"({REFERENCE}). Dense stops when the stream would pass the model's trained context."
         ),
     )
-    add_model_args(p, dtype_default="bfloat16")
+    add_model_args(p, dtype_default="bfloat16", weights=True)
     p.add_argument("--policy", action="append", default=None, metavar="SPEC",
                    help="policy to evaluate; repeat for several (default: window:1024, sinks:4+1020, dense)")
     p.add_argument("--questions", type=int_range("--questions", 1, BIG), default=500,
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     policies = [parse_policy(s) for s in args.policy or ("window:1024", "sinks:4+1020", "dense")]
     questions = load_questions(args.data)[: args.questions]
     hf, tok = load_from_args(args)
-    model = inference_model(hf)
+    model = inference_model(hf, weights=args.weights)
     runs = []
     if not args.no_reference:
         with bar(total=len(questions), desc=REFERENCE, unit="q") as pbar:

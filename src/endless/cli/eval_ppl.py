@@ -42,7 +42,7 @@ def add_to(sub: argparse._SubParsersAction) -> None:
             "model's trained context on purpose, to show it degrade there."
         ),
     )
-    add_model_args(p, dtype_default="bfloat16")
+    add_model_args(p, dtype_default="bfloat16", weights=True)
     p.add_argument("--policy", action="append", default=None, metavar="SPEC",
                    help=f"policy to evaluate; repeat for several (default: {' '.join(DEFAULT_POLICIES)})")
     add_text_args(p, tokens=4096)
@@ -60,7 +60,7 @@ def run_policies(args: argparse.Namespace, specs, *, title: str, reference: str 
         [parse_policy(s) for s in specs]  # bad specs fail before the model loads
     hf, tok = load_from_args(args)
     policies = [parse_policy(s) for s in (specs(tok) if callable(specs) else specs)]
-    model = inference_model(hf)
+    model = inference_model(hf, weights=args.weights)
     spans = [p.span() for p in policies if p.span() is not None]
     ids = text_ids(tok, args.text, args.tokens, longer_than=max(spans, default=0))
     results = []
@@ -75,7 +75,7 @@ def run_policies(args: argparse.Namespace, specs, *, title: str, reference: str 
         save_nll(results, nll_path, {"text": str(args.text or "kjv"), "model": str(args.fam or args.model)})
         write_json(args.json, {
             "results": [r.as_dict() for r in results],
-            "model": args.fam or args.model, "identity": model.identity, "dtype": args.dtype,
+            "model": args.fam or args.model, "identity": model.identity, "dtype": args.dtype, "weights": args.weights,
             "text": str(args.text or "kjv"), "chunk": args.chunk, "recompute_every": args.recompute_every,
             "threads": args.threads,
             "nll": nll_path.name, "command": "endless " + " ".join(sys.argv[1:]),

@@ -26,7 +26,7 @@ def add_to(sub: argparse._SubParsersAction) -> None:
             "is further back than the cache, accuracy is zero."
         ),
     )
-    add_model_args(p, dtype_default="bfloat16")
+    add_model_args(p, dtype_default="bfloat16", weights=True)
     p.add_argument("--policy", action="append", default=None, metavar="SPEC", help="policy to evaluate; repeat for several")
     p.add_argument("--caches", type=number_list(int, low=9, what="cache sizes"), default=(256, 1024), metavar="C,C",
                    help="cache sizes for the default sinks/window policies (default: 256,1024)")
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise EndlessError(str(e)) from None
     hf, tok = load_from_args(args)
-    model = inference_model(hf)
+    model = inference_model(hf, weights=args.weights)
     results, curves, summary = [], {}, []
     distance = None
     for pol in policies:

@@ -22,7 +22,7 @@ def add_to(sub: argparse._SubParsersAction) -> None:
             "bytes of each stream's state before and after the timed tokens (constant)."
         ),
     )
-    add_model_args(p)
+    add_model_args(p, weights=True)
     p.add_argument("--policy", default="fam:64x1+16", help="the FAM policy (default: %(default)s)")
     p.add_argument("--warmup", type=int_range("--warmup", 0, BIG), default=1024, help="tokens streamed before timing (default: %(default)s)")
     p.add_argument("--rounds", type=int_range("--rounds", 1, BIG), default=8, help="timed blocks per policy and mode (default: %(default)s)")
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is None:
         args.threads = 1  # timings are compared, not maximised
     hf, _ = load_from_args(args, need_tokenizer=False)
-    model = inference_model(hf, pack=not args.no_pack)
+    model = inference_model(hf, pack=not args.no_pack, weights=args.weights)
     results = measure(model, pol.spec, warmup=args.warmup, rounds=args.rounds)
     r = ratios(results)
     print(f"{'policy':22s} {'mode':8s} {'ms/token':>9s} {'state bytes':>14s}")

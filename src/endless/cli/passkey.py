@@ -23,7 +23,7 @@ DESCRIPTION = (
 
 
 def _configure(p: argparse.ArgumentParser) -> None:
-    add_model_args(p)
+    add_model_args(p, weights=True)
     p.add_argument("--policy", action="append", default=None, metavar="SPEC",
                    help="policy to evaluate; repeat for several (default: the checkpoint's, else fam:64x1+16,firstres)")
     p.add_argument("--lengths", type=number_list(int, what="lengths"), default=(1024, 2048, 4096, 8192), metavar="N,N",
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
         read_text(args.filler)  # a missing or empty file: one line before the model loads
     hf, tok = load_from_args(args)
-    model = inference_model(hf)
+    model = inference_model(hf, weights=args.weights)
     if not specs:
         if args.fam:
             from endless.fam.checkpoint import read_meta

@@ -29,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "Needs the [serve] extra: pip install 'endless-lm[serve]'."
         ),
     )
-    add_model_args(p, dtype_default="bfloat16", compile=True)
+    add_model_args(p, dtype_default="bfloat16", compile=True, weights=True)
     p.add_argument("--policy", default=None,
                    help=f"attention policy of every conversation (default: {DEFAULT_POLICY}; with --fam the checkpoint's)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         raise EndlessError(f"endless serve needs the [serve] extra ({e.name} is missing): "
                            "pip install 'endless-lm[serve]'") from None
     hf, tok = load_from_args(args)
-    model = inference_model(hf, compile=args.compile)
+    model = inference_model(hf, compile=args.compile, weights=args.weights)
     name = Path(args.fam).name if args.fam else Path(str(args.model)).name
     engine = Engine(model, tok, policy, sessions_dir=args.sessions, max_sessions=args.max_sessions,
                     max_batch=args.max_batch, max_queue=args.max_queue, model_name=name)

@@ -24,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "1.05, RSS change <= 1%%, no non-finite NLL, last span's perplexity within 10%% of the first's."
         ),
     )
-    add_model_args(p, dtype_default="bfloat16")
+    add_model_args(p, dtype_default="bfloat16", weights=True)
     p.add_argument("--tokens", type=int_range("--tokens", 1024, 1 << 30), default=1 << 20,
                    help="tokens to stream (default: %(default)s)")
     p.add_argument("--policy", default="sinks:4+1020", help="attention policy (default: %(default)s)")
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     policy = parse_policy(args.policy)  # a bad spec fails before the model loads
     cfg = SoakConfig(tokens=args.tokens, policy=policy.spec, span=args.span, chunk=args.chunk, seed=args.seed)
     hf, tok = load_from_args(args, need_tokenizer=False)
-    model = inference_model(hf)
+    model = inference_model(hf, weights=args.weights)
     ids = soak_ids(tok, model.dims.vocab, cfg.tokens, seed=cfg.seed)
 
     def progress(row: dict) -> None:

@@ -32,6 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", type=int_range("--tokens", 2, BIG), default=None, help="stream length (default: 64, or 3x the window)")
     p.add_argument("--chunk", type=CHUNK.arg, default=64, help="chunk size of the streaming run (default: %(default)s)")
     p.add_argument("--tolerance", type=float_range("--tolerance", 0.0, 1e6, open_low=True), default=None, help="override the tolerance")
+    p.add_argument("--int8", action="store_true",
+                   help="also check int8 weights (--weights int8: bfloat16 activations, endless.int8) and packed "
+                        "bfloat16 against the forward in --dtype (float32: the reference), token by token")
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON")
     p.set_defaults(func=run)
 
@@ -47,12 +50,16 @@ def _ids(tok, n: int):
 def run(args: argparse.Namespace) -> int:
     from endless.policies.spec import parse_policy
     from endless.stream import as_transformer
-    from endless.verify import verify_forward, verify_policy
+    from endless.verify import verify_forward, verify_int8, verify_policy
 
     policies = [parse_policy(s) for s in args.policy]
     hf, tok = load_from_args(args)
     model = as_transformer(hf)
     verdicts = [verify_forward(model, _ids(tok, 64))]
+    if args.int8:
+        if model.device.type != "cpu":
+            raise EndlessError("--int8 checks CPU kernels; run it with --device cpu")
+        verdicts += verify_int8(model, _ids(tok, 64))
     for pol in policies:
         span = pol.span() or 64
         n = args.tokens or max(64, 3 * span)
