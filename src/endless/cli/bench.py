@@ -86,13 +86,8 @@ def config_from_args(args: argparse.Namespace):
     if args.no_isolated_rss:
         changes["isolated_memory"] = False
     cfg = dataclasses.replace(base, **changes)
-<<<<<<< HEAD
-=======
-    if cfg.threads < 1:
-        raise EndlessError("--threads must be >= 1")
     if cfg.weights == "int8" and ("bfloat16" not in cfg.dtypes or not cfg.pack):
         raise EndlessError("--weights int8 is timed beside bfloat16: add --dtype bfloat16 (or both) and drop --no-pack")
->>>>>>> perf
     if min(cfg.caches) <= 8:
         raise EndlessError("cache lengths must be > 8 (4 sinks + a window)")
     if cfg.position_window >= min(cfg.positions):

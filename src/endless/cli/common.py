@@ -113,29 +113,7 @@ def write_json(path, payload) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2) + "\n"))
 
 
-<<<<<<< HEAD
-def inference_model(model, *, pack: bool = True, compile: bool = False):
-=======
-def number_list(kind: type = int, *, low: float = 1, high: float | None = None, what: str = "values"):
-    """An argparse ``type`` for comma-separated numbers ("1024,4096") each within [low, high];
-    bad input becomes argparse's one-line usage error (exit code 2)."""
-    import argparse
-
-    def parse(text: str) -> tuple:
-        try:
-            values = tuple(kind(v) for v in text.split(",") if v.strip())
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
-        bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        if not values or any(v < low or (high is not None and v > high) for v in values):
-            raise argparse.ArgumentTypeError(f"{what} must be {bounds}, got {text!r}")
-        return values
-
-    return parse
-
-
 def inference_model(model, *, pack: bool = True, compile: bool = False, weights: str = "auto"):
->>>>>>> perf
     """Our ``Transformer`` over ``model``, with packed inference weights unless ``pack`` is False
     (``endless.packed``: the fast per-token layout, one extra copy of the weights; autograd and
     LoRA still use the modules), with ``compile`` compiled one-token kernels (``endless.gemv``)

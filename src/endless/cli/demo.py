@@ -28,13 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "sinks keep the model fluent, they do not extend its memory (TransformerFAM does)."
         ),
     )
-<<<<<<< HEAD
-    add_model_args(p, dtype_default="bfloat16")
-    p.add_argument("--tokens", type=int_range("--tokens", 300, BIG), default=12288, help="tokens of the text to stream (default: %(default)s)")
-=======
     add_model_args(p, dtype_default="bfloat16", weights=True)
-    p.add_argument("--tokens", type=int, default=12288, help="tokens of the text to stream (default: %(default)s)")
->>>>>>> perf
+    p.add_argument("--tokens", type=int_range("--tokens", 300, BIG), default=12288, help="tokens of the text to stream (default: %(default)s)")
     p.add_argument("--plot", type=Path, default=Path("endless-demo.png"), metavar="PNG",
                    help="where to draw the plot (default: %(default)s)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the results as JSON")

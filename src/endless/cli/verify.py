@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from endless.cli.common import add_model_args, load_from_args, write_json
+from endless.errors import EndlessError
 from endless.validate import BIG, CHUNK, float_range, int_range
 
 SAMPLE = (
