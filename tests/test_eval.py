@@ -132,6 +132,20 @@ def test_snapshot_restore_is_exact(model, spec):
     assert torch.equal(s.feed(ids(30, seed=5)), first)
 
 
+@pytest.mark.parametrize("spec", ["sinks:2+20", "fam:8x1+2"])
+def test_snapshot_into_reuses_its_buffers_and_stays_exact(model, spec):
+    s = Stream(model, spec, chunk=8)
+    snap = s.snapshot()  # taken before anything is fed: the buffers are the state's fixed ones
+    buffers = [t.data_ptr() for t in snap["tensors"].values()]
+    s.feed(ids(40))
+    again = s.snapshot(into=snap)
+    assert again["tensors"] is snap["tensors"] and [t.data_ptr() for t in again["tensors"].values()] == buffers
+    first = s.feed(ids(30, seed=5))
+    s.restore(again)
+    assert s.position == 40
+    assert torch.equal(s.feed(ids(30, seed=5)), first)
+
+
 def test_arc_picks_the_best_choice_per_character_and_keeps_the_gold_answer(model, tok):
     from endless.data.arc import Question
     from endless.eval.arc import PROMPT, isolated, streaming_arc

@@ -187,11 +187,22 @@ class Stream:
 
     # -- branching ----------------------------------------------------------------------------
 
-    def snapshot(self) -> dict:
+    def snapshot(self, into: dict | None = None) -> dict:
         """An in-memory copy of the whole state; ``restore`` returns the stream to it exactly.
-        Used to score several continuations from one point (e.g. the choices of a question)."""
+        Used to score several continuations from one point (e.g. the choices of a question).
+        ``into``: an earlier snapshot of this stream whose buffers are reused when the shapes
+        still match (no allocation: what a long-running probe, such as the soak's, needs)."""
+        tensors = self.state.state_tensors()
+        old = into["tensors"] if into is not None else {}
+        if old.keys() == tensors.keys() and all(old[k].shape == v.shape and old[k].dtype == v.dtype
+                                                for k, v in tensors.items()):
+            for k, v in tensors.items():
+                old[k].copy_(v)
+            copies = old
+        else:
+            copies = {k: v.clone() for k, v in tensors.items()}
         return {
-            "tensors": {k: v.clone() for k, v in self.state.state_tensors().items()},
+            "tensors": copies,
             "t": self.state.t,
             "fed": self.fed,
             "last_logits": None if self.last_logits is None else self.last_logits.clone(),

@@ -132,6 +132,7 @@ def soak(model, ids: torch.Tensor, cfg: SoakConfig, *, progress=None) -> dict:
     stream = Stream(model, cfg.policy, chunk=cfg.chunk)
     window = getattr(stream.policy, "sinks", 0) + getattr(stream.policy, "window", 0)  # 0: no window
     control = OursDecoder(stream.model, cfg.policy, ids, max(1, min(window or 1024, len(ids) - 1)), chunk=cfg.chunk)
+    snap = stream.snapshot()  # the probe's buffers, allocated before anything is measured
     checkpoints, cp_rows = _checkpoints(len(ids)), []
     spans, times = [], array("d")  # times: per-token seconds of this span's chunks
     recent = array("d")  # the last LATENCY_TOKENS worth of chunk times, for checkpoints
@@ -161,8 +162,9 @@ def soak(model, ids: torch.Tensor, cfg: SoakConfig, *, progress=None) -> dict:
             n_beyond += len(lp) - keep
         end = lo + len(part)
         while checkpoints and end >= checkpoints[0]:
-            cp_rows.append({"position": checkpoints.pop(0), **_probe(stream, control, ids, end),
-                            "chunk_ms_per_token": 1e3 * statistics.median(recent or [dt]), **memory()})
+            mem = memory()  # before the probe: the stream's own footprint
+            cp_rows.append({"position": checkpoints.pop(0), **_probe(stream, control, ids, end, snap),
+                            "chunk_ms_per_token": 1e3 * statistics.median(recent or [dt]), **mem})
         if end - span_start >= cfg.span or end == len(ids):
             row = {"span": len(spans), "start": span_start, "end": end, "tokens": n,
                    "ppl": math.exp(nll / n) if n and math.isfinite(nll) else float("nan"),
@@ -181,15 +183,15 @@ def soak(model, ids: torch.Tensor, cfg: SoakConfig, *, progress=None) -> dict:
             "spans": spans, "checkpoints": cp_rows, "machine": machine()}
 
 
-def _probe(stream: Stream, control: OursDecoder, ids: torch.Tensor, at: int) -> dict:
+def _probe(stream: Stream, control: OursDecoder, ids: torch.Tensor, at: int, snap: dict) -> dict:
     """One-token decode at the stream's position, paired with the control (see the module's
-    contract); the stream is left exactly as it was."""
-    snap = stream.snapshot()
+    contract); the stream is left exactly as it was. ``snap`` holds the buffers the state is saved
+    in, allocated once per soak so the probe adds nothing to the RSS measured after it."""
+    stream.snapshot(into=snap)
     feed = TokenFeed(ids, at % len(ids))
     times = interleave({"stream": lambda: stream.feed(feed.next(), logprobs=False), "control": control.step},
                        PROBE_ROUNDS)
     stream.restore(snap)
-    del snap
     mine, ref = stats(times["stream"]), stats(times["control"])
     # the median of per-round ratios: a round's two steps run back to back, so a load change
     # between rounds cancels in their ratio
