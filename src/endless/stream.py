@@ -190,8 +190,9 @@ class Stream:
     def snapshot(self, into: dict | None = None) -> dict:
         """An in-memory copy of the whole state; ``restore`` returns the stream to it exactly.
         Used to score several continuations from one point (e.g. the choices of a question).
-        ``into``: an earlier snapshot of this stream whose buffers are reused when the shapes
-        still match (no allocation: what a long-running probe, such as the soak's, needs)."""
+        ``into``: an earlier snapshot of this stream, updated in place and returned, whose buffers
+        are reused when the shapes still match (no allocation: what a long-running probe, such as
+        the soak's, needs)."""
         tensors = self.state.state_tensors()
         old = into["tensors"] if into is not None else {}
         if old.keys() == tensors.keys() and all(old[k].shape == v.shape and old[k].dtype == v.dtype
@@ -201,12 +202,10 @@ class Stream:
             copies = old
         else:
             copies = {k: v.clone() for k, v in tensors.items()}
-        return {
-            "tensors": copies,
-            "t": self.state.t,
-            "fed": self.fed,
-            "last_logits": None if self.last_logits is None else self.last_logits.clone(),
-        }
+        snap = into if into is not None else {}
+        snap.update(tensors=copies, t=self.state.t, fed=self.fed,
+                    last_logits=None if self.last_logits is None else self.last_logits.clone())
+        return snap
 
     def restore(self, snap: dict) -> None:
         """Go back to ``snap`` (from ``snapshot`` of this stream), in place where buffers are fixed."""
