@@ -10,8 +10,9 @@ Each round runs, for the "before" tree and then the "after" tree (each in its ow
 latency of sinks, dense and recompute per token, chunked vs token-by-token perplexity speed; no
 transformers, llama.cpp or compiled kernels: only our own path, which is what changed) and
 ``endless eval fam-cost`` (FAM and BSWA per decoded token and per prefilled block). Rounds
-alternate the trees so both see the same machine load; the summary compares the medians over
-rounds, after / before (below 1: the after tree is faster). Writes ``OUT.json``, ``OUT.txt`` and
+alternate the trees (odd rounds run "after" first) so both see the same machine load; the summary
+gives the ratio of the medians over rounds and, more robust when the load changes between rounds,
+the median of the per-round ratios, after / before (below 1: the after tree is faster). Writes ``OUT.json``, ``OUT.txt`` and
 ``OUT.png``.
 """
 
@@ -64,30 +65,42 @@ def main() -> int:
     trees = {"before": a.before.resolve(), "after": a.after.resolve()}
     rounds: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
     for r in range(a.rounds):
-        for name, tree in trees.items():
+        # odd rounds run "after" first: a load that drifts within a round then favours neither tree
+        order = list(trees.items()) if r % 2 == 0 else list(trees.items())[::-1]
+        for name, tree in order:
             bench = _run(tree, ["bench", "--dtype", "both", "--caches", "256,1024", "--positions", "1024", "--window", "252",
                                 "--rounds", str(a.steps), "--ppl-tokens", "512", "--no-transformers", "--no-llamacpp",
                                 "--no-isolated-rss", "--no-compile"], a.threads)
             famcost = _run(tree, ["eval", "fam-cost", "--rounds", "4", "--warmup", "256"], a.threads)
             rounds[name].append(_figures(bench, famcost))
             print(f"round {r + 1} {name} done", flush=True)
+        _write(a, trees, rounds, final=r + 1 == a.rounds)  # every finished round is kept
+    return 0
+
+
+def _write(a: argparse.Namespace, trees: dict[str, Path], rounds: dict[str, list[dict[str, float]]], *, final: bool) -> None:
+    """Summary of the rounds so far as OUT.json / OUT.txt (and OUT.png once all have run)."""
     keys = [k for k in rounds["before"][0] if all(k in x for x in rounds["before"] + rounds["after"])]
     summary = {}
     for k in keys:
         b = statistics.median(x[k] for x in rounds["before"])
         f = statistics.median(x[k] for x in rounds["after"])
-        summary[k] = {"before": b, "after": f, "after/before": f / b}
+        # the ratio within each round (its two runs minutes apart), then the median over rounds:
+        # robust to load that changes between rounds, which the ratio of medians is not
+        paired = statistics.median(x[k] / y[k] for x, y in zip(rounds["after"], rounds["before"], strict=True))
+        summary[k] = {"before": b, "after": f, "after/before": f / b, "paired after/before": paired}
     machine = {"cpu": _cpu(), "python": platform.python_version(), "threads": a.threads}
     result = {"command": " ".join(["python", *sys.argv]), "machine": machine, "trees": {k: str(v) for k, v in trees.items()},
-              "rounds": rounds, "summary": summary}
+              "rounds_done": len(rounds["after"]), "rounds": rounds, "summary": summary}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    lines = [f"{'figure':58s} {'before':>10s} {'after':>10s} {'after/before':>13s}"]
-    lines += [f"{k:58s} {v['before']:10.3f} {v['after']:10.3f} {v['after/before']:13.3f}" for k, v in summary.items()]
+    lines = [f"{'figure':58s} {'before':>10s} {'after':>10s} {'after/before':>13s} {'paired':>7s}"]
+    lines += [f"{k:58s} {v['before']:10.3f} {v['after']:10.3f} {v['after/before']:13.3f} {v['paired after/before']:7.3f}"
+              for k, v in summary.items()]
     a.out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    _plot(summary, a.out.with_suffix(".png"))
-    return 0
+    if final:
+        print("\n".join(lines))
+        _plot(summary, a.out.with_suffix(".png"))
 
 
 def _cpu() -> str:
@@ -108,10 +121,10 @@ def _plot(summary: dict, path: Path) -> None:
 
     names = list(summary)
     fig, ax = plt.subplots(figsize=(8, 0.28 * len(names) + 1.2))
-    ax.barh(range(len(names)), [summary[n]["after/before"] for n in names], color="tab:blue")
+    ax.barh(range(len(names)), [summary[n]["paired after/before"] for n in names], color="tab:blue")
     ax.axvline(1.0, color="grey", lw=0.8)
     ax.set_yticks(range(len(names)), names, fontsize=7)
-    ax.set_xlabel("after / before (median over rounds; ms: lower is faster, tok/s: higher is faster)")
+    ax.set_xlabel("after / before (median of per-round ratios; ms: lower is faster, tok/s: higher is faster)")
     ax.invert_yaxis()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
