@@ -475,3 +475,36 @@ def test_tiny_minutes_budget_stops_training_and_drives_the_cosine():
     assert lr_factor(10, cfg, elapsed=90.0) == pytest.approx(0.0)
     run = train_policy("fam:8x1+4", TinyConfig(steps=10_000, batch=2, minutes=1e-4, warmup=1), progress=False)
     assert 1 <= len(run.losses) < 10_000
+
+
+def test_serve_fam_checkpoint_end_to_end(trained):
+    """`endless serve --fam CKPT`: the flags resolve to the checkpoint's policy and weights, and a
+    completion over HTTP scores and continues exactly as a FAM stream of the loaded checkpoint."""
+    pytest.importorskip("fastapi")
+    openai = pytest.importorskip("openai")
+    from serve_helpers import running
+
+    from endless.cli.common import inference_model, load_from_args
+    from endless.cli.main import build_parser
+    from endless.cli.serve import check_args
+    from endless.serve.app import create_app
+    from endless.serve.engine import Engine
+
+    _, out = trained
+    args = build_parser().parse_args(["serve", "--fam", str(out), "--threads", "1"])
+    policy = check_args(args)
+    assert policy.spec == "fam:32x1+4"
+    hf, tok = load_from_args(args)
+    model = inference_model(hf)
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"  # serve needs one
+    engine = Engine(model, tok, policy, model_name="fam")
+    prompt = [int(x) for x in torch.randint(0, 256, (90,), generator=torch.Generator().manual_seed(2))]  # 3 blocks
+    with running(create_app(engine)) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+        r = c.completions.create(model="fam", prompt=[prompt], max_tokens=4, echo=True, logprobs=1, temperature=0)
+    lp = r.choices[0].logprobs.token_logprobs
+    ref_stream = Stream(model, policy)
+    ref = ref_stream.feed(torch.tensor(prompt))[0]
+    assert torch.allclose(torch.tensor(lp[1 : len(prompt)]), ref[1:], atol=1e-4)
+    greedy = list(ref_stream.generate(4))
+    assert r.choices[0].text == tok.decode(prompt + greedy)  # echo: the prompt, then the greedy tokens
