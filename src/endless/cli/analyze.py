@@ -27,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         ),
     )
     add_model_args(a, dtype_default="float32")
-    a.add_argument("--text", default=None, metavar="FILE", help="UTF-8 text file, or kjv (default), shakespeare")
+    a.add_argument("--text", default=None, metavar="FILE", help="UTF-8 text file, or kjv (default), shakespeare, kjv-heldout, shakespeare-heldout")
     a.add_argument("--tokens", type=int_range("--tokens", 2, BIG), default=256, help="tokens analysed (default: %(default)s)")
     a.add_argument("--first", type=number_list(int, low=1, what="first-k counts"), default=(1, 4), metavar="K,K",
                    help="measure attention on the first k tokens for each k (default: 1,4)")

@@ -17,7 +17,8 @@ DEFAULT_POLICIES = ("sinks:4+1020", "window:1024", "dense")
 def add_text_args(p: argparse.ArgumentParser, *, tokens: int, recompute_every: int = 1) -> None:
     """--text, --tokens, --chunk, --recompute-every, --json, --plot, --smooth: shared by ppl and sinks."""
     p.add_argument("--text", default=None, metavar="FILE",
-                   help="UTF-8 text file, or a built-in corpus: kjv (default), shakespeare")
+                   help="UTF-8 text file, or a built-in corpus: kjv (default), shakespeare, kjv-heldout, shakespeare-heldout "
+                        "(the last 5 %% of each, never trained on by `train sink-pretrain`)")
     p.add_argument("--tokens", type=int_range("--tokens", 2, BIG), default=tokens, help="tokens of the text to stream (default: %(default)s)")
     p.add_argument("--chunk", type=CHUNK.arg, default=256,
                    help="tokens per forward pass; exact for any size, only speed changes (default: %(default)s)")
