@@ -95,6 +95,21 @@ def test_zero_sink_one_token_path_equals_chunks():
     torch.testing.assert_close(one, chunked, atol=1e-4, rtol=1e-4, equal_nan=True)  # token 0: no prediction
 
 
+def test_zero_sink_stream_equals_naive_stream_past_eviction():
+    """Under sinks:S+W and window:W far past the first eviction, the ring equals the token-by-token
+    oracle that re-rotates every visible key (``endless.reference``), both off by one."""
+    from endless.reference import naive_stream_logits
+    from endless.stream import Stream, as_transformer
+
+    model = as_transformer(_tiny_zero_sink(seed=1))
+    ids = torch.randint(0, 64, (1, 36))
+    with torch.no_grad():
+        for spec in ("sinks:2+8", "sinks:1+9", "window:10"):
+            want = torch.log_softmax(naive_stream_logits(model, ids, spec)[0].double(), -1)
+            got = Stream(model, spec, chunk=6).feed(ids[0])
+            torch.testing.assert_close(got[0, 1:].double(), want[torch.arange(35), ids[0, 1:]], atol=1e-4, rtol=1e-4)
+
+
 def _tiny_cfg(variant):
     from endless.train.sink_pretrain import SinkConfig
 
