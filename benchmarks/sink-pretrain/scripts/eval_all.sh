@@ -4,12 +4,12 @@
 # recent tokens for S = 0, 1, 2, 4, 8 (and four newlines as sinks); the learnable-sink model with its
 # sink token 259 before the text (so sinks:1+127 keeps exactly that token), and once without it.
 # Then where the attention goes (analyze attention) on 256 held-out bytes.
-# Usage, from the repository root: benchmarks/sink-pretrain/scripts/eval_all.sh
+# Usage, from the repository root: [VARIANTS="vanilla zero-sink"] benchmarks/sink-pretrain/scripts/eval_all.sh
 set -euo pipefail
 B=benchmarks/sink-pretrain
 E="${ENDLESS:-endless}"  # e.g. ENDLESS="python -m endless.cli.main" with PYTHONPATH=src
 run() { OMP_NUM_THREADS=1 $E "$@"; }
-for v in vanilla zero-sink learnable-sink; do
+for v in ${VARIANTS:-vanilla zero-sink learnable-sink}; do
   M="$B/models/$v"
   prefix=(); [ "$v" = learnable-sink ] && prefix=(--prefix-token 259)
   for text in kjv-heldout shakespeare-heldout; do
