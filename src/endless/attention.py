@@ -15,7 +15,10 @@ schedule (``endless.fam.parallel``) attend through this module (docs/methods.md 
   query at its in-cache position ``min(t, S+W)``, "Efficient Streaming Language Models with
   Attention Sinks", section 3.2). ``chunk`` serves C queries (row blocks keep a long dense
   cache's scores under ``SCORE_BLOCK`` elements; reused score buffers; PyTorch's fused kernel on
-  CUDA; fresh tensors under autograd), ``one`` serves a decoded token in a dozen ops.
+  CUDA; fresh tensors under autograd), ``one`` serves a decoded token in a dozen ops. With
+  ``zero_sink`` every softmax is off by one (``off_by_one_softmax``): the "zero sink" of the same
+  paper, section 3.3, for models trained with it (``endless.zero_sink``; config key
+  ``endless_zero_sink``).
 - ``softmax_attention`` (plain, differentiable, optional null slot) and ``window_attention``
   (each block of queries over its own window of keys, the layer-major FAM form).
 
@@ -54,14 +57,31 @@ def gqa_mix(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return out.view(b, kv * g, c, v.shape[-1])
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def off_by_one_softmax(s: torch.Tensor) -> torch.Tensor:
+    """``exp(s_j) / (1 + sum exp(s))`` along the last dimension in float32 (SoftMax-off-by-One, the
+    "zero sink" of "Efficient Streaming Language Models with Attention Sinks", section 3.3): a
+    softmax over one more score of 0 whose weight is dropped. Shifted by max(max s, 0) so that
+    neither term overflows; -inf scores get weight 0."""
+    s = s.float()
+    m = s.amax(dim=-1, keepdim=True).clamp(min=0.0)
+    e = (s - m).exp()
+    return e / (e.sum(dim=-1, keepdim=True) + (-m).exp())
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, *,
+                   zero_sink: bool = False) -> torch.Tensor:
     """PyTorch's fused attention for scaled, rotated q (B, H, C, D) over k, v (B, KV, N, D) with an
     additive 0 / -inf ``bias`` broadcastable to (B, H, C, N): what the CUDA paths use (the CPU
     paths keep their own products, tuned for the CPU). Same maths as ``gqa_scores`` + softmax +
-    ``gqa_mix``; the kernel's softmax accumulates in float32."""
+    ``gqa_mix``; the kernel's softmax accumulates in float32. ``zero_sink``: one more key and value
+    of zeros visible to every query (its score is exactly 0: softmax-off-by-one)."""
     g = q.shape[1] // k.shape[1]
     if g > 1:  # repeat_interleave: head h reads KV head h // G, as gqa_scores groups them
         k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    if zero_sink:
+        k = torch.cat([k, k.new_zeros(*k.shape[:2], 1, k.shape[-1])], dim=2)
+        v = torch.cat([v, v.new_zeros(*v.shape[:2], 1, v.shape[-1])], dim=2)
+        bias = F.pad(bias, (0, 1))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=1.0)
 
 
@@ -77,7 +97,7 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: t
     if bias is not None:
         s = s + bias
     if null_slot:
-        p = torch.softmax(torch.cat([s, s.new_zeros(*s.shape[:-1], 1)], dim=-1), dim=-1)[..., :-1]
+        p = off_by_one_softmax(s)
     else:
         p = torch.softmax(s, dim=-1)
     if probs is not None:
@@ -142,8 +162,9 @@ class Kernel:
     mapped and page-faulted anew on every layer (measured: 4x the attention's arithmetic in
     bfloat16), so they live in ``_buffers`` and grow only with a dense cache."""
 
-    def __init__(self, n_sinks: int = 0) -> None:
+    def __init__(self, n_sinks: int = 0, *, zero_sink: bool = False) -> None:
         self.n_sinks = n_sinks
+        self.zero_sink = zero_sink  # softmax-off-by-one everywhere (a model trained with a zero sink)
         self._buffers: dict[str, torch.Tensor] = {}
 
     def _scratch(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -183,7 +204,7 @@ class Kernel:
         if torch.is_grad_enabled() and (qr.requires_grad or keys.requires_grad or values.requires_grad):
             return self._plain(qr, qs, keys, values, bias)  # ``out=`` buffers cannot carry a graph
         if qs is None and fused_attention(keys.device):
-            return sdpa_attention(qr, keys, values, bias[0])
+            return sdpa_attention(qr, keys, values, bias[0], zero_sink=self.zero_sink)
         scores = self._scratch("scores", (b * kv, g * c, n), keys.dtype, keys.device)
         # rows (g, c); the (G*C, N) bias broadcasts over batch and KV heads and is added by the
         # product itself (bfloat16: 1.27x faster than bmm then add_, same numbers: adding 0 / -inf
@@ -206,7 +227,10 @@ class Kernel:
             scores[:, :, :s] = torch.baddbmm(bias[:, :s], qs.reshape(b * kv, g * c, d),
                                              keys[:, :, :s].reshape(b * kv, s, d).transpose(1, 2))
         # softmax of bfloat16 computes in float32 and rounds once
-        torch.softmax(scores, dim=-1, out=scores)  # in place: each row is read before it is written
+        if self.zero_sink:  # float32 off-by-one, rounded once into the buffer's dtype
+            scores.copy_(off_by_one_softmax(scores))
+        else:
+            torch.softmax(scores, dim=-1, out=scores)  # in place: each row is read before it is written
         if per_head:
             out = scores.new_empty(b * kv, g * c, d)
             for i in range(b * kv):
@@ -221,7 +245,8 @@ class Kernel:
         scores = gqa_scores(qr, keys)  # (B, KV, G, C, N)
         if qs is not None:
             scores[..., : self.n_sinks] = gqa_scores(qs, keys[:, :, : self.n_sinks])
-        probs = torch.softmax(scores.float() + bias, dim=-1).to(values.dtype)
+        s = scores.float() + bias
+        probs = (off_by_one_softmax(s) if self.zero_sink else torch.softmax(s, dim=-1)).to(values.dtype)
         return gqa_mix(probs, values)
 
     def one(self, qq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
@@ -249,7 +274,7 @@ class Kernel:
             both = torch.bmm(qq.view(b * kv, 2 * g, d), kflat.transpose(1, 2))
             both[:, 0::2, :s] = both[:, 1::2, :s]
             scores = both[:, 0::2] + bias
-        p = torch.softmax(scores, dim=-1)
+        p = off_by_one_softmax(scores) if self.zero_sink else torch.softmax(scores, dim=-1)
         if p.dtype != values.dtype:
             p = p.to(values.dtype)
         return torch.bmm(p, values.view(b * kv, n, d)).view(b, h, 1, d)
@@ -279,5 +304,5 @@ def window_attention(q: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, visibl
     return o.reshape(bsz, n_kv, nb, g, bl, d).permute(0, 1, 3, 2, 4, 5).reshape(bsz, h, n, d)
 
 
-__all__ = ["SCORE_BLOCK", "Kernel", "Slots", "additive", "gqa_mix", "gqa_scores", "sdpa_attention",
+__all__ = ["SCORE_BLOCK", "Kernel", "Slots", "additive", "gqa_mix", "gqa_scores", "off_by_one_softmax", "sdpa_attention",
            "softmax_attention", "window_attention"]

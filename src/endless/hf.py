@@ -235,6 +235,9 @@ class SinkCache(Cache):
             raise ValueError("chunk must be >= 1")
         cfg = model.config.get_text_config(decoder=True)
         check_supported(cfg)
+        if getattr(cfg, "endless_zero_sink", False):  # endless.zero_sink: our Stream implements it, this adapter not
+            raise EndlessError("a zero-sink model (endless_zero_sink in its config): stream it with endless.Stream, "
+                               "not endless.hf")
         if check_context:
             check_fits(policy, cfg.max_position_embeddings)
         if model.config._attn_implementation != ATTENTION:

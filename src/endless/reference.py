@@ -4,7 +4,7 @@
 possible: tokens one at a time; every layer keeps the un-rotated key and the value of every token
 (it never evicts); at each step it selects the keys the policy lets the token see, rotates them
 afresh at their in-cache positions 0..n-1 (the query sits at n-1) and attends with a plain
-softmax. O(n) re-rotation per token and unbounded memory -- exactly what ``RingKV`` avoids -- but
+softmax (off by one for a zero-sink model, ``endless.zero_sink``). O(n) re-rotation per token and unbounded memory -- exactly what ``RingKV`` avoids -- but
 obviously right, so "the sinks policy equals the naive reference at every step" is checkable.
 
 ``naive_fam_logits`` is TransformerFAM read straight off docs/methods.md section 3 ("One layer, one
@@ -52,7 +52,11 @@ def naive_stream_logits(model: Transformer, ids: torch.Tensor, policy: "Policy |
             rep = d.n_heads // d.n_kv_heads
             kk = kk.repeat_interleave(rep, dim=1)
             vv = vv.repeat_interleave(rep, dim=1)
-            p = torch.softmax((qq @ kk.transpose(-1, -2)).float() * model.scale, dim=-1).to(vv.dtype)
+            s = (qq @ kk.transpose(-1, -2)).float() * model.scale
+            if model.zero_sink:  # softmax-off-by-one: one more score of 0 whose weight goes nowhere
+                p = torch.softmax(torch.cat([s, s.new_zeros(*s.shape[:-1], 1)], dim=-1), dim=-1)[..., :-1].to(vv.dtype)
+            else:
+                p = torch.softmax(s, dim=-1).to(vv.dtype)
             x = model.finish(i, x, p @ vv)
         out.append(model.logits(x))
     return torch.cat(out, dim=1)[:, prefix:]

@@ -21,6 +21,10 @@ the modules run as they are, attention through PyTorch's own kernels.
 The keys/values live in a cache (``endless.policies.base.Cache``): ``forward`` calls its
 ``begin(C)`` for the C new tokens, then ``attend(layer, q, k, v)`` for layer 0, 1, ... with
 un-rotated ``q`` (B, H, C, D) and ``k, v`` (B, KV, C, D), which returns (B, H, C, D), then ``end()``.
+
+A config with ``endless_zero_sink: true`` (``endless.zero_sink``) sets ``zero_sink``: every cache
+then attends with softmax-off-by-one ("Efficient Streaming Language Models with Attention Sinks",
+section 3.3), as the model was trained.
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ class Transformer:
                  weights: str = "auto", device: "str | torch.device | None" = None) -> None:
         from endless.device import resolve_device
         from endless.models import check_supported, model_identity
+        from endless.zero_sink import uses_zero_sink
 
         check_supported(hf_model.config)
         if device is not None:
@@ -98,6 +103,8 @@ class Transformer:
             context=cfg.max_position_embeddings,
         )
         self.scale = head_dim**-0.5
+        # softmax-off-by-one in every attention (a model pre-trained with a zero sink, endless.zero_sink)
+        self.zero_sink = uses_zero_sink(cfg)
         self.identity = model_identity(hf_model)
         self.packed: Packed | None = None
         self._pack_wanted = False

@@ -40,7 +40,7 @@ class _Recorder:
         cos, sin = self.cos.to(q.dtype), self.sin.to(q.dtype)
         q, k = rotate(q, cos, sin) * self.model.scale, rotate(k, cos, sin)
         probs: list[torch.Tensor] = []
-        out = softmax_attention(q, k, v, self.bias, probs=probs)
+        out = softmax_attention(q, k, v, self.bias, null_slot=self.model.zero_sink, probs=probs)
         b, kv, g, n, _ = probs[0].shape  # (B, KV, G, N, N) float32
         self.maps.append(probs[0].reshape(b, kv * g, n, n)[0])
         return out

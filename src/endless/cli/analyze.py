@@ -27,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         ),
     )
     add_model_args(a, dtype_default="float32")
-    a.add_argument("--text", default=None, metavar="FILE", help="UTF-8 text file, or kjv (default), shakespeare")
+    a.add_argument("--text", default=None, metavar="FILE", help="UTF-8 text file, or kjv (default), shakespeare, kjv-heldout, shakespeare-heldout")
     a.add_argument("--tokens", type=int_range("--tokens", 2, BIG), default=256, help="tokens analysed (default: %(default)s)")
     a.add_argument("--first", type=number_list(int, low=1, what="first-k counts"), default=(1, 4), metavar="K,K",
                    help="measure attention on the first k tokens for each k (default: 1,4)")
@@ -36,6 +36,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--map-tokens", type=int_range("--map-tokens", 2, BIG), default=16, help="tokens shown in each map (default: %(default)s)")
     a.add_argument("--plot", type=Path, default=None, metavar="PNG", help="attention maps of --layers")
     a.add_argument("--bars", type=Path, default=None, metavar="PNG", help="per-layer attention on token 0")
+    a.add_argument("--prefix-token", type=int_range("--prefix-token", 0, BIG), default=None, metavar="ID",
+                   help="put token ID before the text (it becomes token 0): a learnable sink token, as in "
+                        "`eval sinks --prefix-token`")
     a.add_argument("--json", type=Path, default=None, metavar="PATH")
     a.set_defaults(func=run_attention)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
@@ -51,10 +54,16 @@ def run_attention(args: argparse.Namespace) -> int:
     hf, tok = load_from_args(args)
     model = as_transformer(hf)
     n_layers = model.dims.n_layers
-    layers = args.layers or tuple(dict.fromkeys((0, 1, n_layers // 2, n_layers - 1)))
+    layers = args.layers or tuple(dict.fromkeys(i for i in (0, 1, n_layers // 2, n_layers - 1) if i < n_layers))
     if max(layers) >= n_layers:
         raise EndlessError(f"--layers must be in 0..{n_layers - 1}")
     ids = text_ids(tok, args.text, args.tokens)
+    if args.prefix_token is not None:  # the sink token the model was trained with, as token 0
+        import torch
+
+        if args.prefix_token >= model.dims.vocab:
+            raise EndlessError(f"--prefix-token {args.prefix_token} is not below the vocabulary size {model.dims.vocab}")
+        ids = torch.cat([ids.new_tensor([args.prefix_token]), ids[:-1]])
     maps = attention_maps(model, ids)
     shares = {k: first_k_share(maps, k) for k in args.first}
     uniform = {k: uniform_share(ids.numel(), k) for k in args.first}
@@ -71,7 +80,7 @@ def run_attention(args: argparse.Namespace) -> int:
     if args.json:
         write_json(args.json, {
             "model": name, "identity": model.identity, "dtype": args.dtype, "text": str(args.text or "kjv"),
-            "tokens": ids.numel(), "layers": n_layers, "heads": maps.shape[1],
+            "tokens": ids.numel(), "layers": n_layers, "heads": maps.shape[1], "prefix_token": args.prefix_token,
             "first_k": {str(k): {"per_layer_mean": s.mean(1).tolist(), "per_head": s.tolist(),
                                  "uniform": uniform[k], "mean_layers_2_plus": float(s[deep].mean())}
                         for k, s in shares.items()},

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from endless.cli.common import add_model_args, inference_model, load_from_args, write_json
+from endless.errors import EndlessError
 from endless.progress import bar
 from endless.validate import BIG, CHUNK, int_range
 
@@ -17,7 +18,8 @@ DEFAULT_POLICIES = ("sinks:4+1020", "window:1024", "dense")
 def add_text_args(p: argparse.ArgumentParser, *, tokens: int, recompute_every: int = 1) -> None:
     """--text, --tokens, --chunk, --recompute-every, --json, --plot, --smooth: shared by ppl and sinks."""
     p.add_argument("--text", default=None, metavar="FILE",
-                   help="UTF-8 text file, or a built-in corpus: kjv (default), shakespeare")
+                   help="UTF-8 text file, or a built-in corpus: kjv (default), shakespeare, kjv-heldout, shakespeare-heldout "
+                        "(the last 5 %% of each, never trained on by `train sink-pretrain`)")
     p.add_argument("--tokens", type=int_range("--tokens", 2, BIG), default=tokens, help="tokens of the text to stream (default: %(default)s)")
     p.add_argument("--chunk", type=CHUNK.arg, default=256,
                    help="tokens per forward pass; exact for any size, only speed changes (default: %(default)s)")
@@ -28,6 +30,11 @@ def add_text_args(p: argparse.ArgumentParser, *, tokens: int, recompute_every: i
                    help="write the results as JSON; the per-token NLL goes next to it (PATH.nll.safetensors)")
     p.add_argument("--plot", type=Path, default=None, metavar="PNG", help="log-perplexity against position")
     p.add_argument("--smooth", type=int_range("--smooth", 1, BIG), default=256, help="moving-average width of the plot (default: %(default)s)")
+    p.add_argument("--prefix-token", type=int_range("--prefix-token", 0, BIG), default=None, metavar="ID",
+                   help="put token ID before the text in every stream, where it counts as stream index 0 (so "
+                        "sinks:1+W keeps it as the only sink); scored are the text's tokens 1..N-1 as without it. "
+                        "For a model pre-trained with a learnable sink token (`train sink-pretrain --variant "
+                        "learnable-sink` records its id as endless_sink_token in config.json)")
 
 
 def add_to(sub: argparse._SubParsersAction) -> None:
@@ -63,11 +70,23 @@ def run_policies(args: argparse.Namespace, specs, *, title: str, reference: str 
     model = inference_model(hf, weights=args.weights)
     spans = [p.span() for p in policies if p.span() is not None]
     ids = text_ids(tok, args.text, args.tokens, longer_than=max(spans, default=0))
+    prefix = getattr(args, "prefix_token", None)
+    if prefix is not None:
+        import torch
+
+        if prefix >= model.dims.vocab:
+            raise EndlessError(f"--prefix-token {prefix} is not below the vocabulary size {model.dims.vocab}")
+        ids = torch.cat([ids.new_tensor([prefix]), ids])
+    else:
+        trained = getattr(hf.config, "endless_sink_token", None)
+        if trained is not None:
+            print(f"note: this model was trained with sink token {trained} before every sample; "
+                  f"--prefix-token {trained} streams it so", file=sys.stderr)
     results = []
     for pol in policies:
         with bar(total=ids.numel(), desc=pol.spec, unit="tok") as pbar:
-            results.append(evaluate(model, ids, pol, chunk=args.chunk, recompute_every=args.recompute_every,
-                                    progress=pbar.update))
+            r = evaluate(model, ids, pol, chunk=args.chunk, recompute_every=args.recompute_every, progress=pbar.update)
+        results.append(r if prefix is None else without_first(r))
     print(f"{ids.numel()} tokens of {args.text or 'kjv'}, {args.dtype}")
     print(table(results, reference=reference))
     if args.json:
@@ -77,7 +96,7 @@ def run_policies(args: argparse.Namespace, specs, *, title: str, reference: str 
             "results": [r.as_dict() for r in results],
             "model": args.fam or args.model, "identity": model.identity, "dtype": args.dtype, "weights": args.weights,
             "text": str(args.text or "kjv"), "chunk": args.chunk, "recompute_every": args.recompute_every,
-            "threads": args.threads,
+            "threads": args.threads, "prefix_token": prefix,
             "nll": nll_path.name, "command": "endless " + " ".join(sys.argv[1:]),
         })
     if args.plot:
@@ -85,6 +104,15 @@ def run_policies(args: argparse.Namespace, specs, *, title: str, reference: str 
         marks = [(context, f"trained context ({context})")] if ids.numel() > context else []
         plot(results, args.plot, smooth=args.smooth, title=title, marks=marks)
     return model, results
+
+
+def without_first(result):
+    """``result`` without its first scored token: with a prefix token, the prediction of the
+    text's token 0 from the prefix alone, which a stream without the prefix does not score."""
+    from endless.eval.ppl import PplResult, perplexity
+
+    nll = result.nll[1:]
+    return PplResult(result.policy, int((~nll.isnan()).sum()), perplexity(nll), result.seconds, nll)
 
 
 def run(args: argparse.Namespace) -> int:

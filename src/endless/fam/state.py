@@ -41,6 +41,10 @@ class FamState:
 
     def __init__(self, model: Transformer, policy: FAM, *, batch: int = 1, chunk: int = 128,
                  prompt: FamPrompt | None = None) -> None:
+        if model.zero_sink:  # the FAM paths (this one and the parallel schedule) use the plain softmax
+            from endless.errors import EndlessError
+
+            raise EndlessError("FAM policies do not implement the zero sink (endless_zero_sink in the model's config)")
         self.model = model
         self.policy = policy
         self.batch = batch

@@ -109,13 +109,17 @@ def load(
     tokenizer) for smoke runs of any command.
 
     The model is in eval mode, in ``dtype`` (float32 or bfloat16) and on ``device`` (``auto``,
-    ``cpu``, ``cuda``; default: the CPU); its attention implementation is whatever transformers chose. The tokenizer is ``None`` for a folder that
+    ``cpu``, ``cuda``; default: the CPU); its attention implementation is whatever transformers chose,
+    except for a config with ``endless_zero_sink: true`` (``endless.zero_sink``: softmax-off-by-one,
+    registered with transformers' attention interface). The tokenizer is ``None`` for a folder that
     holds no tokenizer files (a bare ``save_pretrained`` of a tiny test model).
     Raises :class:`EndlessError` (one line) for every bad input.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from endless.device import resolve_device
+    from endless.zero_sink import register as register_zero_sink
+    from endless.zero_sink import uses_zero_sink
 
     dtype = as_dtype(dtype)
     dev = resolve_device(device) if device is not None else None  # a bad device fails before loading
@@ -129,8 +133,11 @@ def load(
     except Exception as e:
         raise EndlessError(f"cannot read the config in {folder}: {_first_line(e)}{redo}") from None
     check_supported(config)
+    extra = {}
+    if uses_zero_sink(config):  # trained with softmax-off-by-one: transformers' modules attend so too
+        extra["attn_implementation"] = register_zero_sink()
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype, **extra)
     except Exception as e:
         raise EndlessError(f"cannot load the weights in {folder}: {_first_line(e)}{redo}") from None
     tok = None

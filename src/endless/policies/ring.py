@@ -55,7 +55,7 @@ class RingKV:
         self.growable = ring is None
         self.slots = Slots(self.n_sinks, ring if ring is not None else DENSE_INITIAL)
         self.mask_fn = policy.mask()
-        self.kernel = Kernel(self.n_sinks)
+        self.kernel = Kernel(self.n_sinks, zero_sink=model.zero_sink)
         d = model.dims
         shape = (d.n_layers, batch, d.n_kv_heads, self.slots.capacity, d.head_dim)
         self.k = torch.zeros(shape, dtype=model.dtype, device=model.device)
