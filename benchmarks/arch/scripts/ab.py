@@ -10,7 +10,8 @@ Each round runs, for the "before" tree and then the "after" tree (each in its ow
 latency of sinks, dense and recompute per token, chunked vs token-by-token perplexity speed; no
 transformers, llama.cpp or compiled kernels: only our own path, which is what changed) and
 ``endless eval fam-cost`` (FAM and BSWA per decoded token and per prefilled block). Rounds
-alternate the trees (odd rounds run "after" first) so both see the same machine load; the summary
+alternate the trees (odd rounds run "after" first) so both see the same machine load, or with
+``--together`` run both trees at the same time, each in its own process; the summary
 gives the ratio of the medians over rounds and, more robust when the load changes between rounds,
 the median of the per-round ratios, after / before (below 1: the after tree is faster). Writes ``OUT.json``, ``OUT.txt`` and
 ``OUT.png``.
@@ -30,12 +31,22 @@ from pathlib import Path
 
 
 def _run(tree: Path, args: list[str], threads: int) -> dict:
+    return _run_together({"one": tree}, args, threads)["one"]
+
+
+def _run_together(trees: dict[str, Path], args: list[str], threads: int) -> dict[str, dict]:
+    """One ``endless`` command per tree, all started at once; their JSON results by name."""
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "r.json"
-        env = {**os.environ, "PYTHONPATH": str(tree / "src"), "OMP_NUM_THREADS": str(threads)}
-        cmd = [sys.executable, "-m", "endless.cli.main", *args, "--threads", str(threads), "--json", str(out)]
-        subprocess.run(cmd, env=env, cwd=tree, check=True, stdout=subprocess.DEVNULL)
-        return json.loads(out.read_text())
+        procs = {}
+        for name, tree in trees.items():
+            out = Path(tmp) / f"{name}.json"
+            env = {**os.environ, "PYTHONPATH": str(tree / "src"), "OMP_NUM_THREADS": str(threads)}
+            cmd = [sys.executable, "-m", "endless.cli.main", *args, "--threads", str(threads), "--json", str(out)]
+            procs[name] = (subprocess.Popen(cmd, env=env, cwd=tree, stdout=subprocess.DEVNULL), out)
+        for name, (proc, _) in procs.items():
+            if proc.wait() != 0:
+                raise SystemExit(f"{name}: {' '.join(args[:2])} failed with exit code {proc.returncode}")
+        return {name: json.loads(out.read_text()) for name, (_, out) in procs.items()}
 
 
 def _figures(bench: dict, famcost: dict) -> dict[str, float]:
@@ -60,20 +71,31 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--steps", type=int, default=24, help="timed decode steps per cell and round")
+    p.add_argument("--together", action="store_true",
+                   help="run the two trees at the same time (one process each) instead of one after the other: "
+                        "for a machine whose load changes while the comparison runs (needs 2 x --threads cores)")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
     trees = {"before": a.before.resolve(), "after": a.after.resolve()}
     rounds: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
     for r in range(a.rounds):
         # odd rounds run "after" first: a load that drifts within a round then favours neither tree
-        order = list(trees.items()) if r % 2 == 0 else list(trees.items())[::-1]
-        for name, tree in order:
-            bench = _run(tree, ["bench", "--dtype", "both", "--caches", "256,1024", "--positions", "1024", "--window", "252",
-                                "--rounds", str(a.steps), "--ppl-tokens", "512", "--no-transformers", "--no-llamacpp",
-                                "--no-isolated-rss", "--no-compile"], a.threads)
-            famcost = _run(tree, ["eval", "fam-cost", "--rounds", "4", "--warmup", "256"], a.threads)
-            rounds[name].append(_figures(bench, famcost))
-            print(f"round {r + 1} {name} done", flush=True)
+        bench_args = ["bench", "--dtype", "both", "--caches", "256,1024", "--positions", "1024", "--window", "252",
+                      "--rounds", str(a.steps), "--ppl-tokens", "512", "--no-transformers", "--no-llamacpp",
+                      "--no-isolated-rss", "--no-compile"]
+        famcost_args = ["eval", "fam-cost", "--rounds", "4", "--warmup", "256"]
+        if a.together:
+            # both trees at the same time, one process each: whatever else loads the machine
+            # loads both alike, which running them one after the other cannot promise
+            bench, famcost = _run_together(trees, bench_args, a.threads), _run_together(trees, famcost_args, a.threads)
+            for name in trees:
+                rounds[name].append(_figures(bench[name], famcost[name]))
+            print(f"round {r + 1} done (together)", flush=True)
+        else:
+            order = list(trees.items()) if r % 2 == 0 else list(trees.items())[::-1]
+            for name, tree in order:
+                rounds[name].append(_figures(_run(tree, bench_args, a.threads), _run(tree, famcost_args, a.threads)))
+                print(f"round {r + 1} {name} done", flush=True)
         _write(a, trees, rounds, final=r + 1 == a.rounds)  # every finished round is kept
     return 0
 
