@@ -42,7 +42,9 @@ def window_logits(model: Transformer, seq: torch.Tensor, ends: Sequence[int], wi
     b = seq.shape[0]
     out: dict[int, torch.Tensor] = {}
     head = [e for e in ends if e <= window]
-    if head:
+    if len(head) == 1:  # one token (a decode step at e == window): the LM head on its position only
+        out[head[0]] = forward(seq[:, : head[0] + 1], last_only=True)[:, -1]
+    elif head:
         logits = forward(seq[:, : max(head) + 1])
         out.update({e: logits[:, e] for e in head})
     tail = [e for e in ends if e > window]
