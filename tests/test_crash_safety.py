@@ -46,8 +46,18 @@ def ids(step: int) -> torch.Tensor:
     return (torch.arange(16) * 7 + step) % 128
 
 
-def _stream_saver(path: str, model, start: int, ready) -> None:
+def _quiet_child() -> None:
+    """In a forked saver: no progress bars. tqdm guards its bars with a lock shared across fork
+    (a multiprocessing lock); a saver killed while drawing one would leave it held, and the
+    parent's next bar (transformers' "Loading weights" in ``check``) would wait forever."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     torch.set_num_threads(1)
+
+
+def _stream_saver(path: str, model, start: int, ready) -> None:
+    _quiet_child()
     s = Stream(model, POLICY, chunk=CHUNK)
     step = start
     while True:
@@ -104,7 +114,7 @@ def _tiny_saver(path: str, start: int, ready) -> None:
     from endless.train.tiny_checkpoint import save_tiny
     from endless.train.tiny_config import TinyConfig, TinyRun
 
-    torch.set_num_threads(1)
+    _quiet_child()
     run = TinyRun("bswa:8x1", Transformer(tiny_model("llama", seed=0)), [], 0.0)
     run.model.fam_prompt = None  # BSWA: no prompt rows
     step = start
@@ -137,7 +147,7 @@ def _fam_saver(path: str, start: int, ready) -> None:
     from endless.models.arch import model_identity
     from endless.policies.spec import parse_policy
 
-    torch.set_num_threads(1)
+    _quiet_child()
     hf, _ = load("tiny:llama")
     identity = model_identity(hf)
     peft = get_peft_model(hf, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
