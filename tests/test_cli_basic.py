@@ -75,6 +75,23 @@ def test_info_on_a_tiny_folder(tiny_folder, tmp_path, capsys):
     assert fields["rope_theta"] and fields["identity"].startswith("qwen3-2x64-")
 
 
+def test_info_kernels_measures_then_shows_the_cached_choice(tiny_folder, tmp_path, capsys, monkeypatch):
+    # the suite's private cache is shared: measure into a fresh one so the first call has nothing
+    monkeypatch.setenv("ENDLESS_CACHE", str(tmp_path / "cache"))
+    args = ["info", "--model", str(tiny_folder), "--threads", "1", "--json", str(tmp_path / "i.json")]
+    assert main(args) == 0
+    assert "not measured on this machine yet" in json.loads((tmp_path / "i.json").read_text())["kernel"]
+    assert main([*args, "--kernels"]) == 0
+    measured = json.loads((tmp_path / "i.json").read_text())
+    assert measured["kernel"] in ("onednn", "transposed", "linear") or "/" in measured["kernel"]
+    assert "ms per token:" in measured["kernel_timings"] and "linear" in measured["kernel_timings"]
+    capsys.readouterr()
+    assert main(args) == 0  # without --kernels: the cached choice
+    assert json.loads((tmp_path / "i.json").read_text())["kernel"] == measured["kernel"]
+    assert main(["generate", "--model", str(tiny_folder), "--threads", "1", "--kernel", "fastest"]) == 2
+    assert "argument --kernel: invalid choice" in one_line(capsys.readouterr().err)
+
+
 def test_info_bfloat16(tiny_folder, tmp_path, capsys):
     assert main(["info", "--model", str(tiny_folder), "--dtype", "bfloat16", "--threads", "1",
                  "--json", str(tmp_path / "i.json")]) == 0

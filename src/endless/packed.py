@@ -11,8 +11,11 @@ so its speed is set by how fast the kernel streams the weights. Measured on this
 - bfloat16: ``F.linear`` runs at the same FLOP rate as float32 (no gain from half the bytes);
   oneDNN's prepacked bf16 weights run 1.7x faster.
 
-oneDNN is used when this torch has it and it agrees with ``F.linear`` on a probe; else the
-transposed layout (float32) or ``F.linear``.
+Those ranks are this CPU's: which kernel is fastest is measured per machine, model, dtype and
+thread count by ``endless.kernels`` and passed here as ``kernel`` (and ``chunk_kernel`` for
+inputs of many rows). Without a choice (``kernel="default"``) oneDNN is used when this torch has
+it and it agrees with ``F.linear`` on a probe; else the transposed layout (float32) or
+``F.linear``. Any named kernel that is missing or disagrees falls back the same way.
 
 ``Packed`` holds such copies of one model's decoder weights. Contract:
 
@@ -48,6 +51,9 @@ log = logging.getLogger(__name__)
 
 LinearFn = Callable[[torch.Tensor], torch.Tensor]
 WEIGHTS = ("auto", "int8")  # auto: packed in the model's dtype; int8: endless.int8 (bfloat16 activations)
+# the eager one-token kernels a packed float matrix can use (endless.kernels times them per machine);
+# "default" is the fixed preference order below (oneDNN, then the transposed layout, then F.linear)
+KERNELS = ("default", "onednn", "transposed", "linear")
 
 
 def _mkldnn_linear(w: torch.Tensor, bias: torch.Tensor | None) -> LinearFn | None:
@@ -84,39 +90,76 @@ def _transposed_linear(w: torch.Tensor, bias: torch.Tensor | None) -> LinearFn:
 
 
 def pack_linear(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None], *, compile: bool = False,
-                quant: str = "auto") -> LinearFn:
+                quant: str = "auto", kernel: str = "default", chunk_kernel: str | None = None) -> LinearFn:
     """One function computing ``cat([F.linear(x, w, b) for w, b], -1)`` from a packed copy.
 
-    Picks the fastest kernel measured for the dtype and keeps it only if it agrees with
-    ``F.linear`` on a probe input. With ``compile``, one-row inputs (a decoded token) go to a
-    compiled kernel (``endless.gemv``, float32 only) when it can be built and agrees too.
+    ``kernel="default"`` takes the first of oneDNN, the transposed layout (float32) and
+    ``F.linear`` that exists here and agrees with ``F.linear`` on a probe input; a named kernel
+    (``KERNELS``, what ``endless.kernels`` measured fastest on this machine) is tried first and
+    falls back the same way. ``chunk_kernel``, when it names another kernel, serves inputs of
+    more than one row (chunks, FAM updates) from a second copy while ``kernel`` serves a decoded
+    token (the fastest kernel for one row is not always the fastest for many). With
+    ``compile``, one-row inputs go to a compiled kernel (``endless.gemv``, float32 only) when it
+    can be built and agrees too.
     ``quant="int8"``: the fused weight quantised per output channel (``endless.int8``).
+    The function carries ``nbytes`` and ``kernel`` (the name of what it runs).
     """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     w = torch.cat([t.detach() for t in weights]) if len(weights) > 1 else weights[0].detach().clone()
     if any(b is not None for b in biases):
         bias = torch.cat([b.detach() if b is not None else w.new_zeros(t.shape[0]) for t, b in zip(weights, biases, strict=True)])
     else:
         bias = None
     if quant == "int8":
-        return int8_linear(w, bias)
-    fn = _mkldnn_linear(w, bias)
-    if fn is None or not _agrees(fn, w, bias):
-        fn = _transposed_linear(w, bias) if w.dtype == torch.float32 else None
-    if fn is None or not _agrees(fn, w, bias):
-        log.debug("packed kernel unavailable for %s %s; using F.linear on the fused weight", w.dtype, tuple(w.shape))
-
-        def fn(x: torch.Tensor) -> torch.Tensor:
-            return F.linear(x, w, bias)
-
-        fn.nbytes = w.numel() * w.element_size()  # type: ignore[attr-defined]
+        fn = int8_linear(w, bias)
+        fn.kernel = "int8"  # type: ignore[attr-defined]
+        return fn
+    fn = many = _eager(w, bias, kernel)
+    if chunk_kernel not in (None, "default", fn.kernel):
+        other = _eager(w, bias, chunk_kernel)
+        many = other if other.kernel != fn.kernel else fn
     if compile:
         gemv = compiled_gemv(w, bias)
         if gemv is not None and _agrees(gemv, w, bias, rows=1):
-            return _one_row_to(gemv, fn, w.numel() * w.element_size())
+            return _one_row_to(gemv, many, w.numel() * w.element_size(), name=f"compiled+{many.kernel}")
+    if many is not fn:
+        return _one_row_to(fn, many, fn.nbytes, name=f"{fn.kernel}/{many.kernel}")
     return fn
 
 
-def _one_row_to(gemv: LinearFn, other: LinearFn, gemv_bytes: int) -> LinearFn:
+def _eager(w: torch.Tensor, bias: torch.Tensor | None, kernel: str) -> LinearFn:
+    """The eager kernel ``kernel`` for ``w``, or the first of the default order that works here."""
+    order = [kernel] if kernel != "default" else []
+    order += [k for k in ("onednn", "transposed", "linear") if k not in order]
+    for name in order:
+        fn = _BUILDERS[name](w, bias)
+        if fn is not None and _agrees(fn, w, bias):
+            break
+        log.debug("%s kernel unavailable for %s %s", name, w.dtype, tuple(w.shape))
+    fn.kernel = name  # type: ignore[attr-defined]
+    return fn
+
+
+def _plain_linear(w: torch.Tensor, bias: torch.Tensor | None) -> LinearFn:
+    """``F.linear`` on the fused (out, in) weight: no re-layout (the last resort, always exists)."""
+
+    def linear(x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, w, bias)
+
+    linear.nbytes = w.numel() * w.element_size()  # type: ignore[attr-defined]
+    return linear
+
+
+def _transposed_or_none(w: torch.Tensor, bias: torch.Tensor | None) -> LinearFn | None:
+    return _transposed_linear(w, bias) if w.dtype == torch.float32 else None  # bfloat16 mm gains nothing from it
+
+
+_BUILDERS: dict[str, Callable[[torch.Tensor, torch.Tensor | None], LinearFn | None]] = {
+    "onednn": _mkldnn_linear, "transposed": _transposed_or_none, "linear": _plain_linear}
+
+
+def _one_row_to(gemv: LinearFn, other: LinearFn, gemv_bytes: int, *, name: str) -> LinearFn:
     """``gemv`` for inputs of one row (decoding), ``other`` for the rest (chunks, FAM updates)."""
 
     def linear(x: torch.Tensor) -> torch.Tensor:
@@ -127,7 +170,8 @@ def _one_row_to(gemv: LinearFn, other: LinearFn, gemv_bytes: int) -> LinearFn:
         return out.view(*x.shape[:-1], out.shape[-1])
 
     linear.nbytes = other.nbytes + gemv_bytes  # type: ignore[attr-defined]
-    linear.compiled = True  # type: ignore[attr-defined]
+    linear.compiled = name.startswith("compiled")  # type: ignore[attr-defined]
+    linear.kernel = name  # type: ignore[attr-defined]
     return linear
 
 
@@ -183,10 +227,10 @@ class PackedLayer:
     __slots__ = ("qkv", "o", "gate_up", "down", "act", "norm_in", "norm_post", "split", "_attn", "_mlp", "_mods", "_weights", "_versions")
 
     def __init__(self, layer: torch.nn.Module, act: Callable[[torch.Tensor], torch.Tensor], *, compile: bool = False,
-                 weights: str = "auto") -> None:
+                 weights: str = "auto", kernel: str = "default", chunk_kernel: str | None = None) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         projs = (attn.q_proj, attn.k_proj, attn.v_proj)
-        kw = {"compile": compile, "quant": weights}
+        kw = {"compile": compile, "quant": weights, "kernel": kernel, "chunk_kernel": chunk_kernel}
         self.qkv = pack_linear([p.weight for p in projs], [p.bias for p in projs], **kw)
         self.split = [p.weight.shape[0] for p in projs]
         self.o = pack_linear([attn.o_proj.weight], [attn.o_proj.bias], **kw)
@@ -226,19 +270,28 @@ class Packed:
     """Packed decoder layers and LM head of one model (see the module docstring)."""
 
     def __init__(self, layers: Sequence[torch.nn.Module], lm_head: torch.nn.Module, act_name: str, *,
-                 compile: bool = False, weights: str = "auto") -> None:
+                 compile: bool = False, weights: str = "auto", kernel: str = "default",
+                 chunk_kernel: str | None = None) -> None:
         if weights not in WEIGHTS:
             raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
         act = F.silu if act_name == "silu" else None
         self.weights = weights
-        self.layers = [PackedLayer(layer, act or layer.mlp.act_fn, compile=compile, weights=weights) for layer in layers]
+        self.layers = [PackedLayer(layer, act or layer.mlp.act_fn, compile=compile, weights=weights, kernel=kernel,
+                                   chunk_kernel=chunk_kernel) for layer in layers]
         # the LM head is the largest matrix (49152 x 576 in SmolLM2, tied to the embeddings, which
         # keep their own bfloat16 copy for the lookup): quantised too
-        self.head = pack_linear([lm_head.weight], [lm_head.bias], compile=compile, quant=weights)
-        fns = [f for p in self.layers for f in (p.qkv, p.o, p.gate_up, p.down)] + [self.head]
+        self.head = pack_linear([lm_head.weight], [lm_head.bias], compile=compile, quant=weights, kernel=kernel,
+                                chunk_kernel=chunk_kernel)
+        fns = self.linears()
         self.compiled = sum(getattr(f, "compiled", False) for f in fns)  # matrices with a compiled one-token kernel
+        # what the matrices run, e.g. "onednn" (a name per kernel, joined when they differ)
+        self.kernel = "/".join(sorted({f.kernel for f in fns}))
         self._head_snapshot = (id(lm_head.weight), lm_head.weight._version)
         self.lm_head = lm_head
+
+    def linears(self) -> list[LinearFn]:
+        """Every packed matrix of one decoded token, in order (each layer's four, then the head)."""
+        return [f for p in self.layers for f in (p.qkv, p.o, p.gate_up, p.down)] + [self.head]
 
     def head_valid(self) -> bool:
         return (id(self.lm_head.weight), self.lm_head.weight._version) == self._head_snapshot

@@ -76,7 +76,7 @@ class Transformer:
     """A Llama-family causal LM seen as embed -> layers (qkv, attention, rest) -> logits."""
 
     def __init__(self, hf_model: torch.nn.Module, *, pack: bool = False, compile: bool = False,
-                 weights: str = "auto", device: "str | torch.device | None" = None) -> None:
+                 weights: str = "auto", kernel: str = "auto", device: "str | torch.device | None" = None) -> None:
         from endless.device import resolve_device
         from endless.models import check_supported, model_identity
         from endless.zero_sink import uses_zero_sink
@@ -109,25 +109,46 @@ class Transformer:
         self.packed: Packed | None = None
         self._pack_wanted = False
         self._weights = "auto"
+        self._kernel = "auto"
+        self.kernel_choice = None  # endless.kernels.Choice when the packed kernel was chosen by measuring
         self._act = getattr(cfg, "hidden_act", None)
         if pack or compile or weights != "auto":
-            self.pack(compile=compile, weights=weights)
+            self.pack(compile=compile, weights=weights, kernel=kernel)
 
-    def pack(self, *, compile: bool = False, weights: str = "auto") -> "Transformer":
+    def pack(self, *, compile: bool = False, weights: str = "auto", kernel: str = "auto") -> "Transformer":
         """Build (or rebuild, after changing weights) the packed inference weights; returns self.
 
         ``compile`` also compiles the one-token products (``endless.gemv``: float32, 1.15-1.5x
         faster per decoded token, a second copy of the weights, 20-60 s now). ``weights="int8"``
         packs per-channel int8 copies instead (``endless.int8``; bfloat16 and CPU only, else
-        :class:`EndlessError`). CPU only: on another device this does nothing (the modules
-        serve every call)."""
+        :class:`EndlessError`). ``kernel``: ``"auto"`` uses the kernel measured fastest on this
+        CPU for this model (``endless.kernels``: measured once, cached; with ``compile`` the
+        compiled kernels are kept only if faster), ``"default"`` the fixed preference order, or a
+        name of ``endless.packed.KERNELS``. CPU only: on another device this does nothing (the
+        modules serve every call)."""
+        from endless.errors import EndlessError
+        from endless.packed import KERNELS
+
         check_weights(weights, self.dtype, self.device, compile=compile)
+        if kernel != "auto" and kernel not in KERNELS:
+            raise EndlessError(f"kernel must be auto or one of {', '.join(KERNELS)}, got {kernel!r}")
         self._pack_wanted = True
         self._weights = weights
+        self._kernel = kernel
+        self.kernel_choice = None
         if self.device.type != "cpu":
             self.packed = None
             return self
-        self.packed = Packed(self.layers, self.lm_head, self._act, compile=compile, weights=weights)
+        if kernel == "auto" and weights == "auto":
+            from endless import kernels
+
+            self.packed = None  # the previous copies are not needed while the candidates are timed
+            choice = self.kernel_choice = kernels.choose(self, compile=compile)
+            self.packed = Packed(self.layers, self.lm_head, self._act, compile=choice.compiled,
+                                 kernel=choice.kernel, chunk_kernel=choice.chunk_kernel)
+            return self
+        self.packed = Packed(self.layers, self.lm_head, self._act, compile=compile, weights=weights,
+                             kernel="default" if kernel == "auto" else kernel)
         return self
 
     def to(self, device: "str | torch.device") -> "Transformer":
@@ -145,7 +166,7 @@ class Transformer:
             prompt.to(device)
         self.packed = None
         if self._pack_wanted and device.type == "cpu":  # elsewhere the modules serve every call
-            self.pack(weights=self._weights)
+            self.pack(weights=self._weights, kernel=self._kernel)
         return self
 
     def _fast(self, i: int) -> PackedLayer | None:

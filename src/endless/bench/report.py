@@ -132,7 +132,12 @@ def render(result: dict) -> str:
         f"transformers {mach['transformers']}",
         f"bandwidth: copy {bw['copy_gbs']:.1f} GB/s, read {bw['read_gbs']:.1f} GB/s",
     ]
+    if mach.get("isa"):
+        parts.append(f"ISA: {', '.join(mach['isa'])} (torch dispatch {mach.get('torch_cpu_capability', '?')})")
     for dtype, run in result["runs"].items():
+        if run.get("kernel"):
+            k = run["kernel"]
+            parts.append(f"{dtype} kernel chosen ({k['source']}, endless.kernels): {k['summary']}")
         if run.get("compiled_matrices"):
             parts.append(f"{dtype}: {run['compiled_matrices']} matrices with compiled one-token kernels "
                          f"(endless.gemv), packed and compiled in {run['pack_seconds']:.0f} s")

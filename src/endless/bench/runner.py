@@ -19,6 +19,7 @@ from transformers.utils import logging as hf_logging
 
 from endless.bench import llamacpp
 from endless.bench.bandwidth import bandwidth
+from endless.kernels import CHUNK
 from endless.bench.decode import OursDecoder, decode_cell, weight_bytes
 from endless.bench.memory import measure
 from endless.bench.positions import position_sweep
@@ -121,6 +122,10 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict:
         run: dict = {"weight_bytes": weight_bytes(model), "packed_bytes": model.packed.nbytes if model.packed else 0,
                      "compiled_matrices": model.packed.compiled if model.packed else 0,
                      "pack_seconds": time.perf_counter() - t0}
+        if model.kernel_choice is not None:  # what this CPU's measurement chose (issue 21, part 1)
+            c = model.kernel_choice
+            run["kernel"] = {"name": c.name, "source": c.source, "ms_per_token": c.ms, "ms_per_chunk": c.chunk_ms,
+                             "chunk_rows": CHUNK, "summary": c.summary()}
         extra = {}
         if run["compiled_matrices"]:
             eager = Transformer(hf, pack=True)

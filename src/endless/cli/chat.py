@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
     policy = parse_policy(args.policy)
     hf, tok = load_from_args(args)
-    model = inference_model(hf, compile=args.compile, weights=args.weights)
+    model = inference_model(hf, compile=args.compile, weights=args.weights, kernel=args.kernel)
     if args.session and args.session.exists():
         chat = Chat.resume(args.session, model, tok, policy)
         print(f"[resumed {args.session}: {len(chat.messages)} messages, {chat.stream.position} tokens]", file=sys.stderr)

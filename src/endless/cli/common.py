@@ -34,6 +34,11 @@ def add_model_args(parser: argparse.ArgumentParser, *, dtype_default: str = "flo
         g.add_argument("--weights", choices=("auto", "int8"), default="auto",
                        help="how the packed inference weights are stored: auto (in --dtype) or int8 (per-channel "
                             "int8, half the bytes; needs --dtype bfloat16, CPU only; endless.int8) (default: %(default)s)")
+    if weights:
+        g.add_argument("--kernel", choices=("auto", "default", "onednn", "transposed", "linear"), default="auto",
+                       help="the packed weights' CPU kernel: auto (the one measured fastest on this CPU for this model, "
+                            "dtype and thread count; timed once, cached, shown by `endless info --kernels`), default "
+                            "(the fixed order oneDNN, transposed, F.linear) or one by name (default: %(default)s)")
     if compile:
         g.add_argument("--compile", action="store_true",
                        help="float32: compile the one-token weight products with TorchInductor (1.15-1.5x faster "
@@ -113,15 +118,23 @@ def write_json(path, payload) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2) + "\n"))
 
 
-def inference_model(model, *, pack: bool = True, compile: bool = False, weights: str = "auto"):
+def inference_model(model, *, pack: bool = True, compile: bool = False, weights: str = "auto", kernel: str = "auto"):
     """Our ``Transformer`` over ``model``, with packed inference weights unless ``pack`` is False
     (``endless.packed``: the fast per-token layout, one extra copy of the weights; autograd and
     LoRA still use the modules), with ``compile`` compiled one-token kernels (``endless.gemv``)
-    and with ``weights="int8"`` int8 copies instead (``endless.int8``; implies ``pack``)."""
+    and with ``weights="int8"`` int8 copies instead (``endless.int8``; implies ``pack``); ``kernel``
+    as ``Transformer.pack`` (``auto``: the kernel measured fastest here, ``endless.kernels``)."""
     from endless.stream import as_transformer
 
     model = as_transformer(model)
     have = model.packed.weights if model.packed is not None else None
-    if ((pack or weights != "auto") and have != weights) or (compile and not (model.packed and model.packed.compiled)):
-        model.pack(compile=compile, weights=weights)
+    if (((pack or weights != "auto") and (have != weights or model._kernel != kernel))
+            or (compile and not (model.packed and (model.packed.compiled or _compiled_timed(model))))):
+        model.pack(compile=compile, weights=weights, kernel=kernel)
     return model
+
+
+def _compiled_timed(model) -> bool:
+    """The kernel choice timed the compiled kernels already (and found them slower here)."""
+    choice = model.kernel_choice
+    return choice is not None and "compiled" in choice.ms

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from endless.eval.ppl import evaluate, plot, table
 
     hf, tok = load_from_args(args)
-    model = inference_model(hf, weights=args.weights)
+    model = inference_model(hf, weights=args.weights, kernel=args.kernel)
     ids = text_ids(tok, "kjv", args.tokens, longer_than=257)
     context = model.dims.context
     print(f"Streaming {ids.numel()} tokens of the King James Bible through {args.model} ({args.dtype}, trained "

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     policies = [parse_policy(s) for s in args.policy or ("window:1024", "sinks:4+1020", "dense")]
     questions = load_questions(args.data)[: args.questions]
     hf, tok = load_from_args(args)
-    model = inference_model(hf, weights=args.weights)
+    model = inference_model(hf, weights=args.weights, kernel=args.kernel)
     runs = []
     if not args.no_reference:
         with bar(total=len(questions), desc=REFERENCE, unit="q") as pbar:

@@ -67,7 +67,7 @@ def run_policies(args: argparse.Namespace, specs, *, title: str, reference: str 
         [parse_policy(s) for s in specs]  # bad specs fail before the model loads
     hf, tok = load_from_args(args)
     policies = [parse_policy(s) for s in (specs(tok) if callable(specs) else specs)]
-    model = inference_model(hf, weights=args.weights)
+    model = inference_model(hf, weights=args.weights, kernel=args.kernel)
     spans = [p.span() for p in policies if p.span() is not None]
     ids = text_ids(tok, args.text, args.tokens, longer_than=max(spans, default=0))
     prefix = getattr(args, "prefix_token", None)

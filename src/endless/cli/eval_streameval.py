@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise EndlessError(str(e)) from None
     hf, tok = load_from_args(args)
-    model = inference_model(hf, weights=args.weights)
+    model = inference_model(hf, weights=args.weights, kernel=args.kernel)
     results, curves, summary = [], {}, []
     distance = None
     for pol in policies:

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is None:
         args.threads = 1  # timings are compared, not maximised
     hf, _ = load_from_args(args, need_tokenizer=False)
-    model = inference_model(hf, pack=not args.no_pack, weights=args.weights)
+    model = inference_model(hf, pack=not args.no_pack, weights=args.weights, kernel=args.kernel)
     results = measure(model, pol.spec, warmup=args.warmup, rounds=args.rounds)
     r = ratios(results)
     print(f"{'policy':22s} {'mode':8s} {'ms/token':>9s} {'state bytes':>14s}")

@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     if not prompt.strip():
         raise EndlessError("empty prompt")
     hf, tok = load_from_args(args)
-    stream = Stream(inference_model(hf, compile=args.compile, weights=args.weights), policy)
+    stream = Stream(inference_model(hf, compile=args.compile, weights=args.weights, kernel=args.kernel), policy)
     if args.chat:
         if getattr(tok, "chat_template", None) is None:
             raise EndlessError("this model's tokenizer has no chat template; drop --chat")

@@ -17,11 +17,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "print what our runtime sees: architecture and model type, layers, hidden size, "
             "attention heads and KV heads (GQA), head dim, vocabulary, RoPE type and theta, the "
             "trained context length (max_position_embeddings), parameter count, dtype and the "
-            "folder the weights are loaded from (for GGUF, the converted cache). Refuses "
+            "folder the weights are loaded from (for GGUF, the converted cache), and on the CPU "
+            "the one-token kernel the packed weights use here (endless.kernels: measured once per "
+            "CPU, torch version, model, dtype and thread count, then cached). Refuses "
             "architectures the runtime does not support."
         ),
     )
     add_model_args(p)
+    p.add_argument("--kernels", action="store_true",
+                   help="time the packed kernels for this model, --dtype and --threads now (and cache the choice); "
+                        "without it, the cached choice is shown, or that none was measured yet")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the fields as JSON to PATH")
     p.set_defaults(func=run)
 
@@ -54,6 +59,21 @@ def describe(model, folder: str) -> dict:
     }
 
 
+def kernel_fields(hf, *, measure: bool) -> dict:
+    """``kernel`` (the choice, or why there is none) and, once measured, ``kernel_timings``."""
+    from endless import kernels
+    from endless.transformer import Transformer
+
+    model = Transformer(hf)
+    if model.device.type != "cpu":
+        return {"kernel": "the modules' own (packed kernels are for the CPU)"}
+    choice = kernels.choose(model, refresh=True) if measure else kernels.cached(model)
+    if choice is None:
+        return {"kernel": "not measured on this machine yet (at the first packed load, or now with --kernels)"}
+    return {"kernel": choice.name, "kernel_timings": choice.summary().split(" (", 1)[1].rstrip(")"),
+            "kernel_measured": choice.measured}
+
+
 def run(args: argparse.Namespace) -> int:
     model, _ = load_from_args(args, need_tokenizer=False)
     from endless.device import describe as device_name
@@ -62,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     fields = describe(model, model.endless_folder)
     fields["device"] = device_name(next(model.parameters()).device)
     fields["identity"] = model_identity(model)
+    fields.update(kernel_fields(model, measure=args.kernels))
     width = max(map(len, fields))
     for key, value in fields.items():
         shown = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else value

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
         read_text(args.filler)  # a missing or empty file: one line before the model loads
     hf, tok = load_from_args(args)
-    model = inference_model(hf, weights=args.weights)
+    model = inference_model(hf, weights=args.weights, kernel=args.kernel)
     if not specs:
         if args.fam:
             from endless.fam.checkpoint import read_meta

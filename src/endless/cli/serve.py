@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         raise EndlessError(f"endless serve needs the [serve] extra ({e.name} is missing): "
                            "pip install 'endless-lm[serve]'") from None
     hf, tok = load_from_args(args)
-    model = inference_model(hf, compile=args.compile, weights=args.weights)
+    model = inference_model(hf, compile=args.compile, weights=args.weights, kernel=args.kernel)
     name = Path(args.fam).name if args.fam else Path(str(args.model)).name
     engine = Engine(model, tok, policy, sessions_dir=args.sessions, max_sessions=args.max_sessions,
                     max_batch=args.max_batch, max_queue=args.max_queue, model_name=name)

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     policy = parse_policy(args.policy)  # a bad spec fails before the model loads
     cfg = SoakConfig(tokens=args.tokens, policy=policy.spec, span=args.span, chunk=args.chunk, seed=args.seed)
     hf, tok = load_from_args(args, need_tokenizer=False)
-    model = inference_model(hf, weights=args.weights)
+    model = inference_model(hf, weights=args.weights, kernel=args.kernel)
     ids = soak_ids(tok, model.dims.vocab, cfg.tokens, seed=cfg.seed)
 
     def progress(row: dict) -> None:
