@@ -103,8 +103,9 @@ def test_verify_reports_the_int8_distance():
 
     model = Transformer(tiny_model("llama", seed=4, initializer_range=0.2))
     rows = {v.check: v for v in verify_int8(model, ids_of(24))}
-    assert set(rows) == {"bfloat16", "int8"}
+    assert set(rows) == {"bfloat16", "int8", "int4"}
     assert 0 < rows["bfloat16"].max_abs_diff < rows["int8"].max_abs_diff < rows["int8"].tolerance
+    assert rows["int8"].max_abs_diff < rows["int4"].max_abs_diff < rows["int4"].tolerance
 
 
 def test_bench_int8_needs_bfloat16(capsys):

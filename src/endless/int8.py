@@ -138,11 +138,18 @@ def int8_linear(w: torch.Tensor, bias: torch.Tensor | None, *, activations: str 
 def agrees(fn: LinearFn, wq: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, *, rows: int = 3,
            tol: float = 3e-2) -> bool:
     """``fn`` equals ``F.linear`` on the dequantised weight for a random (rows, in) probe (bf16 tolerance)."""
-    x = torch.randn(rows, wq.shape[1], generator=torch.Generator().manual_seed(0)).to(scale.dtype)
+    return agrees_with(fn, dequantize(wq, scale), bias, rows=rows, tol=tol)
+
+
+def agrees_with(fn: LinearFn, weight: torch.Tensor, bias: torch.Tensor | None, *, rows: int = 3,
+                tol: float = 3e-2) -> bool:
+    """``fn`` equals ``F.linear`` on ``weight`` (what a quantised kernel should multiply by) for a
+    random (rows, in) probe in the weight's dtype, within ``tol`` of the output's largest value."""
+    x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
     try:
         with torch.no_grad():
             got = fn(x).float()
-            want = F.linear(x.float(), dequantize(wq, scale).float(), None if bias is None else bias.float())
+            want = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
     except (RuntimeError, NotImplementedError):
         return False
     return bool(torch.allclose(got, want, rtol=tol, atol=tol * float(want.abs().max())))

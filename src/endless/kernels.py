@@ -8,8 +8,8 @@ choice is measured where the model runs instead of fixed:
 
 - ``measure(model)`` builds the model's packed matrices once per candidate -- ``onednn``,
   ``transposed`` (float32), ``linear`` (``F.linear`` on the fused weight), ``compiled`` (float32,
-  only when asked: 20-60 s to build) and ``int8`` (bfloat16: reported, never chosen, because it
-  changes the results by the quantisation error; ``--weights int8`` asks for it) -- and times one
+  only when asked: 20-60 s to build), ``int8`` and ``int4`` (bfloat16: reported, never chosen,
+  because they change the results by the quantisation error; ``--weights`` asks for them) -- and times one
   decoded token's worth of products (every layer's q/k/v, o, gate/up, down and the LM head, one
   row each) in interleaved rounds, keeping each candidate's median. It also times the same
   products on a chunk of ``CHUNK`` rows (prefill, scoring): the fastest kernel for one row is not
@@ -147,6 +147,7 @@ def measure(model, *, compile: bool = False, rounds: int = 15) -> Choice:
             builds["compiled"] = {"kernel": "default", "compile": True}
     if bf16:
         builds["int8"] = {"weights": "int8"}
+        builds["int4"] = {"weights": "int4"}
     packs = {}
     for name, kw in builds.items():
         p = Packed(model.layers, model.lm_head, model._act, **kw)

@@ -54,8 +54,9 @@ class Dims:
 def check_weights(weights: str, dtype: torch.dtype, device: torch.device, *, compile: bool = False) -> None:
     """Refuse (one line, :class:`EndlessError`) a ``weights`` choice this model cannot run.
 
-    int8 weights run bfloat16 activations on the CPU: float32 activations through PyTorch's int8
-    kernel take 20-60x oneDNN's bfloat16 time (``endless.int8``), and there is no CUDA kernel here."""
+    int8 and int4 weights run bfloat16 activations on the CPU: float32 activations through
+    PyTorch's int8 kernel take 20-60x oneDNN's bfloat16 time (``endless.int8``), its int4 kernel
+    takes bfloat16 only (``endless.int4``), and there is no CUDA kernel here."""
     from endless.errors import EndlessError
     from endless.packed import WEIGHTS
 
@@ -64,12 +65,12 @@ def check_weights(weights: str, dtype: torch.dtype, device: torch.device, *, com
     if weights == "auto":
         return
     if dtype != torch.bfloat16:
-        raise EndlessError(f"int8 weights run bfloat16 activations (PyTorch's int8 kernel is 20-60x slower with {dtype}); "
-                           "use --dtype bfloat16")
+        raise EndlessError(f"{weights} weights run bfloat16 activations (PyTorch's {weights} kernels take bfloat16 "
+                           f"inputs; with {dtype} the int8 one is 20-60x slower); use --dtype bfloat16")
     if device.type != "cpu":
-        raise EndlessError("int8 weights are CPU kernels; on CUDA use --weights auto")
+        raise EndlessError(f"{weights} weights are CPU kernels; on CUDA use --weights auto")
     if compile:
-        raise EndlessError("--compile is for float32; int8 weights run their own kernels, drop --compile")
+        raise EndlessError(f"--compile is for float32; {weights} weights run their own kernels, drop --compile")
 
 
 class Transformer:

@@ -7,13 +7,16 @@ Targets (issue 5), all ratios measured in one run:
 - transformers / sinks at the same cache length: >= 1.5 (stretch: bfloat16 sinks <= llama.cpp);
 - chunked / token-by-token streaming perplexity: >= 20x faster, max |dlogprob| <= 1e-4 (float32);
 - decode GB/s, reported against the measured copy bandwidth (no threshold);
-- with ``--weights int8`` (issue 21): int8 / bfloat16 sinks per-token time <= 0.6 at each cache.
+- with ``--weights int8`` (issue 21): int8 / bfloat16 sinks per-token time <= 0.6 at each cache;
+  with ``int4``, the same ratio for int4 weights against the same goal, and int4 sinks against
+  llama.cpp on the shipped Q4_1 file (the same 4-bit grid) when llama.cpp runs.
 """
 
 from __future__ import annotations
 
 UNCOMPILED = "sinks uncompiled"  # float32: the packed path without endless.gemv, timed beside the compiled one
 INT8 = "sinks int8"  # bfloat16 activations with int8 weights (endless.int8, issue 21), beside bfloat16 sinks
+INT4 = "sinks int4"  # the same with int4 weights in groups of 32 (endless.int4)
 
 
 def _t(name: str, dtype: str, measured: float | None, goal: str, met: bool | None, how: str = "") -> dict:
@@ -48,6 +51,15 @@ def targets(result: dict) -> list[dict]:
             if ratio is not None:
                 out.append(_t(f"int8 / {dtype} sinks at cache {cache}", dtype, ratio, "<= 0.6", ratio <= 0.6,
                               "int8 weights, bfloat16 activations (endless.int8), interleaved with the bfloat16 path"))
+            ratio = c["ratios"].get(f"{INT4}/sinks")
+            if ratio is not None:
+                out.append(_t(f"int4 / {dtype} sinks at cache {cache}", dtype, ratio, "<= 0.6", ratio <= 0.6,
+                              "int4 weights in groups of 32, bfloat16 activations (endless.int4), interleaved"))
+                cpp = c["impls"].get("llama.cpp Q4_1")
+                if cpp is not None:
+                    r = c["impls"][INT4]["median_ms"] / cpp["median_ms"]
+                    out.append(_t(f"int4 sinks / llama.cpp Q4_1 at cache {cache}", dtype, r, "<= 1.0", r <= 1.0,
+                                  "our int4 weights against llama.cpp on the shipped Q4_1 GGUF"))
             for cpp_name, how in (("llama.cpp Q4_1", "llama.cpp on the shipped Q4_1 GGUF (4.5 bits per weight)"),
                                   ("llama.cpp", f"llama.cpp on the same weights in {dtype}")):
                 cpp = c["impls"].get(cpp_name)
@@ -75,7 +87,7 @@ def _fmt(x: float | None, spec: str = ".1f") -> str:
 
 def decode_table(result: dict) -> str:
     """Markdown: per-token latency of every implementation at every cache length."""
-    names = ["sinks", UNCOMPILED, INT8, "dense", "recompute", "transformers", "llama.cpp", "llama.cpp Q4_1"]
+    names = ["sinks", UNCOMPILED, INT8, INT4, "dense", "recompute", "transformers", "llama.cpp", "llama.cpp Q4_1"]
     present = {n for run in result["runs"].values() for c in run["decode"] for n in c["impls"]}
     names = [n for n in names if n in present or n in ("sinks", "dense", "recompute", "transformers")]
     lines = ["| dtype | cache | " + " | ".join(f"{n} ms" for n in names)

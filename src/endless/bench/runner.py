@@ -24,7 +24,7 @@ from endless.bench.decode import OursDecoder, decode_cell, weight_bytes
 from endless.bench.memory import measure
 from endless.bench.positions import position_sweep
 from endless.bench.ppl import ppl_throughput
-from endless.bench.report import INT8, UNCOMPILED
+from endless.bench.report import INT4, INT8, UNCOMPILED
 from endless.bench.timing import machine
 from endless.models import load
 from endless.transformer import Transformer
@@ -43,7 +43,7 @@ class BenchConfig:
     threads: int = 1
     pack: bool = True
     compile: bool = True  # float32: compiled one-token kernels (endless.gemv), timed against the uncompiled path
-    weights: str = "auto"  # int8: bfloat16 sinks with int8 weights (endless.int8) timed beside bfloat16's (issue 21)
+    weights: str = "auto"  # int8 / int4 / int8,int4: bfloat16 sinks with those weights timed beside bfloat16's (issue 21)
     chunk: int = 128
     caches: tuple[int, ...] = (256, 512, 1024, 2048, 4096)
     rounds: int = 48
@@ -130,10 +130,11 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict:
         if run["compiled_matrices"]:
             eager = Transformer(hf, pack=True)
             extra[UNCOMPILED] = lambda length, m=eager, ids_=ids: OursDecoder(m, f"sinks:4+{length - 4}", ids_, length)
-        if config.weights == "int8" and config.pack and dtype == "bfloat16":
-            int8 = Transformer(hf, weights="int8")
-            run["int8_packed_bytes"] = int8.packed.nbytes
-            extra[INT8] = lambda length, m=int8, ids_=ids: OursDecoder(m, f"sinks:4+{length - 4}", ids_, length)
+        for quant, label in (("int8", INT8), ("int4", INT4)):
+            if quant in config.weights.split(",") and config.pack and dtype == "bfloat16":
+                q = Transformer(hf, weights=quant)
+                run[f"{quant}_packed_bytes"] = q.packed.nbytes
+                extra[label] = lambda length, m=q, ids_=ids: OursDecoder(m, f"sinks:4+{length - 4}", ids_, length)
         if gguf is not None:
             # llama.cpp on the same weights in this dtype and, once, on the shipped Q4_1 file.
             files = {"llama.cpp": llamacpp.dequantized_gguf(gguf, dtype)}
@@ -151,7 +152,7 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict:
                 with_hf=config.with_hf, extra=extra, sync=sync,
             ))
         extra.clear()
-        eager = int8 = None
+        eager = q = None
         gc.collect()
         with tqdm(total=max(config.positions), desc=f"positions {dtype}", disable=not progress) as bar:
             run["positions"] = position_sweep(model, ids, list(config.positions), rounds=config.position_rounds,

@@ -42,9 +42,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="float32: compiled one-token kernels (endless.gemv), timed beside the uncompiled path "
                         "(default: on for the full run, off with --quick)")
-    p.add_argument("--weights", choices=("auto", "int8"), default="auto",
-                   help="int8: also time bfloat16 sinks with int8 weights (endless.int8) in the same interleaved "
-                        "rounds, and report int8/bfloat16 per cache length (needs bfloat16 in --dtype)")
+    p.add_argument("--weights", choices=("auto", "int8", "int4", "int8,int4"), default="auto",
+                   help="int8 / int4 / int8,int4: also time bfloat16 sinks with those weights (endless.int8, "
+                        "endless.int4) in the same interleaved rounds, and report each / bfloat16 per cache length "
+                        "(needs bfloat16 in --dtype)")
     p.add_argument("--no-transformers", action="store_true", help="skip transformers' own decoding")
     p.add_argument("--no-llamacpp", action="store_true", help="skip llama.cpp even if installed")
     p.add_argument("--no-isolated-rss", action="store_true", help="skip the one-process-per-cell peak RSS runs")
@@ -86,8 +87,8 @@ def config_from_args(args: argparse.Namespace):
     if args.no_isolated_rss:
         changes["isolated_memory"] = False
     cfg = dataclasses.replace(base, **changes)
-    if cfg.weights == "int8" and ("bfloat16" not in cfg.dtypes or not cfg.pack):
-        raise EndlessError("--weights int8 is timed beside bfloat16: add --dtype bfloat16 (or both) and drop --no-pack")
+    if cfg.weights != "auto" and ("bfloat16" not in cfg.dtypes or not cfg.pack):
+        raise EndlessError(f"--weights {cfg.weights} is timed beside bfloat16: add --dtype bfloat16 (or both) and drop --no-pack")
     if min(cfg.caches) <= 8:
         raise EndlessError("cache lengths must be > 8 (4 sinks + a window)")
     if cfg.position_window >= min(cfg.positions):

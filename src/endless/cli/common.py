@@ -13,7 +13,7 @@ DTYPES = ("float32", "bfloat16")
 def add_model_args(parser: argparse.ArgumentParser, *, dtype_default: str = "float32", fam: bool = True,
                    compile: bool = False, weights: bool = False) -> None:
     """--model, --dtype, --threads, (with ``fam``) --fam CHECKPOINT, (with ``compile``) --compile and
-    (with ``weights``, commands whose model goes through ``inference_model``) --weights {auto,int8}.
+    (with ``weights``, commands whose model goes through ``inference_model``) --weights {auto,int8,int4}.
 
     --weights is separate from --dtype because it names how the packed weights are stored, not
     what the activations compute in: ``--dtype bfloat16 --weights int8`` is int8 weights with
@@ -31,9 +31,11 @@ def add_model_args(parser: argparse.ArgumentParser, *, dtype_default: str = "flo
                        help="a checkpoint from `endless train fam`: its base model with the LoRA merged and the "
                             "learned FAM prompt (replaces --model; use its fam:BxM+F policy)")
     if weights:
-        g.add_argument("--weights", choices=("auto", "int8"), default="auto",
-                       help="how the packed inference weights are stored: auto (in --dtype) or int8 (per-channel "
-                            "int8, half the bytes; needs --dtype bfloat16, CPU only; endless.int8) (default: %(default)s)")
+        g.add_argument("--weights", choices=("auto", "int8", "int4"), default="auto",
+                       help="how the packed inference weights are stored: auto (in --dtype), int8 (per-channel "
+                            "int8, half the bytes; endless.int8) or int4 (groups of 32, a quarter of the bytes "
+                            "per decoded token; endless.int4); int8/int4 need --dtype bfloat16, CPU only "
+                            "(default: %(default)s)")
     if weights:
         g.add_argument("--kernel", choices=("auto", "default", "onednn", "transposed", "linear"), default="auto",
                        help="the packed weights' CPU kernel: auto (the one measured fastest on this CPU for this model, "

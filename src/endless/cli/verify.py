@@ -33,8 +33,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", type=int_range("--tokens", 2, BIG), default=None, help="stream length (default: 64, or 3x the window)")
     p.add_argument("--chunk", type=CHUNK.arg, default=64, help="chunk size of the streaming run (default: %(default)s)")
     p.add_argument("--tolerance", type=float_range("--tolerance", 0.0, 1e6, open_low=True), default=None, help="override the tolerance")
-    p.add_argument("--int8", action="store_true",
-                   help="also check int8 weights (--weights int8: bfloat16 activations, endless.int8) and packed "
+    p.add_argument("--quantized", "--int8", dest="int8", action="store_true",
+                   help="also check int8 and int4 weights (--weights int8/int4: bfloat16 activations, endless.int8, "
+                        "endless.int4) and packed "
                         "bfloat16 against the forward in --dtype (float32: the reference), token by token")
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON")
     p.set_defaults(func=run)
