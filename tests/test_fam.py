@@ -30,7 +30,7 @@ def parallel_lp(model, ids, spec):
 
 
 @pytest.mark.parametrize("spec", ["fam:8x1+4", "fam:8x0+4", "fam:5x2+8", "fam:8x1+0", "fam:8x1+4,firstres",
-                                  "fam:8x1+4,norm", "fam:8x1+4,null"])
+                                  "fam:8x1+4,norm", "fam:8x1+4,null", "fam:8x1+4,null,gate"])
 @pytest.mark.parametrize("chunk", [1, 7, 64])
 def test_streaming_equals_parallel(model, spec, chunk):
     ids = ids_of(45, seed=1, batch=2)
@@ -60,6 +60,31 @@ def test_null_slot_lets_the_update_attend_to_nothing(model):
     assert torch.equal(plain[:, :7], null[:, :7])  # lp[j]: the logits at position j; block 0 reads the prompt
     assert (plain[:, 8:] - null[:, 8:]).abs().max().item() > 1e-4
     assert parse_policy("fam:8x1+4,null").spec == "fam:8x1+4,null"
+
+
+def test_gate_scales_the_update_ffn_by_the_attention_on_real_keys(model):
+    """``gate``: each FAM row's FFN term is multiplied by its attention mass on real keys, so a row
+    whose update attends only to the null slot stays exactly as it was."""
+    from endless.errors import EndlessError
+    from endless.fam.memory import fam_update
+
+    pol = parse_policy("fam:8x1+4,null,gate")
+    assert pol.spec == "fam:8x1+4,null,gate"
+    for bad in ("fam:8x1+4,gate", "fam:8x1+4,null,gate,noffn"):
+        with pytest.raises(EndlessError, match="gate"):
+            parse_policy(bad)
+    ids = ids_of(24, seed=3)
+    assert (parallel_lp(model, ids, "fam:8x1+4,null") - parallel_lp(model, ids, spec=pol.spec))[:, 8:].abs().max() > 1e-5
+    # an update whose every key scores far below the null slot's 0: the rows stay exactly as they were
+    h, kv, d = model.dims.n_heads, model.dims.n_kv_heads, model.dims.head_dim
+    fam = torch.randn(1, 4, model.dims.hidden)
+    q, k_fam, k_block = torch.ones(1, h, 4, d), -100 * torch.ones(1, kv, 4, d), -100 * torch.ones(1, kv, 8, d)
+    with torch.no_grad():
+        kept = fam_update(model, 0, fam, q, k_fam, torch.randn(1, kv, 4, d), k_block, torch.randn(1, kv, 8, d),
+                          first=False, policy=pol)
+        moved = fam_update(model, 0, fam, q, k_fam, torch.randn(1, kv, 4, d), k_block, torch.randn(1, kv, 8, d),
+                           first=False, policy=parse_policy("fam:8x1+4,null"))
+    assert torch.equal(kept, fam) and not torch.allclose(moved, fam, atol=1e-3)
 
 
 def test_norm_keeps_every_fam_row_at_unit_rms(model):

@@ -7,7 +7,8 @@
   input of layer l. It depends only on the weights, so inference computes it once.
 - ``fam_update``: FAM rows (queries from the previous FAM, positions of the previous FAM)
   attend to the previous FAM and the whole current block (no memory blocks), residual from the
-  previous FAM (zero on the very first update), then the layer's own FFN. The new FAM takes the
+  previous FAM (zero on the very first update), then the layer's own FFN (with ``gate``, scaled
+  by the row's attention mass on real keys). The new FAM takes the
   positions of the block's last F tokens.
 """
 
@@ -98,8 +99,9 @@ def fam_update(
     stream's first update (zero residual); a bool tensor (B,) says so per row, for a batch whose
     rows start from different states (``parallel_forward``'s ``fresh``).
     """
+    probs: list | None = [] if policy.gate else None
     o = softmax_attention(fq * model.scale, torch.cat([fk, block_k], dim=2), torch.cat([fv, block_v], dim=2),
-                          null_slot=policy.null_slot)
+                          null_slot=policy.null_slot, probs=probs)
     b, _, c, _ = o.shape
     attn = model.layers[i].self_attn.o_proj(o.transpose(1, 2).reshape(b, c, -1))
     # the paper: zero residual on the very first update (``firstres`` keeps it, see FAM)
@@ -110,7 +112,11 @@ def fam_update(
         a = attn if first and not policy.first_residual else fam + attn
     if policy.update_ffn:
         layer = model.layers[i]
-        a = a + layer.mlp(layer.post_attention_layernorm(a))
+        ffn = layer.mlp(layer.post_attention_layernorm(a))
+        if probs:  # *ours* (FAM.gate): the FFN writes as much as the row attended to real keys
+            mass = probs[0].sum(-1).mean(dim=(1, 2))  # (B, KV, G, F, N) -> (B, F)
+            ffn = ffn * mass[..., None].to(ffn.dtype)
+        a = a + ffn
     if policy.normalize:  # *ours*: keep the state on the unit-RMS sphere (see FAM.normalize)
         a = a * torch.rsqrt(a.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(a.dtype)
     return a

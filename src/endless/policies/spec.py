@@ -38,7 +38,7 @@ from endless.errors import EndlessError
 
 SPEC_HELP = (
     "valid policies: dense | window:W | recompute:W | sinks:S+W[,sink=#TOKEN_ID] | sinks:prefix+W | bswa:BxM "
-    "| fam:BxM+F[,firstres][,norm][,null][,noffn|static|detach] "
+    "| fam:BxM+F[,firstres][,norm][,null[,gate]][,noffn|static|detach] "
     "(e.g. sinks:4+1020, window:1024, bswa:64x3, fam:64x1+16)"
 )
 
@@ -256,6 +256,12 @@ class FAM(_Runs):
     nothing, so a block of filler need not be written into the memory at all. Without it the rows'
     weights sum to one over the FAM and the block, and the first layer's FAM becomes a running
     sum of filler that dilutes the key (docs/experiments/fam-notebook.md section 7.2). No new weights.
+
+    ``gate=True`` (*ours*, flag ``gate``, needs ``null``) scales the update's FFN term of each FAM
+    row by that row's attention mass on the real keys (one minus what went to the null slot,
+    averaged over heads): a row that attends to nothing is left exactly as it was, where the
+    paper's update always adds its FFN's output and so moves every row on every block, key or
+    filler. A write gate made of the update's own attention weights, no new weights.
     """
 
     block: int
@@ -267,18 +273,22 @@ class FAM(_Runs):
     first_residual: bool = False
     normalize: bool = False
     null_slot: bool = False
+    gate: bool = False
     kind = "fam"
 
     def __post_init__(self) -> None:
         _positive("block", self.block)
         if self.memory < 0 or self.fam < 0:
             raise EndlessError(f"memory blocks and FAM rows must be >= 0, got {self.memory} and {self.fam}")
+        if self.gate and not (self.null_slot and self.update_ffn):
+            raise EndlessError("fam option gate scales the update's FFN by the attention not given to the null slot: "
+                               "it needs null (and the FFN, so not noffn)")
 
     @property
     def spec(self) -> str:
         flags = [n for n, on in (("noffn", not self.update_ffn), ("static", self.static_query), ("detach", self.detach),
                                  ("firstres", self.first_residual), ("norm", self.normalize),
-                                 ("null", self.null_slot)) if on]
+                                 ("null", self.null_slot), ("gate", self.gate)) if on]
         return f"fam:{self.block}x{self.memory}+{self.fam}" + "".join(f",{f}" for f in flags)
 
     def as_bswa(self) -> BSWA:
@@ -331,7 +341,7 @@ def _parse_fam(args: str, kind: str) -> Policy:
     if not m:
         raise ValueError(args)
     known = {"noffn": "update_ffn", "static": "static_query", "detach": "detach", "firstres": "first_residual", "norm": "normalize",
-             "null": "null_slot"}
+             "null": "null_slot", "gate": "gate"}
     unknown = [f for f in flags if f not in known]
     if unknown:
         raise EndlessError(f"unknown fam option {unknown[0]!r}; options: {', '.join(known)}")
