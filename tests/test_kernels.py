@@ -21,7 +21,10 @@ def test_measure_times_every_candidate_and_keeps_an_exact_one():
     f32 = kernels.measure(Transformer(tiny_model("llama", seed=1)), rounds=3)
     assert set(f32.ms) == {"onednn", "transposed", "linear"} or set(f32.ms) == {"transposed", "linear"}
     assert f32.kernel == min(f32.ms, key=f32.ms.get)
-    assert f32.chunk_kernel == min(f32.chunk_ms, key=f32.chunk_ms.get)
+    fastest = min(f32.chunk_ms, key=f32.chunk_ms.get)
+    # a chunk kernel of its own only when it pays for the second copy of the weights
+    split = f32.chunk_ms[f32.kernel] >= kernels.SPLIT_GAIN * f32.chunk_ms[fastest]
+    assert f32.chunk_kernel == (fastest if split else f32.kernel)
     assert all(v > 0 for v in (*f32.ms.values(), *f32.chunk_ms.values()))
     bf16 = kernels.measure(Transformer(tiny_model("llama", seed=1).to(torch.bfloat16)), rounds=3)
     # int8 is timed (reported beside the others) but never chosen: it changes the results
