@@ -4,20 +4,13 @@ against bfloat16, chunked against token-by-token, the kernel's fallback and the 
 import pytest
 import torch
 import torch.nn.functional as F
+from quant_helpers import bf16_model, ids_of
 
 from endless.errors import EndlessError
 from endless.int4 import CHUNK_ROWS, GROUP, dequantize, int4_linear, quantize
 from endless.models.tiny import tiny_model
 from endless.stream import Stream
 from endless.transformer import Transformer
-
-
-def ids_of(n, seed=0):
-    return torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(seed))
-
-
-def bf16_model(seed=2):
-    return tiny_model("llama", seed=seed, initializer_range=0.2).to(torch.bfloat16)
 
 
 def test_quantize_takes_groups_of_32_within_half_a_step():

@@ -167,7 +167,7 @@ def measure(model, *, compile: bool = False, rounds: int = 15) -> Choice:
     times: dict[str, list[float]] = {name: [] for name in packs}
     chunk_times: dict[str, list[float]] = {name: [] for name in packs if name in EAGER}
     with torch.inference_mode():
-        for name, p in packs.items():  # warm-up: first calls pay for lazy set-up
+        for p in packs.values():  # warm-up: first calls pay for lazy set-up
             _products(p, inputs)
         for r in range(rounds):  # interleaved, so a load change on the machine hits every candidate
             for name, p in packs.items():

@@ -19,13 +19,13 @@ from transformers.utils import logging as hf_logging
 
 from endless.bench import llamacpp
 from endless.bench.bandwidth import bandwidth
-from endless.kernels import CHUNK
 from endless.bench.decode import OursDecoder, decode_cell, weight_bytes
 from endless.bench.memory import measure
 from endless.bench.positions import position_sweep
 from endless.bench.ppl import ppl_throughput
 from endless.bench.report import INT4, INT8, UNCOMPILED
 from endless.bench.timing import machine
+from endless.kernels import CHUNK
 from endless.models import load
 from endless.transformer import Transformer
 
