@@ -30,7 +30,8 @@ def parallel_lp(model, ids, spec):
 
 
 @pytest.mark.parametrize("spec", ["fam:8x1+4", "fam:8x0+4", "fam:5x2+8", "fam:8x1+0", "fam:8x1+4,firstres",
-                                  "fam:8x1+4,norm", "fam:8x1+4,null", "fam:8x1+4,null,gate"])
+                                  "fam:8x1+4,norm", "fam:8x1+4,null", "fam:8x1+4,null,gate",
+                                  "fam:8x1+4,null,gate,skip0"])
 @pytest.mark.parametrize("chunk", [1, 7, 64])
 def test_streaming_equals_parallel(model, spec, chunk):
     ids = ids_of(45, seed=1, batch=2)
@@ -85,6 +86,20 @@ def test_gate_scales_the_update_ffn_by_the_attention_on_real_keys(model):
         moved = fam_update(model, 0, fam, q, k_fam, torch.randn(1, kv, 4, d), k_block, torch.randn(1, kv, 8, d),
                            first=False, policy=parse_policy("fam:8x1+4,null"))
     assert torch.equal(kept, fam) and not torch.allclose(moved, fam, atol=1e-3)
+
+
+def test_skip0_keeps_layer_0_on_its_initial_fam(model):
+    """``skip0``: layer 0's FAM is the prompt's initial one after any number of blocks, the layers
+    above update as before."""
+    from endless.fam.memory import initial_fam
+
+    ids = ids_of(45, seed=2)
+    s = Stream(model, "fam:8x1+4,skip0")
+    s.feed(ids)
+    init = initial_fam(model, s.state.prompt if hasattr(s.state, "prompt") else FamPrompt.neutral(model, 4))
+    assert torch.equal(s.state.fam[0, 0], init[0].to(s.state.fam.dtype))
+    assert not torch.allclose(s.state.fam[1, 0], init[1].to(s.state.fam.dtype))
+    assert parse_policy("fam:8x1+4,skip0").spec == "fam:8x1+4,skip0"
 
 
 def test_norm_keeps_every_fam_row_at_unit_rms(model):

@@ -96,7 +96,7 @@ def naive_fam_logits(hf, ids: torch.Tensor, policy: "FAM | str", prompt: torch.T
     """Logits (B, T, V) of ``ids`` (B, T) under a FAM policy, for a Llama ``hf`` (transformers) and
     the learned prompt embeddings ``prompt`` (F, d). Covers the paper's update and ``firstres``."""
     policy = parse_policy(policy)
-    if not isinstance(policy, FAM) or policy.static_query or policy.detach or policy.normalize or policy.null_slot or not policy.update_ffn:
+    if not isinstance(policy, FAM) or policy.static_query or policy.detach or policy.normalize or policy.null_slot or policy.skip_first or not policy.update_ffn:
         raise ValueError("the oracle covers the paper's FAM update (and firstres) only")
     bl, m, f = policy.block, policy.memory, policy.fam
     layers = hf.model.layers

@@ -99,6 +99,8 @@ def fam_update(
     stream's first update (zero residual); a bool tensor (B,) says so per row, for a batch whose
     rows start from different states (``parallel_forward``'s ``fresh``).
     """
+    if i == 0 and policy.skip_first:  # *ours* (FAM.skip_first): layer 0 keeps its initial FAM
+        return fam
     probs: list | None = [] if policy.gate else None
     o = softmax_attention(fq * model.scale, torch.cat([fk, block_k], dim=2), torch.cat([fv, block_v], dim=2),
                           null_slot=policy.null_slot, probs=probs)
