@@ -27,6 +27,8 @@ SITE=/tmp/endless-site
 FAM_MINUTES=${FAM_MINUTES:-4}
 # The paper's shape (B=1024, F=64; M=0 as its PassKey runs): 16x fewer sequential memory updates
 # than fam:64x1+16, whose H200 run was launch-bound (54 steps in 4 min, benchmarks/gpu/README.md)
+# the tiny model's best recipe adds ",null,gate" (and "skip0": benchmarks/fam-passkey-tiny/results/tiny_recipe.md);
+# untested on SmolLM2, so the default stays the measured one: POLICY="fam:1024x0+64,firstres,null,gate" to try it
 POLICY=${POLICY:-fam:1024x0+64,firstres}
 # overridable for a CPU smoke run of the script (e.g. DEVICE=cpu FAM_MINUTES=0.3 PK_LENGTHS=300 ...)
 DEVICE=${DEVICE:-cuda}
