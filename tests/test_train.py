@@ -412,7 +412,8 @@ def test_unexplored_rows_start_from_explored_states_and_fresh_rows_as_usual():
 
     from endless.fam import initial_fam
     from endless.policies.spec import parse_policy
-    from endless.train.tiny import build_model, unexplored_start
+    from endless.train.states import unexplored_start
+    from endless.train.tiny import build_model
 
     policy = parse_policy("fam:8x1+4")
     cfg = TinyConfig(batch=6, unexplored=0.5)
@@ -421,7 +422,8 @@ def test_unexplored_rows_start_from_explored_states_and_fresh_rows_as_usual():
     ids = torch.randint(12, 128, (6, 21))
     with torch.no_grad():
         _, last = parallel_forward(model, torch.randint(12, 128, (6, 30)), policy, prompt, return_state=True)
-        init, fresh = unexplored_start(model, prompt, last, cfg, random.Random(1), torch.Generator().manual_seed(0))
+        init, fresh = unexplored_start(model, prompt, last, 0.5, "batch", random.Random(1),
+                                       torch.Generator().manual_seed(0))
         assert fresh.any() and (~fresh).any() and len(init) == 2 and init[0].shape == (6, 4, 64)
         start = initial_fam(model, prompt)
         for s, s0, fin in zip(init, start, last, strict=True):
@@ -433,17 +435,58 @@ def test_unexplored_rows_start_from_explored_states_and_fresh_rows_as_usual():
         assert torch.allclose(mixed[fresh], plain[fresh], atol=1e-5)
         assert torch.allclose(mixed[~fresh], cont[~fresh], atol=1e-5)
         assert not torch.allclose(mixed[~fresh], plain[~fresh], atol=1e-3)
-        noise, _ = unexplored_start(model, prompt, last, replace_cfg(cfg, unexplored=1.0, unexplored_from="noise"),
-                                    random.Random(1), torch.Generator().manual_seed(0))
+        noise, _ = unexplored_start(model, prompt, last, 1.0, "noise", random.Random(1), torch.Generator().manual_seed(0))
         assert all(n.shape == fin.shape and not any(torch.equal(n[0], x) for x in fin) for n, fin in zip(noise, last, strict=True))
-        assert unexplored_start(model, prompt, last, replace_cfg(cfg, unexplored=0.0), random.Random(1),
-                                torch.Generator()) == (None, None)
+        assert unexplored_start(model, prompt, last, 0.0, "batch", random.Random(1), torch.Generator()) == (None, None)
+        one, _ = unexplored_start(model, prompt, [s[:1] for s in last], 1.0, "noise", random.Random(1),
+                                  torch.Generator().manual_seed(0))  # one sequence: its rows' spread
+        assert all(n.shape == (1, 4, 64) and torch.isfinite(n).all() for n in one)
 
 
-def replace_cfg(cfg, **kw):
-    from dataclasses import replace
+def test_graded_cut_keeps_at_most_the_cap_in_whole_blocks():
+    from endless.train.states import graded_cut
 
-    return replace(cfg, **kw)
+    assert [graded_cut(n, 128, 32) for n in (100, 128, 129, 160, 161, 1000)] == [0, 0, 32, 32, 64, 896]
+    assert graded_cut(1000, 0, 32) == 0  # no cap
+
+
+def test_lora_recipe_options_cut_long_sequences_and_start_from_explored_states(folder, tmp_path, monkeypatch):
+    """train fam --grad-cap: a sequence longer than the cap runs its start (whole blocks) without
+    gradient through ``FamModule.hold``, whose FAM equals the stream's after the same tokens, and
+    the graded rest goes on from it at its stream positions; --rsp-after and --unexplored (noise)
+    train too, and every option reaches the checkpoint's record."""
+    from endless.fam.state import FamState
+    from endless.train.fam import FamModule
+
+    held = []
+    real_hold = FamModule.hold
+
+    def spy(self, ids, offset=0, init_state=None, fresh=None):
+        held.append((ids.shape[1], offset, init_state is not None))
+        return real_hold(self, ids, offset, init_state, fresh)
+
+    monkeypatch.setattr(FamModule, "hold", spy)
+    cfg = FamTrainConfig(model=str(folder), policy="fam:32x1+4", steps=4, lr=1e-2, prompt_lr=1e-2, lora_rank=4,
+                         min_len=250, max_len=270, grad_cap=128, rsp=0.5, rsp_after=2, unexplored=1.0,
+                         unexplored_after=1, unexplored_from="noise", log_every=2)
+    res = train(cfg, out=tmp_path / "ck", progress=False)
+    assert len(res.losses) == 4 and all(torch.isfinite(torch.tensor(res.losses)))
+    assert len(held) == 4 and all(n in (128, 160) and offset == 0 for n, offset, _ in held)  # 250-270 tokens, cap 128
+    assert [from_state for _, _, from_state in held] == [False, True, True, True]  # step 0 from the prompt
+    record = json.loads((tmp_path / "ck" / "fam.json").read_text())["train"]
+    assert (record["grad_cap"], record["rsp_after"], record["unexplored"], record["unexplored_from"]) == (128, 2, 1.0, "noise")
+    # the held FAM is the stream's after the same tokens
+    module = res.module
+    ids = torch.randint(0, 257, (1, 160), generator=torch.Generator().manual_seed(3))
+    stream = FamState(module.model, module.policy, prompt=module.prompt, batch=1)
+    with torch.no_grad():
+        stream.forward(ids)
+        for got, want in zip(real_hold(module, ids), stream.fam, strict=True):
+            assert torch.allclose(got, want, atol=1e-4)
+    for bad, flag in (({"grad_cap": 100}, "--grad-cap"), ({"unexplored_from": "zeros"}, "--unexplored-from"),
+                      ({"unexplored": 2.0}, "--unexplored"), ({"rsp_after": -1}, "--rsp-after")):
+        with pytest.raises(EndlessError, match=flag):
+            FamTrainConfig(policy="fam:32x1+4", **bad)
 
 
 def test_recipe_flags_reach_the_run_and_its_json(tmp_path):

@@ -76,6 +76,20 @@ def _add_fam(tsub) -> None:
     p.add_argument("--rsp-shuffle", action="store_true",
                    help="with --rsp: each sequence starts from the final FAM of a random sequence of the last "
                         "step (default: all from the first sequence's, the paper's)")
+    p.add_argument("--rsp-after", type=RULES["rsp_after"].arg, default=d.rsp_after, metavar="STEP",
+                   help="first step of --rsp (the paper's state passing after a warm-up) (default: %(default)s)")
+    p.add_argument("--unexplored", type=RULES["unexplored"].arg, default=d.unexplored, metavar="P",
+                   help="unexplored states (Buitrago Ruiz and Gu 2025): a sequence starts with probability P from an "
+                        "explored FAM state (see --unexplored-from) instead of the learned prompt (default: off)")
+    p.add_argument("--unexplored-after", type=RULES["unexplored_after"].arg, default=d.unexplored_after, metavar="STEP",
+                   help="first step of --unexplored (default: %(default)s)")
+    p.add_argument("--unexplored-from", default=d.unexplored_from, metavar="SOURCE",
+                   help="batch: the last step's final FAMs, permuted (one sequence per step: its own, as --rsp); "
+                        "noise: Gaussian with their statistics (default: %(default)s)")
+    p.add_argument("--grad-cap", type=RULES["grad_cap"].arg, default=d.grad_cap, metavar="N",
+                   help="back-propagate through at most the last N tokens of a sequence: its start runs without "
+                        "gradient and hands its FAM on (truncated back-propagation over long holds, so --curriculum "
+                        "can reach lengths a backward pass cannot); a whole number of blocks (default: 0, all)")
     p.add_argument("--minutes", type=RULES["minutes"].arg, default=None, metavar="M",
                    help="stop training after M minutes (the checkpoint is written all the same; set --steps high)")
     p.add_argument("--curriculum", type=number_list(int, what="curriculum lengths"), default=(), metavar="N,N",
@@ -368,6 +382,8 @@ def run_fam(args: argparse.Namespace) -> int:
         dtype=args.dtype, seed=args.seed, device=args.device, mixed_precision=args.mixed_precision,
         grad_checkpoint=args.grad_checkpoint, minutes=args.minutes, curriculum=tuple(args.curriculum),
         curriculum_loss=args.curriculum_loss, rsp_shuffle=args.rsp_shuffle, filler=args.filler,
+        rsp_after=args.rsp_after, grad_cap=args.grad_cap, unexplored=args.unexplored,
+        unexplored_after=args.unexplored_after, unexplored_from=args.unexplored_from,
     )
     if args.filler:
         from endless.data.texts import read_text

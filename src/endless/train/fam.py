@@ -17,7 +17,11 @@ checkpoint is written all the same), and ``curriculum`` grows the longest traini
 stages, i.e. the number of memory updates a key must survive (the curriculum of "Recurrent
 Memory Transformer", section 4: add segments once the current count is learned): a stage ends
 when the recent answer loss is below ``curriculum_loss``, or when its share of the budget
-(steps, or minutes) is spent.
+(steps, or minutes) is spent. The rest of the recipe (``endless.train.states``): ``grad_cap``
+back-propagates through the last ``grad_cap`` tokens of a longer sequence only (its start runs
+without gradient and hands its FAM on: truncated back-propagation over a long hold, so a
+curriculum can reach holds far longer than what fits a backward pass), ``rsp`` from step
+``rsp_after`` on, and ``unexplored`` states (another sequence's final FAM, or noise).
 
 Runs unchanged under several processes: everything goes through ``accelerate`` (one
 ``Accelerator``, ``prepare`` of the trainable module and optimizer, DDP gradient all-reduce,
@@ -46,6 +50,7 @@ from endless.fam import FamPrompt, parallel_forward
 from endless.peft_quiet import quiet_peft
 from endless.policies.spec import BSWA, FAM, parse_policy
 from endless.train.curriculum import Stages
+from endless.train.states import UNEXPLORED_SOURCES, graded_cut, passed_state, unexplored_start
 from endless.transformer import Transformer
 from endless.validate import BATCH, BIG, LR, MINUTES, SEED, Rule, check_fields, choice, ordered, probability, rules
 
@@ -62,7 +67,8 @@ RULES = rules(
     Rule("lora_rank", int, 1, 4096), Rule("lora_alpha", float, 0.0, None, open_low=True),
     Rule("min_len", int, 1, BIG), Rule("max_len", int, 1, BIG), Rule("digits", int, 1, 64),
     probability("max_depth"), probability("text_fraction"), probability("rsp"), SEED, Rule("log_every", int, 1, BIG),
-    MINUTES, Rule("curriculum_loss", float, 0.0, 100.0),
+    MINUTES, Rule("curriculum_loss", float, 0.0, 100.0), Rule("rsp_after", int, 0, BIG), Rule("grad_cap", int, 0, BIG),
+    probability("unexplored"), Rule("unexplored_after", int, 0, BIG),
 )
 
 
@@ -89,6 +95,7 @@ class FamTrainConfig:
     all_tokens: bool = False
     rpo: bool = False
     rsp: float = 0.0  # probability of starting from the previous step's final FAM
+    rsp_after: int = 0  # ... from this step on (the paper's RSP after a warm-up)
     prompt_init: str = " summary"
     init: str | None = None  # a checkpoint to train further (its policy, LoRA shape and prompt)
     dtype: str = "float32"
@@ -102,11 +109,20 @@ class FamTrainConfig:
     curriculum_loss: float = 0.0  # a stage ends early once its recent answer loss is below this
     rsp_shuffle: bool = False  # RSP from the final FAM of a random sequence of the previous batch
     filler: str | None = None  # prose (a file, kjv, shakespeare) instead of the paper's filler sentences
+    grad_cap: int = 0  # *ours*: back-propagate through at most this many tokens of a sequence (0: all)
+    unexplored: float = 0.0  # unexplored states: probability that a sequence starts from an explored state
+    unexplored_after: int = 0  # ... from this step on
+    unexplored_from: str = "batch"  # "batch": the last step's final FAMs, permuted; "noise": drawn like them
 
     def __post_init__(self) -> None:
         check_fields(self, RULES, optional=("minutes",))
         ordered("--min-len", self.min_len, "--max-len", self.max_len)
         choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        choice("unexplored_from", self.unexplored_from, UNEXPLORED_SOURCES)
+        if self.grad_cap:
+            block = parse_policy(self.policy).block
+            if self.grad_cap % block:
+                raise EndlessError(f"--grad-cap must be 0 or a whole number of blocks ({block} tokens), got {self.grad_cap}")
         if self.curriculum:
             c = tuple(self.curriculum)
             if list(c) != sorted(c) or c[0] < self.min_len or c[-1] > self.max_len:
@@ -152,16 +168,31 @@ class FamModule(nn.Module):
         self.model = Transformer(peft_model.base_model.model)  # our forward path over the LoRA modules
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor, offset: int = 0,
-                init_state: list[torch.Tensor] | None = None):
-        """(mean loss over targeted positions, final FAM per layer)."""
-        model = self.model
-        if offset:
-            model = copy.copy(self.model)
-            model.rope = _Offset(self.model.rope, offset)
+                init_state: list[torch.Tensor] | None = None, fresh: torch.Tensor | None = None):
+        """(mean loss over targeted positions, final FAM per layer). ``offset``: the position of
+        ``ids[:, 0]`` in its stream; ``init_state``/``fresh`` as ``parallel_forward``'s."""
         keep = targets != -100  # the LM head only where a target is scored
-        logits, state = parallel_forward(model, ids, self.policy, self.prompt, init_state=init_state,
-                                         return_state=True, select=keep, checkpoint=self.grad_checkpoint)
+        logits, state = parallel_forward(self._at(offset), ids, self.policy, self.prompt, init_state=init_state,
+                                         return_state=True, select=keep, fresh=fresh, checkpoint=self.grad_checkpoint)
         return F.cross_entropy(logits.float(), targets[keep]), state
+
+    @torch.no_grad()
+    def hold(self, ids: torch.Tensor, offset: int = 0, init_state: list[torch.Tensor] | None = None,
+             fresh: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The final FAM per layer after ``ids``, without gradient: the ungraded start of a long
+        sequence (``FamTrainConfig.grad_cap``)."""
+        none = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)  # no logits are needed
+        _, state = parallel_forward(self._at(offset), ids, self.policy, self.prompt, init_state=init_state,
+                                    return_state=True, select=none, fresh=fresh)
+        return state
+
+    def _at(self, offset: int) -> Transformer:
+        """Our forward path with RoPE positions starting at ``offset`` (the same scores in exact maths)."""
+        if not offset:
+            return self.model
+        model = copy.copy(self.model)
+        model.rope = _Offset(self.model.rope, offset)
+        return model
 
 
 def build(cfg: FamTrainConfig, hf_model, tokenizer) -> FamModule:
@@ -271,8 +302,8 @@ def train(cfg: FamTrainConfig, *, out: "str | Path | None", cpu: bool | None = N
     mixed = cfg.mixed_precision
     if mixed == "auto":
         mixed = "no" if cpu else "bf16"
-    # RSP steps skip the prompt (their FAM comes from the previous step): DDP must allow it
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.rsp > 0)
+    # steps from a passed, explored or held state skip the prompt: DDP must allow it
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.rsp > 0 or cfg.unexplored > 0 or cfg.grad_cap > 0)
     acc = Accelerator(cpu=cpu, mixed_precision=mixed, kwargs_handlers=[ddp])
     torch.manual_seed(cfg.seed)
     if hf_model is None:
@@ -292,7 +323,11 @@ def train(cfg: FamTrainConfig, *, out: "str | Path | None", cpu: bool | None = N
     module, opt = acc.prepare(module, opt)
     sampler = Sampler(cfg, tokenizer, acc.process_index)
     rng = random.Random(cfg.seed * 7919 + acc.process_index)
-    carried: list[torch.Tensor] | None = None  # RSP: final FAMs of the last step
+    # the unexplored states draw apart, so the other draws stay those of a run without them
+    ux_rng = random.Random(cfg.seed * 7919 + acc.process_index + 5)
+    ux_gen = torch.Generator().manual_seed(cfg.seed * 7919 + acc.process_index + 5)
+    inner = acc.unwrap_model(module)
+    carried: list[torch.Tensor] | None = None  # RSP and unexplored states: final FAMs of the last step
     losses: list[float] = []
     curriculum = Stages(cfg.curriculum or (cfg.max_len,), threshold=cfg.curriculum_loss, window=cfg.log_every)
     start = time.perf_counter()
@@ -301,15 +336,23 @@ def train(cfg: FamTrainConfig, *, out: "str | Path | None", cpu: bool | None = N
         ids, targets = collate(sampler.batch(curriculum.length), pad=tokenizer.pad_token_id or 0)
         ids, targets = ids.to(acc.device), targets.to(acc.device)
         offset = rng.randrange(RPO_MAX) if cfg.rpo and rng.random() < 0.5 else 0
-        init = None
-        if carried is not None and rng.random() < cfg.rsp:
-            init = _passed_state(carried, ids.shape[0], cfg.rsp_shuffle, rng)
-        loss, state = module(ids, targets, offset, init)
+        init = fresh = None
+        if carried is not None and step >= cfg.rsp_after and rng.random() < cfg.rsp:
+            init = passed_state(carried, ids.shape[0], cfg.rsp_shuffle, rng)
+        if init is None and carried is not None and cfg.unexplored > 0 and step >= cfg.unexplored_after:
+            init, fresh = unexplored_start(inner.model, inner.prompt, carried, cfg.unexplored, cfg.unexplored_from,
+                                           ux_rng, ux_gen)
+        cut = graded_cut(ids.shape[1], cfg.grad_cap, inner.policy.block)
+        if cut:  # truncated back-propagation: the hold's start is read without gradient
+            if inner.prompt is not None:  # BSWA carries nothing over the cut, as in its stream
+                init, fresh = inner.hold(ids[:, :cut], offset, init, fresh), None
+            ids, targets, offset = ids[:, cut:], targets[:, cut:], offset + cut
+        loss, state = module(ids, targets, offset, init, fresh)
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
         acc.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
         opt.step()
-        if cfg.rsp > 0 and state:
+        if (cfg.rsp > 0 or cfg.unexplored > 0) and state:
             carried = [s.detach() for s in state]
         mean = acc.reduce(loss.detach(), reduction="mean").item()
         losses.append(mean)
@@ -347,16 +390,6 @@ def train(cfg: FamTrainConfig, *, out: "str | Path | None", cpu: bool | None = N
     module.eval()
     return FamTrainResult(path, losses, seconds, acc.num_processes, acc.is_main_process, module, tokenizer,
                           stages=curriculum.began, device=describe(acc.device))
-
-
-def _passed_state(carried: list[torch.Tensor], batch: int, shuffle: bool, rng: random.Random) -> list[torch.Tensor]:
-    """Random state passing (TransformerFAM, section 3): the initial FAM of this step's sequences
-    from the previous step's final FAMs (per layer (B', F, d)): the first sequence's for all
-    (the paper's), or with ``shuffle`` each sequence that of a random previous sequence."""
-    if not shuffle:
-        return [s[:1].expand(batch, -1, -1) for s in carried]
-    idx = torch.tensor([rng.randrange(carried[0].shape[0]) for _ in range(batch)], device=carried[0].device)
-    return [s[idx] for s in carried]
 
 
 __all__ = ["FamTrainConfig", "FamTrainResult", "FamModule", "build", "train", "LORA_TARGETS"]

@@ -17,7 +17,7 @@ through as well (the sequence is then simply longer, its key early). Three recip
 (benchmarks/fam-passkey-tiny/results/tiny_recipe.md measures them): ``curriculum`` grows the carried length in stages
 (``endless.train.curriculum.Stages``), ``grad_cap`` bounds the graded part of a carried prefix (the rest is read
 without gradient), and ``unexplored`` starts sequences from explored FAM states
-(``unexplored_start``).
+(``endless.train.states.unexplored_start``).
 
 ``ablations`` are the paper's negative results: static query, no FFN on the update,
 stop-gradient between updates, and F in {1, 4, 16}. The static-query ablation is scored with the
@@ -41,10 +41,10 @@ from endless.data.passkey import FIRST_FILLER, collate, digit_example
 from endless.errors import EndlessError
 from endless.eval.passkey import PasskeyResult, passkey_accuracy, summarize
 from endless.fam import FamPrompt, parallel_forward
-from endless.fam.memory import initial_fam
 from endless.policies.spec import FAM, Policy, parse_policy
 from endless.progress import bar as progress_bar
 from endless.train.curriculum import Stages
+from endless.train.states import unexplored_start
 from endless.train.tiny_checkpoint import save_tiny
 from endless.train.tiny_config import TinyConfig, TinyRun
 from endless.transformer import Transformer
@@ -140,34 +140,6 @@ def carried_batch(model: Transformer, policy: FAM, prompt, n: int, cfg: TinyConf
     return ids[:, prefix:], targets[:, prefix:], state
 
 
-def unexplored_start(model: Transformer, prompt: FamPrompt, last: list[torch.Tensor], cfg: TinyConfig,
-                     rng: random.Random, gen: torch.Generator) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
-    """Initial FAMs (per layer (B, F, d)) and the ``fresh`` rows for a batch trained from unexplored
-    states ("Understanding and Improving Length Generalization in Recurrent Models", Buitrago Ruiz
-    and Gu 2025, section 4: the model fails beyond the training length because it never saw the
-    states a long stream reaches; training from such initial states fixes it).
-
-    ``last`` is the previous step's final FAM of every sequence (detached). Each sequence starts,
-    with probability ``cfg.unexplored``, from a state of that batch (``"batch"``: a permutation, so
-    states chain over steps and reach histories far longer than one sequence, the gradient still
-    stopping at the sequence's start) or from Gaussian noise with the per-row, per-feature mean and
-    std of those states (``"noise"``); the others from the learned initial FAM (``fresh``, zero
-    first residual). Returns (None, None) when no sequence was drawn.
-    """
-    bsz = last[0].shape[0]
-    swap = torch.tensor([rng.random() < cfg.unexplored for _ in range(bsz)], device=last[0].device)
-    if not swap.any():
-        return None, None
-    if cfg.unexplored_from == "noise":
-        src = [s.mean(0) + s.std(0) * torch.randn(s.shape, generator=gen, dtype=s.dtype).to(s.device) for s in last]
-    else:
-        perm = torch.randperm(bsz, generator=gen).to(last[0].device)
-        src = [s[perm] for s in last]
-    start = initial_fam(model, prompt)
-    init = [torch.where(swap[:, None, None], x, s0[None].expand(bsz, -1, -1)) for x, s0 in zip(src, start, strict=True)]
-    return init, ~swap
-
-
 def train_policy(spec: str, cfg: TinyConfig, *, progress: bool = True, start: Transformer | None = None,
                  device: "str | torch.device | None" = None) -> TinyRun:
     """Train a fresh tiny model under ``spec`` with the shared budget; loss on the answer digits.
@@ -209,7 +181,7 @@ def train_policy(spec: str, cfg: TinyConfig, *, progress: bool = True, start: Tr
             init = [s.expand(ids.shape[0], -1, -1) for s in carried]
         ux_on = prompt is not None and cfg.unexplored > 0
         if ux_on and init is None and last is not None and step >= cfg.unexplored_after:
-            init, fresh = unexplored_start(model, prompt, last, cfg, ux_rng, ux_gen)
+            init, fresh = unexplored_start(model, prompt, last, cfg.unexplored, cfg.unexplored_from, ux_rng, ux_gen)
         if rsp_on or ux_on:  # the final FAM costs one more update: only computed when carried on
             logits, state = parallel_forward(model, ids, policy, prompt, init_state=init, return_state=True, fresh=fresh)
             carried = [s[:1].detach() for s in state]
@@ -294,4 +266,4 @@ def config_dict(cfg: TinyConfig) -> dict:
     return asdict(cfg)
 
 
-__all__ = ["TinyConfig", "TinyRun", "policies", "build_model", "unexplored_start", "train_policy", "evaluate", "diagnose", "run_experiment", "save_name"]
+__all__ = ["TinyConfig", "TinyRun", "policies", "build_model", "train_policy", "evaluate", "diagnose", "run_experiment", "save_name"]

@@ -11,10 +11,9 @@ from dataclasses import dataclass, field
 from endless.data.passkey import MIN_VOCAB
 from endless.errors import EndlessError
 from endless.eval.passkey import PasskeyResult
+from endless.train.states import UNEXPLORED_SOURCES
 from endless.transformer import Transformer
 from endless.validate import BATCH, BIG, LR, MINUTES, SEED, Rule, check_fields, ordered, probability, rules
-
-UNEXPLORED_SOURCES = ("batch", "noise")
 
 # Every number of ``TinyConfig``, with its accepted range: ``endless train fam-tiny`` parses its flags
 # with these (``RULES[name].arg``) and ``TinyConfig`` checks itself with them (one wording for both).
@@ -107,4 +106,4 @@ class TinyRun:
     stages: list[dict] = field(default_factory=list)  # curriculum: {"step", "length"} where each carry stage began
 
 
-__all__ = ["TinyConfig", "TinyRun", "UNEXPLORED_SOURCES", "RULES"]
+__all__ = ["TinyConfig", "TinyRun", "RULES"]
