@@ -282,6 +282,9 @@ def test_tiny_save_load_and_init(tmp_path):
     assert main(["train", "fam-tiny", "--load", str(folder), *common, "--json", str(again)]) == 0
     a, b = json.loads(first.read_text()), json.loads(again.read_text())
     assert a["results"] == b["results"] and b["config"]["vocab"] == 20
+    other = tmp_path / "c.json"  # --seed draws another test set for the loaded model
+    assert main(["train", "fam-tiny", "--load", str(folder), *common, "--seed", "5", "--json", str(other)]) == 0
+    assert (b["config"]["seed"], json.loads(other.read_text())["config"]["seed"]) == (0, 5)
     run, cfg = load_tiny(folder)
     assert (run.policy, cfg.steps, cfg.vocab, len(run.losses)) == ("fam:8x1+4", 20, 20, 20)
     assert not run.model.hf.training

@@ -295,9 +295,11 @@ def run_tiny(args: argparse.Namespace) -> int:
     saved = _saved_tiny(args)
     if saved is not None:
         run, trained = saved
-        # the model's shape and data alphabet are the saved ones; budget and evaluation are this command's
+        # the model's shape and data alphabet are the saved ones; budget and evaluation (with --seed the
+        # test draws) are this command's
         shape = {k: getattr(trained, k) for k in ("vocab", "digits", "block", "fam", "kv_heads", "ffn", "init_std", "out_std")}
-        cfg = replace(trained if args.load else cfg, **shape, eval_lengths=cfg.eval_lengths, eval_examples=cfg.eval_examples)
+        cfg = replace(trained if args.load else cfg, **shape, eval_lengths=cfg.eval_lengths, eval_examples=cfg.eval_examples,
+                      seed=cfg.seed)
     if args.load:
         from endless.train.tiny import evaluate
 
