@@ -554,3 +554,22 @@ def test_serve_fam_checkpoint_end_to_end(trained):
     assert torch.allclose(torch.tensor(lp[1 : len(prompt)]), ref[1:], atol=1e-4)
     greedy = list(ref_stream.generate(4))
     assert r.choices[0].text == tok.decode(prompt + greedy)  # echo: the prompt, then the greedy tokens
+
+
+def test_committed_tiny_best_model_holds_a_key_far_beyond_its_training():
+    """The committed ``benchmarks/fam/models/tiny-best`` (trained on 16-96-token sequences plus
+    holds with gradients through at most 1,120 tokens) still retrieves keys written at random depth
+    in 4,096-token streams (512 memory updates) through the streaming path: a change to the FAM update or the streaming
+    state that breaks the trained memory fails here, not only in a long benchmark."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from endless.train.tiny import evaluate
+    from endless.train.tiny_checkpoint import load_tiny
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks" / "fam" / "models" / "tiny-best"
+    run, cfg = load_tiny(folder)
+    assert run.policy == "fam:8x1+8,null,gate,skip0"
+    evaluate(run, replace(cfg, eval_lengths=(4096,), eval_examples=24, seed=11), progress=False)
+    (result,) = run.results
+    assert result.length == 4096 and result.n == 24 and result.accuracy >= 0.9

@@ -35,6 +35,9 @@ DEVICE=${DEVICE:-cuda}
 BATCH=${BATCH:-24}
 MAX_LEN=${MAX_LEN:-8192}
 CURRICULUM=${CURRICULUM:-2048,4096,8192}
+# GRAD_CAP (a whole number of blocks, unset: off) back-propagates through the last GRAD_CAP tokens of a
+# longer sequence only, so CURRICULUM may grow past what a backward pass holds (the tiny model's recipe)
+GRAD_CAP=${GRAD_CAP:-}
 PK_LENGTHS=${PK_LENGTHS:-1024,8192,32768}
 PK_BATCH=${PK_BATCH:-20}
 PK_EXAMPLES=${PK_EXAMPLES:-2}
@@ -81,7 +84,7 @@ fi
 say "train FAM ($FAM_MINUTES min)"
 THR=(${THREADS:+--threads "$THREADS"})
 RECIPE=("${THR[@]}" --device "$DEVICE" --min-len 256 --max-len "$MAX_LEN" --curriculum "$CURRICULUM" --curriculum-loss 0.15
-        --batch "$BATCH" --lr 1e-3 --grad-checkpoint --no-eval)
+        --batch "$BATCH" --lr 1e-3 --grad-checkpoint --no-eval ${GRAD_CAP:+--grad-cap "$GRAD_CAP"})
 endless train fam --policy "$POLICY" "${RECIPE[@]}" --steps 100000 --minutes "$FAM_MINUTES" \
   --out "$WORK/smollm2-fam" --json "$WORK/train_fam.json" 2>&1 | grep -v "it/s\]$" | tail -12
 # a call brings back files of at most 16 MiB: the checkpoint (a 20 MB float32 adapter) in parts
