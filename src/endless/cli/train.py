@@ -78,14 +78,7 @@ def _add_fam(tsub) -> None:
                         "step (default: all from the first sequence's, the paper's)")
     p.add_argument("--rsp-after", type=RULES["rsp_after"].arg, default=d.rsp_after, metavar="STEP",
                    help="first step of --rsp (the paper's state passing after a warm-up) (default: %(default)s)")
-    p.add_argument("--unexplored", type=RULES["unexplored"].arg, default=d.unexplored, metavar="P",
-                   help="unexplored states (Buitrago Ruiz and Gu 2025): a sequence starts with probability P from an "
-                        "explored FAM state (see --unexplored-from) instead of the learned prompt (default: off)")
-    p.add_argument("--unexplored-after", type=RULES["unexplored_after"].arg, default=d.unexplored_after, metavar="STEP",
-                   help="first step of --unexplored (default: %(default)s)")
-    p.add_argument("--unexplored-from", default=d.unexplored_from, metavar="SOURCE",
-                   help="batch: the last step's final FAMs, permuted (one sequence per step: its own, as --rsp); "
-                        "noise: Gaussian with their statistics (default: %(default)s)")
+    _add_unexplored(p, RULES, d)
     p.add_argument("--grad-cap", type=RULES["grad_cap"].arg, default=d.grad_cap, metavar="N",
                    help="back-propagate through at most the last N tokens of a sequence: its start runs without "
                         "gradient and hands its FAM on (truncated back-propagation over long holds, so --curriculum "
@@ -113,6 +106,19 @@ def _add_fam(tsub) -> None:
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation after training (`eval passkey` does it)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write results and the loss curve as JSON")
     p.set_defaults(func=run_fam)
+
+
+def _add_unexplored(p, rules, d) -> None:
+    """The unexplored-states flags (``endless.train.states.unexplored_start``), the same for
+    ``train fam`` and ``train fam-tiny``."""
+    p.add_argument("--unexplored", type=rules["unexplored"].arg, default=d.unexplored, metavar="P",
+                   help="unexplored states (Buitrago Ruiz and Gu 2025): each sequence starts with probability P "
+                        "from an explored FAM instead of the learned one (default: %(default)s, off)")
+    p.add_argument("--unexplored-after", type=rules["unexplored_after"].arg, default=d.unexplored_after, metavar="STEP",
+                   help="first step of --unexplored (default: %(default)s)")
+    p.add_argument("--unexplored-from", default=d.unexplored_from, metavar="SOURCE",
+                   help="batch: the last step's final FAMs, permuted (they chain over steps; with one sequence per "
+                        "step, its own); noise: Gaussian rows with their mean and std (default: %(default)s)")
 
 
 def _add_tiny(tsub) -> None:
@@ -163,14 +169,7 @@ def _add_tiny(tsub) -> None:
                    help="instead of --carry: carry lengths grown in stages (RMT's curriculum), the next once the "
                         "carried batches' mean loss over 50 steps is below --curriculum-loss (off by default)")
     p.add_argument("--curriculum-loss", type=RULES["curriculum_loss"].arg, default=d.curriculum_loss, metavar="L", help="(default: %(default)s)")
-    p.add_argument("--unexplored", type=RULES["unexplored"].arg, default=d.unexplored, metavar="P",
-                   help="unexplored states (Buitrago Ruiz and Gu 2025): each sequence starts with probability P "
-                        "from an explored FAM instead of the learned one (default: %(default)s, off)")
-    p.add_argument("--unexplored-after", type=RULES["unexplored_after"].arg, default=d.unexplored_after, metavar="STEP",
-                   help="first step of --unexplored (default: %(default)s)")
-    p.add_argument("--unexplored-from", default=d.unexplored_from, metavar="SOURCE",
-                   help="batch: the last step's final FAMs, permuted (they chain over steps); noise: Gaussian rows "
-                        "with their mean and std (default: %(default)s)")
+    _add_unexplored(p, RULES, d)
     p.add_argument("--key-depth", type=RULES["key_depth"].arg, default=None, metavar="D",
                    help="put the key at depth D in [0, 1] of every training and test prompt (0: the first tokens, "
                         "the paper's PassKey layout; default: uniform at random)")
