@@ -132,7 +132,8 @@ def test_sampling_with_a_seed_draws_on_the_host():
 
 def test_curriculum_advances_by_budget_share_and_once_learned():
     from endless.train.curriculum import Stages
-    from endless.train.fam import FamTrainConfig, _passed_state
+    from endless.train.fam import FamTrainConfig
+    from endless.train.states import passed_state
 
     c = Stages((200, 400, 800), threshold=0.5, window=5)
     assert c.length == 200 and c.share == 1 / 3
@@ -148,7 +149,7 @@ def test_curriculum_advances_by_budget_share_and_once_learned():
     with pytest.raises(EndlessError, match="--minutes"):
         FamTrainConfig(minutes=0)
     carried = [torch.arange(3.0)[:, None, None].expand(3, 2, 4)]
-    first = _passed_state(carried, 5, False, random.Random(0))[0]
+    first = passed_state(carried, 5, False, random.Random(0))[0]
     assert first.shape == (5, 2, 4) and (first == 0).all()
-    mixed = _passed_state(carried, 6, True, random.Random(0))[0]
+    mixed = passed_state(carried, 6, True, random.Random(0))[0]
     assert mixed.shape == (6, 2, 4) and len(set(mixed[:, 0, 0].tolist())) > 1
