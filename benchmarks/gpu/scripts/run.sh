@@ -27,9 +27,11 @@ SITE=/tmp/endless-site
 FAM_MINUTES=${FAM_MINUTES:-4}
 # The paper's shape (B=1024, F=64; M=0 as its PassKey runs): 16x fewer sequential memory updates
 # than fam:64x1+16, whose H200 run was launch-bound (54 steps in 4 min, benchmarks/gpu/README.md)
-# the tiny model's best recipe adds ",null,gate" (and "skip0": benchmarks/fam-passkey-tiny/results/tiny_recipe.md);
-# untested on SmolLM2, so the default stays the measured one: POLICY="fam:1024x0+64,firstres,null,gate" to try it
-POLICY=${POLICY:-fam:1024x0+64,firstres}
+# plus the FAM issue's recipe (",null,gate,skip0": a write gate from the update's own attention,
+# layer 0's FAM fixed; benchmarks/fam-passkey-tiny/results/tiny_recipe.md). On SmolLM2 on the CPU it
+# keeps the answer loss flat from 1k to 32k tokens where the paper's update drifts (1.33 -> 5.52),
+# docs/experiments/fam-passkey-smollm2.md; POLICY="fam:1024x0+64,firstres" is the paper's update
+POLICY=${POLICY:-fam:1024x0+64,firstres,null,gate,skip0}
 # overridable for a CPU smoke run of the script (e.g. DEVICE=cpu FAM_MINUTES=0.3 PK_LENGTHS=300 ...)
 DEVICE=${DEVICE:-cuda}
 BATCH=${BATCH:-24}
