@@ -73,6 +73,18 @@ def test_info_on_a_tiny_folder(tiny_folder, tmp_path, capsys):
     }
     assert {k: fields[k] for k in expected} == expected
     assert fields["rope_theta"] and fields["identity"].startswith("qwen3-2x64-")
+    # every JSON result names the machine it was measured on and the command behind it
+    assert fields["machine"]["cores"] >= 1 and fields["machine"]["threads"] == 1
+    assert fields["machine"]["cpu"] and "torch" in fields["machine"]
+    assert fields["command"].startswith("endless ")
+
+
+def test_write_json_keeps_a_result_s_own_command_and_machine(tmp_path):
+    from endless.cli.common import write_json
+
+    write_json(tmp_path / "a.json", {"x": 1, "command": "endless soak --tokens 9", "machine": {"cpu": "c"}})
+    assert json.loads((tmp_path / "a.json").read_text()) == {
+        "x": 1, "command": "endless soak --tokens 9", "machine": {"cpu": "c"}}
 
 
 def test_info_kernels_measures_then_shows_the_cached_choice(tiny_folder, tmp_path, capsys, monkeypatch):

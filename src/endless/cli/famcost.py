@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from endless.cli.common import add_model_args, inference_model, load_from_args, write_json
@@ -56,6 +55,5 @@ def run(args: argparse.Namespace) -> int:
             "ratio": r,
             "threads": args.threads,
             "model": args.fam or args.model,
-            "command": "endless " + " ".join(sys.argv[1:]),
         })
     return 0

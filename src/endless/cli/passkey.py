@@ -109,7 +109,6 @@ def run(args: argparse.Namespace) -> int:
             "depths": list(args.depths),
             "examples_per_cell": args.examples,
             "filler": args.filler or "the paper's sentences",
-            "command": "endless " + " ".join(sys.argv[1:]),
         })
     if args.plot:
         name = Path(args.fam).name if args.fam else args.model

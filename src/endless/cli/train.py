@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -247,7 +246,7 @@ def run_sink(args: argparse.Namespace) -> int:
         hf_logging.disable_progress_bar()
         print(f"saved to {save(run, args.save)}")
     if args.json:
-        write_json(args.json, {**summary(run), "command": "endless " + " ".join(sys.argv[1:])})
+        write_json(args.json, summary(run))
     return 0
 
 
@@ -335,7 +334,6 @@ def run_tiny(args: argparse.Namespace) -> int:
             "runs": [{"policy": r.policy, "seconds": round(r.seconds, 1), "loss": [round(x, 4) for x in r.losses],
                       **({"curriculum": r.stages} if r.stages else {}),
                       **({"memory": memory[r.policy]} if r.policy in memory else {})} for r in runs],
-            "command": "endless " + " ".join(sys.argv[1:]),
         })
     if args.plot:
         longest = cfg.max_len + (min(cfg.longest_hold, cfg.grad_cap or cfg.longest_hold) if cfg.carry_grad else 0)  # a graded carried prefix lengthens the sequences
@@ -424,7 +422,6 @@ def run_fam(args: argparse.Namespace) -> int:
             "stages": res.stages,
             "seconds": round(res.seconds, 1),
             "checkpoint": str(res.checkpoint),
-            "command": "endless " + " ".join(sys.argv[1:]),
         })
     return 0
 
