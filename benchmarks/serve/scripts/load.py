@@ -111,12 +111,15 @@ async def level(url: str, n: int, turns: int, max_tokens: int) -> dict:
 def engine_alone(threads: int, dtype: str, sizes: list[int], steps: int = 24) -> dict:
     """Tokens/s of one batched decoding step of K streams (each at its own position) vs one
     stream: young streams (64-620 tokens read, as the load test's conversations) and streams past
-    the window (every slot of the ring in use: the steady state of a long conversation)."""
+    the window (every slot of the ring in use: the steady state of a long conversation). Each K is
+    timed with the pooled attention (``endless.serve.pool``, what the server runs) and without it
+    (each stream's attention on its own), in alternating rounds of ``steps // 4``."""
     import torch
 
     from endless.cli.common import inference_model
     from endless.models import load
     from endless.serve.batch import decode_step
+    from endless.serve.pool import KVPool
     from endless.stream import Stream
 
     torch.set_num_threads(threads)
@@ -131,14 +134,21 @@ def engine_alone(threads: int, dtype: str, sizes: list[int], steps: int = 24) ->
                 s = Stream(model, "sinks:4+1020")
                 s.feed(torch.randint(0, 49152, (base + 37 * i,)), logprobs=False)
                 streams.append(s)
-            tokens = [int(s.next_token()) for s in streams]
-            decode_step(streams, tokens)  # warm-up
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                tokens = [int(s.next_token()) for s in streams]
-                decode_step(streams, tokens)
-            dt = time.perf_counter() - t0
-            out[age][str(k)] = {"step_ms": 1000 * dt / steps, "tokens_per_second": k * steps / dt}
+            pool = KVPool(model, k)
+            spent = {"pooled": 0.0, "unpooled": 0.0}
+            for mode in ("pooled", "unpooled"):  # warm-up (and the pool's placement) outside the timing
+                decode_step(streams, [int(s.next_token()) for s in streams], pool=pool if mode == "pooled" else None)
+            for _ in range(4):
+                for mode in ("pooled", "unpooled"):
+                    t0 = time.perf_counter()
+                    for _ in range(steps // 4):
+                        tokens = [int(s.next_token()) for s in streams]
+                        decode_step(streams, tokens, pool=pool if mode == "pooled" else None)
+                    spent[mode] += time.perf_counter() - t0
+            n = 4 * (steps // 4)
+            out[age][str(k)] = {"step_ms": 1000 * spent["pooled"] / n, "tokens_per_second": k * n / spent["pooled"],
+                                "unpooled_step_ms": 1000 * spent["unpooled"] / n,
+                                "unpooled_tokens_per_second": k * n / spent["unpooled"]}
     return out
 
 
@@ -152,6 +162,8 @@ def main() -> int:
     ap.add_argument("--policy", default="sinks:prefix+1020")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--engine-only", action="store_true", help="time the engine alone, no server")
+    ap.add_argument("--http-only", action="store_true", help="skip the engine-alone timing")
+    ap.add_argument("--no-kv-pool", action="store_true", help="serve with --no-kv-pool (per-conversation attention)")
     args = ap.parse_args()
     levels = [int(x) for x in args.sessions.split(",")]
     if args.engine_only:
@@ -162,6 +174,8 @@ def main() -> int:
     cmd = [sys.executable, "-m", "endless.cli.main", "serve", "--threads", str(args.threads), "--dtype", args.dtype,
            "--policy", args.policy, "--port", str(port), "--max-batch", str(max(levels)),
            "--max-sessions", str(max(64, 2 * sum(levels))), "--sessions", str(sessions_dir)]
+    if args.no_kv_pool:
+        cmd.append("--no-kv-pool")
     server = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     result = {"command": " ".join(cmd[1:]), "cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads,
@@ -199,11 +213,13 @@ def main() -> int:
     result["session_files"] = {"saved": len(files), "expected": sum(levels), "unreadable": bad}
     base = result["levels"][0]["tokens_per_second"]
     result["batched_over_single"] = {str(r["sessions"]): r["tokens_per_second"] / base for r in result["levels"]}
-    result["engine_alone"] = engine_alone(args.threads, args.dtype, levels)
-    result["engine_batched_over_single"] = {
-        age: {k: v["tokens_per_second"] / rows[str(levels[0])]["tokens_per_second"] for k, v in rows.items()}
-        for age, rows in result["engine_alone"].items()}
-    print(json.dumps({k: result[k] for k in ("batched_over_single", "engine_batched_over_single", "session_files")}, indent=1))
+    if not args.http_only:
+        result["engine_alone"] = engine_alone(args.threads, args.dtype, levels)
+        result["engine_batched_over_single"] = {
+            age: {k: v["tokens_per_second"] / rows[str(levels[0])]["tokens_per_second"] for k, v in rows.items()}
+            for age, rows in result["engine_alone"].items()}
+    print(json.dumps({k: result[k] for k in ("batched_over_single", "engine_batched_over_single", "session_files")
+                      if k in result}, indent=1))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")

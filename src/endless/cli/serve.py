@@ -43,6 +43,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int_range("--max-tokens", 1, BIG), default=4096, help="largest max_tokens a request may ask (default: %(default)s)")
     p.add_argument("--max-prompt-bytes", type=int_range("--max-prompt-bytes", 1, BIG), default=1_000_000,
                    help="largest prompt a request may send, UTF-8 bytes (default: %(default)s)")
+    p.add_argument("--no-kv-pool", action="store_true",
+                   help="attend per conversation in a batched step instead of over one pool of their caches "
+                        "(the reference the pooled attention is measured against)")
     p.set_defaults(func=run)
 
 
@@ -82,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
     model = inference_model(hf, compile=args.compile, weights=args.weights, kernel=args.kernel)
     name = Path(args.fam).name if args.fam else Path(str(args.model)).name
     engine = Engine(model, tok, policy, sessions_dir=args.sessions, max_sessions=args.max_sessions,
-                    max_batch=args.max_batch, max_queue=args.max_queue, model_name=name)
+                    max_batch=args.max_batch, max_queue=args.max_queue, model_name=name,
+                    kv_pool=not args.no_kv_pool)
     app = create_app(engine, api_key=args.api_key, limits=Limits(args.max_prompt_bytes, args.max_tokens))
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s without --api-key: anyone who reaches it can use the model", args.host)

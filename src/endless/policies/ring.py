@@ -154,9 +154,28 @@ class RingKV:
         qs = None if st.sink is None else rotate_signed(q, *st.sink)
         return self.kernel.chunk(qr, kbuf[:, :, :occ], vbuf[:, :, :occ], st.bias[..., :occ], qs)
 
+    @property
+    def prepared(self) -> "_Step | None":
+        """What ``begin`` prepared for the current step (None between steps): positions, slots,
+        bias and, for one token, the rotation matrices ``rk``/``rq`` -- what a batched kernel
+        over several states (``endless.serve.pool``) reads instead of calling ``attend``."""
+        return self._step
+
     def end(self) -> None:
         self.t += int(self._step.pos.numel())
         self._step = None
+
+    def rehome(self, k: torch.Tensor, v: torch.Tensor, *, copy: bool = True) -> None:
+        """Keep the keys/values in ``k``, ``v`` (same shape; e.g. a row of
+        ``endless.serve.pool.KVPool``) from now on, copying the current ones there unless
+        ``copy`` is False (the caller already did). Nothing else changes: slots, positions and
+        every later result stay exactly as they were."""
+        if tuple(k.shape) != tuple(self.k.shape) or tuple(v.shape) != tuple(self.v.shape):
+            raise ValueError(f"cannot rehome keys of shape {tuple(self.k.shape)} into {tuple(k.shape)}")
+        if copy:
+            k.copy_(self.k)
+            v.copy_(self.v)
+        self.k, self.v = k, v
 
     def forward(self, ids: torch.Tensor, *, last_only: bool = False) -> torch.Tensor:
         """Feed ids (B, C) with C <= chunk; returns logits (B, C or 1, V)."""

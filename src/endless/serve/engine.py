@@ -9,7 +9,8 @@ Contract:
   serving while a step computes). Each step reads at most ``prefill_budget`` prompt tokens (a long
   prompt is read in slices between decoding steps, so it does not stall the other replies), then
   decodes one token of every request past its prompt in one forward pass
-  (``endless.serve.batch.decode_step``: streams at different positions, each attention its own).
+  (``endless.serve.batch.decode_step``: streams at different positions; the ring states among them
+  attend together over one pool of their caches, ``endless.serve.pool``).
 - A conversation's requests run one at a time, in arrival order; each feeds only what its
   transcript adds to what the session's stream has read (``endless.serve.sessions``).
 - A cancelled job (client gone) leaves at the next step and frees its slot; its session records
@@ -31,6 +32,7 @@ import torch
 from endless.errors import EndlessError
 from endless.policies.spec import Policy, PrefixSinks, check_fits
 from endless.serve.batch import decode_step
+from endless.serve.pool import KVPool
 from endless.serve.sampling import logprob_and_top, pick
 from endless.serve.sessions import Session, SessionStore
 from endless.stream import Stream
@@ -95,7 +97,7 @@ class Engine:
 
     def __init__(self, model, tokenizer, policy: Policy, *, sessions_dir=None, max_sessions: int = 64,
                  max_batch: int = 16, max_queue: int = 64, chunk: int = 128, prefill_budget: int = 256,
-                 model_name: str = "model") -> None:
+                 model_name: str = "model", kv_pool: bool = True) -> None:
         if getattr(tokenizer, "chat_template", None) is None:
             raise EndlessError("this model's tokenizer has no chat template; endless serve needs one")
         if not hasattr(policy, "resolve") and policy.kind == "recompute":
@@ -111,6 +113,9 @@ class Engine:
         self.chunk, self.prefill_budget = chunk, prefill_budget
         self.max_batch, self.max_queue = max_batch, max_queue
         self.store = SessionStore(sessions_dir, max_sessions, self._open_stream, policy.spec)
+        # the decoding batch's rings as rows of one tensor: one attention call per layer for all
+        # (endless.serve.pool); allocated on the first batched step
+        self.kv_pool = KVPool(model, max_batch) if kv_pool else None
         self.stop_ids = {t for t in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>"))
                          if isinstance(t, int) and t >= 0}
         self.waiting: deque[Job] = deque()
@@ -365,7 +370,7 @@ class Engine:
             going.append(job)
         if not going:
             return
-        decode_step([j.stream for j in going], tokens)  # every chosen token is read, a stop token too
+        decode_step([j.stream for j in going], tokens, pool=self.kv_pool)  # every chosen token is read, a stop token too
         self.recent.append((time.perf_counter(), len(going)))
         self.counts["generated"] += len(going)
         for job, tok_id in zip(going, tokens, strict=True):
