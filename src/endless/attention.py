@@ -254,7 +254,8 @@ class Kernel:
         """One query per stream, in as few tensor ops as possible (it runs for every layer of every
         decoded token). ``qq`` (B*H, D) holds the rotated, scaled queries, rows (b, kv, g); or
         (B*H, 2D) with each row [query at t | query at S+W] when the sink columns are scored
-        apart. ``keys``/``values`` (B, KV, N, D); ``bias`` (1, N) float32; ``shape`` (B, H, KV, D).
+        apart. ``keys``/``values`` (B, KV, N, D); ``bias`` (1, N), 0 / -inf, float32 or the keys'
+        dtype (then added in place); ``shape`` (B, H, KV, D).
         Returns (B, H, 1, D)."""
         b, h, kv, d = shape
         n = keys.shape[2]
@@ -262,7 +263,7 @@ class Kernel:
         kflat = keys.view(b * kv, n, d)
         if qq.shape[1] == d:
             scores = torch.bmm(qq.view(b * kv, g, d), kflat.transpose(1, 2))  # (B*KV, G, N)
-            if scores.dtype == torch.float32:
+            if scores.dtype == bias.dtype:
                 scores.add_(bias)
             else:
                 scores = scores + bias
@@ -274,6 +275,8 @@ class Kernel:
             both = torch.bmm(qq.view(b * kv, 2 * g, d), kflat.transpose(1, 2))
             both[:, 0::2, :s] = both[:, 1::2, :s]
             scores = both[:, 0::2] + bias
+        # a bfloat16 softmax computes in float32 and rounds once: the same weights as a float32
+        # softmax then a cast, in one op instead of three (bias in the scores' dtype, see RingKV)
         p = off_by_one_softmax(scores) if self.zero_sink else torch.softmax(scores, dim=-1)
         if p.dtype != values.dtype:
             p = p.to(values.dtype)

@@ -11,7 +11,7 @@ from torch.profiler import ProfilerActivity, profile
 import endless
 from endless.transformer import Transformer
 
-torch.set_num_threads(1)
+import os; torch.set_num_threads(int(os.environ.get("THREADS", "1")))
 weights = sys.argv[1] if len(sys.argv) > 1 else "auto"
 hf, tok = endless.load("smollm2-135m", dtype="bfloat16")
 model = Transformer(hf, pack=True, weights=weights)

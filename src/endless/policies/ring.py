@@ -106,6 +106,9 @@ class RingKV:
             # the query's too: a (H, D) x (D, 2D) product costs 13 us in bfloat16, 6 us in
             # float32 with the casts; and so both rotations round once, as the chunk path's
             st.rq = (rq if sink is None else torch.cat([rq, sink[2]], dim=1)).float()
+            # 0 / -inf is exact in any dtype: in the keys' dtype the scores take it in place and a
+            # bfloat16 softmax (float32 inside, rounded once) gives the mix its weights directly
+            st.bias = bias.to(dtype)
         else:
             # float32 tables: rotations compute in float32 and round once to the model dtype, as
             # the one-token path's matrix products do (bfloat16 tables and products rounded each
@@ -203,7 +206,7 @@ class RingKV:
 
 class _Step:
     """What ``begin`` prepares for all layers: positions, slots, additive mask (0 / -inf; (1, N)
-    float32 for one token, (G, C, N) in the model dtype for chunks), how many slots are filled, and either (chunks) key
+    in the model dtype for one token, (G, C, N) in the model dtype for chunks), how many slots are filled, and either (chunks) key
     tables (cos, signed sin), query tables with the attention scale folded in and sink tables, or
     (one token) the key and query rotation matrices."""
 

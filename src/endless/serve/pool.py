@@ -147,7 +147,8 @@ class KVPool:
             # columns take the second rows' scores
             both = torch.bmm(qq.view(span * kv, 2 * g, d), keys.transpose(1, 2)).view(span, kv, 2 * g, n)
             scores = torch.where(plan.sinks, both[:, :, 1::2], both[:, :, 0::2])
-        scores = scores + plan.bias  # float32 (R, 1, 1, N): 0 / -inf
+        scores = scores + plan.bias  # (R, 1, 1, N): 0 / -inf
+        # as ``Kernel.one``: a bfloat16 softmax computes in float32 and rounds once
         p = off_by_one_softmax(scores) if plan.zero_sink else torch.softmax(scores, dim=-1)
         out = torch.bmm(p.to(dtype).view(span * kv, g, n), vbuf[:span].view(span * kv, n, d)).view(span, h, d)
         if not plan.identity:
@@ -183,7 +184,7 @@ class _Plan:
         else:
             self.rq = torch.stack([st.rq for st in steps])
             self.sinks = None
-        bias = torch.zeros(self.span, 1, 1, n, dtype=torch.float32, device=dev)
+        bias = torch.zeros(self.span, 1, 1, n, dtype=pool.k.dtype, device=dev)  # 0 / -inf: exact in any dtype
         bias[self.rows] = torch.stack([st.bias for st in steps]).view(len(rows), 1, 1, n)
         self.bias = bias
 
