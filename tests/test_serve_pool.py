@@ -7,10 +7,11 @@ import torch
 
 from endless.models.tiny import tiny_model
 from endless.serve.batch import decode_step
-from endless.serve.pool import KVPool
+from endless.serve.pool import KVPool, PoolSet
 from endless.stream import Stream, as_transformer
 
-# with chunk 8 the first four share one ring size (22 slots); the last two attend on their own
+# with chunk 8 the first four share one ring size (22 slots), sinks:1+6 has another (15), FAM
+# attends on its own
 POLICIES = ["sinks:2+12", "sinks:4+10", "window:14", "bswa:7x1", "sinks:1+6", "fam:4x1+2,firstres"]
 
 
@@ -39,7 +40,7 @@ def test_pooled_decode_equals_alone():
     specs = POLICIES * 2
     lengths = [3, 9, 17, 30, 5, 12, 21, 2, 40, 11, 16, 7]  # young, past the window, across wraps
     alone, batched = _streams(model, specs, lengths), _streams(model, specs, lengths)
-    pool = KVPool(model, rows=16)
+    pool = PoolSet(model, rows=16)
     for _ in range(13):
         _check(alone, batched)
         tokens = [int(s.next_token()) for s in alone]
@@ -47,8 +48,10 @@ def test_pooled_decode_equals_alone():
             s.feed(torch.tensor([t]), logprobs=False)
         decode_step(batched, tokens, pool=pool)
     _check(alone, batched)
-    held = [pool.row_of(s.state) for s in batched]
-    assert sorted(r for r in held if r is not None) == list(range(8))  # the eight rings of size 22
+    assert sorted(pool.pools) == [15, 22]
+    big, small = pool.pools[22], pool.pools[15]
+    assert sorted(big.row_of(s.state) for s in batched if getattr(s.state, "capacity", 0) == 22) == list(range(8))
+    assert sorted(small.row_of(s.state) for s in batched[4::6]) == [0, 1]  # the two sinks:1+6 streams
     assert [s.state.t for s in batched] == [s.state.t for s in alone]
 
 

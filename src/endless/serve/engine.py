@@ -32,7 +32,7 @@ import torch
 from endless.errors import EndlessError
 from endless.policies.spec import Policy, PrefixSinks, check_fits
 from endless.serve.batch import decode_step
-from endless.serve.pool import KVPool
+from endless.serve.pool import PoolSet
 from endless.serve.sampling import logprob_and_top, pick
 from endless.serve.sessions import Session, SessionStore
 from endless.stream import Stream
@@ -113,9 +113,9 @@ class Engine:
         self.chunk, self.prefill_budget = chunk, prefill_budget
         self.max_batch, self.max_queue = max_batch, max_queue
         self.store = SessionStore(sessions_dir, max_sessions, self._open_stream, policy.spec)
-        # the decoding batch's rings as rows of one tensor: one attention call per layer for all
-        # (endless.serve.pool); allocated on the first batched step
-        self.kv_pool = KVPool(model, max_batch) if kv_pool else None
+        # the decoding batch's rings as rows of one tensor per ring size (a pinned prefix's length
+        # sets it): one attention call per layer and size (endless.serve.pool)
+        self.kv_pool = PoolSet(model, max_batch) if kv_pool else None
         self.stop_ids = {t for t in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>"))
                          if isinstance(t, int) and t >= 0}
         self.waiting: deque[Job] = deque()

@@ -21,6 +21,8 @@ Contract:
   state's own ``attend`` (same float32 rotations rounded once, same bias, the sink columns scored
   by the query at S+W, softmax in float32, the values' dtype for the mix), up to the summation
   order of the products (tests/test_serve_pool.py: log-probs within 1e-5 in float32).
+- ``PoolSet`` keeps one pool per ring size (up to four), so a batch of several sizes attends
+  in one call per size.
 - The K placed states of a step occupy rows 0..K-1 (a state moves only when the batch changes:
   one copy of its keys/values), so the products read exactly the batch's rings.
 """
@@ -65,9 +67,11 @@ class KVPool:
     def _allocate(self, state: RingKV) -> None:
         shape = list(state.k.shape)  # (L, 1, KV, N, D)
         shape[1] = self.rows
-        with torch.inference_mode(False):  # ordinary tensors: streams also write them outside inference mode
-            self.k = state.k.new_zeros(shape)
-            self.v = state.v.new_zeros(shape)
+        # ordinary tensors (streams also write them outside inference mode), left unwritten: a
+        # row is filled when a state moves in, so rows never used cost no memory pages
+        with torch.inference_mode(False):
+            self.k = state.k.new_empty(shape)
+            self.v = state.v.new_empty(shape)
         self.capacity = state.capacity
 
     def _holder(self, row: int) -> RingKV | None:
@@ -115,6 +119,13 @@ class KVPool:
             self._row[s] = row
         return placed
 
+    def groups(self, states: Sequence) -> list[tuple["KVPool", list[int]]]:
+        """``place`` the states; returns [(self, indices of the placed ones)] when at least two
+        are, else [] (one state alone gains nothing from a pool)."""
+        placed = self.place(states)
+        got = [i for i, p in enumerate(placed) if p]
+        return [(self, got)] if len(got) > 1 else []
+
     # -- one decoding step --------------------------------------------------------------------
 
     def begin(self, states: Sequence[RingKV]) -> None:
@@ -156,6 +167,35 @@ class KVPool:
         return out.view(n_k, h, 1, d).to(q.dtype)
 
 
+class PoolSet:
+    """One ``KVPool`` per ring size, so streams of different sizes (in ``endless serve``,
+    conversations whose pinned prefixes differ in length) each attend with their own kind.
+    At most ``max_pools`` sizes get a pool; streams of further sizes attend on their own."""
+
+    def __init__(self, model, rows: int, *, max_pools: int = 4) -> None:
+        self.model, self.rows, self.max_pools = model, rows, max_pools
+        self.pools: dict[int, KVPool] = {}
+
+    def groups(self, states: Sequence) -> list[tuple[KVPool, list[int]]]:
+        """Group the states by ring size and place each group of two or more in its pool;
+        returns [(pool, indices into ``states``)] of the groups placed."""
+        by_size: dict[int, list[int]] = {}
+        for i, s in enumerate(states):
+            if type(s) is RingKV and s.batch == 1 and not s.growable and s.model is self.model:
+                by_size.setdefault(s.capacity, []).append(i)
+        out = []
+        for size, idx in by_size.items():
+            if len(idx) < 2:
+                continue
+            pool = self.pools.get(size)
+            if pool is None:
+                if len(self.pools) >= self.max_pools:
+                    continue
+                pool = self.pools[size] = KVPool(self.model, self.rows)
+            out += [(pool, [idx[j] for j in got]) for _, got in pool.groups([states[i] for i in idx])]
+        return out
+
+
 class _Plan:
     """One step's batched tables: rows, slots, rotations, bias and sink columns of the placed states."""
 
@@ -189,4 +229,4 @@ class _Plan:
         self.bias = bias
 
 
-__all__ = ["KVPool"]
+__all__ = ["KVPool", "PoolSet"]
