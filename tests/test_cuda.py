@@ -128,3 +128,34 @@ def test_tiny_fam_trains_on_cuda_with_every_recipe_option():
     assert run.model.device.type == "cuda" and len(run.losses) == 8
     assert all(torch.isfinite(torch.tensor(run.losses)))
     assert len(evaluate(run, cfg, progress=False)) == 1
+
+
+def test_pooled_batched_decode_on_cuda_equals_each_stream_alone():
+    """``endless serve``'s batched step on the GPU: the ring states of several sizes in their
+    pools (``endless.serve.pool``), FAM on its own, against each stream decoding alone."""
+    from endless.serve.batch import decode_step
+    from endless.serve.pool import PoolSet
+
+    model = Transformer(tiny_model("llama", seed=3), device="cuda")
+    specs = ["sinks:2+12", "sinks:4+10", "window:14", "sinks:1+6", "sinks:1+6", "fam:4x1+2,firstres"]
+    lengths = [3, 17, 30, 5, 21, 12]
+
+    def streams():
+        out = []
+        for i, (spec, n) in enumerate(zip(specs, lengths, strict=True)):
+            s = Stream(model, spec, chunk=8)
+            s.feed(_ids(n, seed=i), logprobs=False)
+            out.append(s)
+        return out
+
+    alone, batched = streams(), streams()
+    pool = PoolSet(model, rows=8)
+    for _ in range(12):
+        tokens = [int(s.next_token()) for s in alone]
+        for s, t in zip(alone, tokens, strict=True):
+            s.feed(torch.tensor([t]), logprobs=False)
+        decode_step(batched, tokens, pool=pool)
+        want = torch.cat([torch.log_softmax(s.last_logits.float(), -1) for s in alone])
+        got = torch.log_softmax(torch.cat([s.last_logits.float() for s in batched]), -1)
+        assert (got - want).abs().max() < 1e-4
+    assert sorted(pool.pools) == [15, 22]
