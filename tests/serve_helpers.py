@@ -52,3 +52,21 @@ def running(app, port: int | None = None):
     finally:
         server.should_exit = True
         thread.join(timeout=60)
+
+
+def decode_alone_and_batched(alone, batched, pool, steps: int = 1) -> float:
+    """``steps`` greedy tokens: each stream of ``alone`` fed on its own, the same tokens to
+    ``batched`` in one ``decode_step`` with ``pool``; returns the largest |log-prob difference|
+    of the next-token distributions after the last step."""
+    import torch
+
+    from endless.serve.batch import decode_step
+
+    for _ in range(steps):
+        tokens = [int(s.next_token()) for s in alone]
+        for s, t in zip(alone, tokens, strict=True):
+            s.feed(torch.tensor([t]), logprobs=False)
+        decode_step(batched, tokens, pool=pool)
+    want = torch.cat([torch.log_softmax(s.last_logits.float(), -1) for s in alone])
+    got = torch.log_softmax(torch.cat([s.last_logits.float() for s in batched]), -1)
+    return (got - want).abs().max().item()

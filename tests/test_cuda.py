@@ -133,7 +133,8 @@ def test_tiny_fam_trains_on_cuda_with_every_recipe_option():
 def test_pooled_batched_decode_on_cuda_equals_each_stream_alone():
     """``endless serve``'s batched step on the GPU: the ring states of several sizes in their
     pools (``endless.serve.pool``), FAM on its own, against each stream decoding alone."""
-    from endless.serve.batch import decode_step
+    from serve_helpers import decode_alone_and_batched
+
     from endless.serve.pool import PoolSet
 
     model = Transformer(tiny_model("llama", seed=3), device="cuda")
@@ -151,11 +152,5 @@ def test_pooled_batched_decode_on_cuda_equals_each_stream_alone():
     alone, batched = streams(), streams()
     pool = PoolSet(model, rows=8)
     for _ in range(12):
-        tokens = [int(s.next_token()) for s in alone]
-        for s, t in zip(alone, tokens, strict=True):
-            s.feed(torch.tensor([t]), logprobs=False)
-        decode_step(batched, tokens, pool=pool)
-        want = torch.cat([torch.log_softmax(s.last_logits.float(), -1) for s in alone])
-        got = torch.log_softmax(torch.cat([s.last_logits.float() for s in batched]), -1)
-        assert (got - want).abs().max() < 1e-4
+        assert decode_alone_and_batched(alone, batched, pool) < 1e-4
     assert sorted(pool.pools) == [15, 22]

@@ -4,6 +4,7 @@ decoding alone, whatever the batch's make-up and however it changes between step
 import random
 
 import torch
+from serve_helpers import decode_alone_and_batched
 
 from endless.models.tiny import tiny_model
 from endless.serve.batch import decode_step
@@ -41,13 +42,9 @@ def test_pooled_decode_equals_alone():
     lengths = [3, 9, 17, 30, 5, 12, 21, 2, 40, 11, 16, 7]  # young, past the window, across wraps
     alone, batched = _streams(model, specs, lengths), _streams(model, specs, lengths)
     pool = PoolSet(model, rows=16)
-    for _ in range(13):
-        _check(alone, batched)
-        tokens = [int(s.next_token()) for s in alone]
-        for s, t in zip(alone, tokens, strict=True):
-            s.feed(torch.tensor([t]), logprobs=False)
-        decode_step(batched, tokens, pool=pool)
     _check(alone, batched)
+    for _ in range(13):
+        assert decode_alone_and_batched(alone, batched, pool) < 1e-5
     assert sorted(pool.pools) == [15, 22]
     big, small = pool.pools[22], pool.pools[15]
     assert sorted(big.row_of(s.state) for s in batched if getattr(s.state, "capacity", 0) == 22) == list(range(8))
@@ -91,11 +88,7 @@ def test_saved_pooled_stream_resumes(tmp_path):
     model = _model()
     alone, batched = _streams(model, ["sinks:2+12"] * 3, [6, 18, 27]), _streams(model, ["sinks:2+12"] * 3, [6, 18, 27])
     pool = KVPool(model, rows=3)
-    for _ in range(5):
-        tokens = [int(s.next_token()) for s in alone]
-        for s, t in zip(alone, tokens, strict=True):
-            s.feed(torch.tensor([t]), logprobs=False)
-        decode_step(batched, tokens, pool=pool)
+    assert decode_alone_and_batched(alone, batched, pool, steps=5) < 1e-5
     assert pool.row_of(batched[1].state) is not None
     batched[1].save(tmp_path / "s.endless")
     resumed = Stream.load(tmp_path / "s.endless", model)
