@@ -15,7 +15,8 @@ schedule (``endless.fam.parallel``) attend through this module (docs/methods.md 
   query at its in-cache position ``min(t, S+W)``, "Efficient Streaming Language Models with
   Attention Sinks", section 3.2). ``chunk`` serves C queries (row blocks keep a long dense
   cache's scores under ``SCORE_BLOCK`` elements; reused score buffers; PyTorch's fused kernel on
-  CUDA; fresh tensors under autograd), ``one`` serves a decoded token in a dozen ops. With
+  CUDA; fresh tensors under autograd), ``one`` serves a decoded token in a dozen ops, for one
+  stream or for the rows of ``endless.serve.pool``'s batched step. With
   ``zero_sink`` every softmax is off by one (``off_by_one_softmax``): the "zero sink" of the same
   paper, section 3.3, for models trained with it (``endless.zero_sink``; config key
   ``endless_zero_sink``).
@@ -250,37 +251,45 @@ class Kernel:
         return gqa_mix(probs, values)
 
     def one(self, qq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
-            shape: tuple[int, int, int, int]) -> torch.Tensor:
+            shape: tuple[int, int, int, int], *, sink_mask: torch.Tensor | None = None) -> torch.Tensor:
         """One query per stream, in as few tensor ops as possible (it runs for every layer of every
         decoded token). ``qq`` (B*H, D) holds the rotated, scaled queries, rows (b, kv, g); or
         (B*H, 2D) with each row [query at t | query at S+W] when the sink columns are scored
-        apart. ``keys``/``values`` (B, KV, N, D); ``bias`` (1, N), 0 / -inf, float32 or the keys'
-        dtype (then added in place); ``shape`` (B, H, KV, D).
-        Returns (B, H, 1, D)."""
+        apart. ``keys``/``values`` (B, KV, N, D); ``bias`` 0 / -inf, either (1, N) shared by
+        the B streams (float32, or the keys' dtype: then added in place) or (B, 1, 1, N), one row
+        per stream; ``shape`` (B, H, KV, D). The sink columns are the first ``n_sinks``, or
+        where ``sink_mask`` (B, 1, 1, N) is True (streams with different sinks in one call, as
+        ``endless.serve.pool`` batches them). Returns (B, H, 1, D)."""
         b, h, kv, d = shape
         n = keys.shape[2]
         g = h // kv
         kflat = keys.view(b * kv, n, d)
         if qq.shape[1] == d:
             scores = torch.bmm(qq.view(b * kv, g, d), kflat.transpose(1, 2))  # (B*KV, G, N)
-            if scores.dtype == bias.dtype:
-                scores.add_(bias)
-            else:
-                scores = scores + bias
         else:
             # viewed as (B*KV, 2G, D) the rows alternate and one product scores both (one op less
-            # per layer than two products: the keys are read once); the S sink columns take the
+            # per layer than two products: the keys are read once); the sink columns take the
             # second rows' scores
-            s = self.n_sinks
             both = torch.bmm(qq.view(b * kv, 2 * g, d), kflat.transpose(1, 2))
-            both[:, 0::2, :s] = both[:, 1::2, :s]
-            scores = both[:, 0::2] + bias
+            if sink_mask is None:
+                s = self.n_sinks
+                both[:, 0::2, :s] = both[:, 1::2, :s]
+                scores = both[:, 0::2]
+            else:
+                both = both.view(b, kv, 2 * g, n)
+                scores = torch.where(sink_mask, both[:, :, 1::2], both[:, :, 0::2])  # (B, KV, G, N)
+        if bias.dim() > 2:
+            scores = scores.view(b, kv, g, n) + bias
+        elif scores.dtype == bias.dtype and scores.is_contiguous():
+            scores.add_(bias)
+        else:
+            scores = scores + bias
         # a bfloat16 softmax computes in float32 and rounds once: the same weights as a float32
         # softmax then a cast, in one op instead of three (bias in the scores' dtype, see RingKV)
         p = off_by_one_softmax(scores) if self.zero_sink else torch.softmax(scores, dim=-1)
         if p.dtype != values.dtype:
             p = p.to(values.dtype)
-        return torch.bmm(p, values.view(b * kv, n, d)).view(b, h, 1, d)
+        return torch.bmm(p.view(b * kv, g, n), values.view(b * kv, n, d)).view(b, h, 1, d)
 
 
 # -- the layer-major (parallel) FAM form -------------------------------------------------------

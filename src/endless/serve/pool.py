@@ -17,8 +17,9 @@ Contract:
   each into a row (``RingKV.rehome``: their keys/values are copied once, then written in place),
   evicting to a private copy a state that is not in this batch if its row is needed. A state
   stays in its row across steps and requests; rows of states that were dropped are reused.
-- ``attend(layer, q, k, v)`` after every placed state's ``begin(1)``: the same numbers as each
-  state's own ``attend`` (same float32 rotations rounded once, same bias, the sink columns scored
+- ``attend(layer, q, k, v)`` after every placed state's ``begin(1)``: the rotations and slot
+  writes batched, then ``endless.attention.Kernel.one`` over the rows (the attention every path
+  shares, each row with its own bias and sink columns): the same numbers as each state's own ``attend`` (same float32 rotations rounded once, same bias, the sink columns scored
   by the query at S+W, softmax in float32, the values' dtype for the mix), up to the summation
   order of the products (tests/test_serve_pool.py: log-probs within 1e-5 in float32).
 - ``PoolSet`` keeps one pool per ring size (up to four), so a batch of several sizes attends
@@ -34,7 +35,7 @@ from collections.abc import Sequence
 
 import torch
 
-from endless.attention import off_by_one_softmax
+from endless.attention import Kernel
 from endless.policies.ring import RingKV
 
 
@@ -52,6 +53,7 @@ class KVPool:
         self._owners: list[weakref.ref | None] = [None] * rows
         self._row: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # state -> row
         self._plan: _Plan | None = None
+        self.kernel = Kernel(zero_sink=model.zero_sink)  # the attention every path shares (sinks by mask here)
 
     # -- placement ----------------------------------------------------------------------------
 
@@ -138,7 +140,6 @@ class KVPool:
         plan = self._plan
         n_k, h, _, d = q.shape
         kv = k.shape[1]
-        g = h // kv
         dtype = self.k.dtype
         kbuf, vbuf = self.k[layer], self.v[layer]  # (P, KV, N, D)
         kbuf[plan.rows, :, plan.slots] = torch.bmm(k.reshape(n_k, kv, d).float(), plan.rk).to(dtype)
@@ -149,19 +150,8 @@ class KVPool:
             full = qq.new_empty(span, h, qq.shape[-1])  # rows are a permutation of 0..K-1
             full.index_copy_(0, plan.rows, qq)
             qq = full
-        n = kbuf.shape[2]
-        keys = kbuf[:span].view(span * kv, n, d)
-        if plan.sinks is None:
-            scores = torch.bmm(qq.view(span * kv, g, d), keys.transpose(1, 2)).view(span, kv, g, n)
-        else:
-            # rows alternate [query at t, query at S+W] (as ``Kernel.one``); each state's first S
-            # columns take the second rows' scores
-            both = torch.bmm(qq.view(span * kv, 2 * g, d), keys.transpose(1, 2)).view(span, kv, 2 * g, n)
-            scores = torch.where(plan.sinks, both[:, :, 1::2], both[:, :, 0::2])
-        scores = scores + plan.bias  # (R, 1, 1, N): 0 / -inf
-        # as ``Kernel.one``: a bfloat16 softmax computes in float32 and rounds once
-        p = off_by_one_softmax(scores) if plan.zero_sink else torch.softmax(scores, dim=-1)
-        out = torch.bmm(p.to(dtype).view(span * kv, g, n), vbuf[:span].view(span * kv, n, d)).view(span, h, d)
+        out = self.kernel.one(qq.view(span * h, -1), kbuf[:span], vbuf[:span], plan.bias, (span, h, kv, d),
+                              sink_mask=plan.sinks).view(span, h, d)
         if not plan.identity:
             out = out.index_select(0, plan.rows)
         return out.view(n_k, h, 1, d).to(q.dtype)
