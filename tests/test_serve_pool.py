@@ -8,7 +8,7 @@ from serve_helpers import decode_alone_and_batched
 
 from endless.models.tiny import tiny_model
 from endless.serve.batch import decode_step
-from endless.serve.pool import KVPool, PoolSet
+from endless.serve.pool import PoolSet
 from endless.stream import Stream, as_transformer
 
 # with chunk 8 the first four share one ring size (22 slots), sinks:1+6 has another (15), FAM
@@ -59,7 +59,7 @@ def test_changing_batches_move_states_without_changing_results():
     specs = [POLICIES[i % 4] for i in range(7)]
     lengths = [4, 13, 25, 8, 19, 31, 2]
     alone, batched = _streams(model, specs, lengths), _streams(model, specs, lengths)
-    pool = KVPool(model, rows=4)
+    pool = PoolSet(model, rows=4)
     rng = random.Random(0)
     for step in range(24):
         members = sorted(rng.sample(range(7), rng.randint(1, 6)))
@@ -87,7 +87,7 @@ def test_changing_batches_move_states_without_changing_results():
 def test_saved_pooled_stream_resumes(tmp_path):
     model = _model()
     alone, batched = _streams(model, ["sinks:2+12"] * 3, [6, 18, 27]), _streams(model, ["sinks:2+12"] * 3, [6, 18, 27])
-    pool = KVPool(model, rows=3)
+    pool = PoolSet(model, rows=3)
     assert decode_alone_and_batched(alone, batched, pool, steps=5) < 1e-5
     assert pool.row_of(batched[1].state) is not None
     batched[1].save(tmp_path / "s.endless")

@@ -119,7 +119,7 @@ def engine_alone(threads: int, dtype: str, sizes: list[int], steps: int = 24) ->
     from endless.cli.common import inference_model
     from endless.models import load
     from endless.serve.batch import decode_step
-    from endless.serve.pool import KVPool
+    from endless.serve.pool import PoolSet
     from endless.stream import Stream
 
     torch.set_num_threads(threads)
@@ -134,7 +134,7 @@ def engine_alone(threads: int, dtype: str, sizes: list[int], steps: int = 24) ->
                 s = Stream(model, "sinks:4+1020")
                 s.feed(torch.randint(0, 49152, (base + 37 * i,)), logprobs=False)
                 streams.append(s)
-            pool = KVPool(model, k)
+            pool = PoolSet(model, k)
             spent = {"pooled": 0.0, "unpooled": 0.0}
             for mode in ("pooled", "unpooled"):  # warm-up (and the pool's placement) outside the timing
                 decode_step(streams, [int(s.next_token()) for s in streams], pool=pool if mode == "pooled" else None)

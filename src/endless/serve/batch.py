@@ -10,9 +10,10 @@ with its own history, and ``MultiCache`` hands row i to stream i's own state (``
 ``FamState``, each of batch 1 with its own positions, slots and RoPE tables). A FAM state's
 ``end()`` runs its memory update when its block completes, whichever the other rows' positions.
 
-With a ``KVPool`` or ``PoolSet`` (``endless.serve.pool``) the ring states of the batch move into
-rows of one tensor per ring size and attend in one call per layer and size instead of one per stream: the same numbers, a dozen
-tensor ops per layer whatever the batch size. The others (FAM, dense) still attend on their own.
+With a ``PoolSet`` (``endless.serve.pool``) the ring states of the batch move into rows of one
+tensor per ring size and attend in one call per layer and size instead of one per stream: the
+same numbers, a dozen tensor ops per layer whatever the batch size. The others (FAM, dense) still
+attend on their own.
 """
 
 from __future__ import annotations
@@ -27,16 +28,17 @@ from endless.stream import Stream
 
 class MultiCache:
     """The ``Cache`` protocol over K single-stream states: row i of every tensor is state i's.
-    With ``pool`` (a ``KVPool`` or ``PoolSet``), one-token steps of the states it can hold
-    attend through it, a group at a time."""
+    With ``pool``, one-token steps of the states it can hold attend through it, one group (ring
+    size) at a time."""
 
-    def __init__(self, states: Sequence, pool: "KVPool | PoolSet | None" = None) -> None:
+    def __init__(self, states: Sequence, pool: PoolSet | None = None) -> None:
         for s in states:
             if not hasattr(s, "attend") or s.batch != 1:
                 raise ValueError(f"{type(s).__name__} cannot be decoded in a batch (needs a batch-1 cache state)")
         self.states = list(states)
         self.pool = pool
-        self._groups: list[tuple[KVPool, list[int]]] = []  # (pool, indices of the states it serves) this step
+        # (pool, indices of the states it serves, the same as a tensor) this step
+        self._groups: list[tuple[KVPool, list[int], torch.Tensor]] = []
         self._alone: list[int] = list(range(len(self.states)))
 
     def begin(self, n: int) -> None:
@@ -44,10 +46,11 @@ class MultiCache:
             s.begin(n)
         self._groups, self._alone = [], list(range(len(self.states)))
         if self.pool is not None and n == 1 and len(self.states) > 1:
-            self._groups = self.pool.groups(self.states)
-            served = {i for _, idx in self._groups for i in idx}
+            device = self.pool.model.device
+            self._groups = [(pool, idx, torch.tensor(idx, device=device)) for pool, idx in self.pool.groups(self.states)]
+            served = {i for _, idx, _ in self._groups for i in idx}
             self._alone = [i for i in range(len(self.states)) if i not in served]
-            for pool, idx in self._groups:
+            for pool, idx, _ in self._groups:
                 pool.begin([self.states[i] for i in idx])
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -59,8 +62,7 @@ class MultiCache:
         if not self._alone and len(self._groups) == 1:
             return self._groups[0][0].attend(layer, q, k, v)
         out = torch.empty_like(q)
-        for pool, idx in self._groups:
-            at = torch.tensor(idx, device=q.device)
+        for pool, _, at in self._groups:
             out[at] = pool.attend(layer, q[at], k[at], v[at])
         for i in self._alone:
             out[i : i + 1] = self.states[i].attend(layer, q[i : i + 1], k[i : i + 1], v[i : i + 1])
@@ -78,11 +80,10 @@ def batchable(stream: Stream) -> bool:
 
 @torch.inference_mode()
 def decode_step(streams: Sequence[Stream], tokens: "Sequence[int] | torch.Tensor", *,
-                pool: "KVPool | PoolSet | None" = None) -> torch.Tensor:
+                pool: PoolSet | None = None) -> torch.Tensor:
     """Feed one token to each stream (all over the same model) in one forward pass; returns the
     (K, V) float32 logits of the next token of each, also left in each stream's ``last_logits``.
-    ``pool`` (a ``KVPool`` or ``PoolSet``): the ring states it can hold attend together
-    (``endless.serve.pool``)."""
+    ``pool``: the ring states it can hold attend together (``endless.serve.pool``)."""
     if not streams:
         raise ValueError("no streams to decode")
     model = streams[0].model

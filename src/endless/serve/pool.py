@@ -11,8 +11,8 @@ one product for the scores, one for the mix.
 
 Contract:
 
-- ``KVPool(model, rows)`` owns ``k, v`` of shape (L, rows, KV, N, D), allocated on first use
-  for the capacity N of the first state placed; ``RingKV`` states of that capacity (any policy
+- ``KVPool(model, rows, N)`` owns ``k, v`` of shape (L, rows, KV, N, D), allocated on first
+  use; ``RingKV`` states of ring size N (any policy
   of the ring family: sinks with any S, window, BSWA) can live in a row. ``place(states)`` moves
   each into a row (``RingKV.rehome``: their keys/values are copied once, then written in place),
   evicting to a private copy a state that is not in this batch if its row is needed. A state
@@ -39,15 +39,21 @@ from endless.attention import Kernel
 from endless.policies.ring import RingKV
 
 
-class KVPool:
-    """Key/value rows shared by the ring states of a decoding batch (see the module docstring)."""
+def poolable(state, model) -> bool:
+    """Whether ``state`` can live in a pool over ``model``: a one-stream ring of fixed size."""
+    return type(state) is RingKV and state.batch == 1 and not state.growable and state.model is model
 
-    def __init__(self, model, rows: int) -> None:
+
+class KVPool:
+    """Key/value rows shared by the ring states of one ring size (``capacity`` slots) of a
+    decoding batch (see the module docstring)."""
+
+    def __init__(self, model, rows: int, capacity: int) -> None:
         if rows < 1:
             raise ValueError(f"a pool needs at least one row, got {rows}")
         self.model = model
         self.rows = rows
-        self.capacity: int | None = None
+        self.capacity = capacity
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
         self._owners: list[weakref.ref | None] = [None] * rows
@@ -58,10 +64,8 @@ class KVPool:
     # -- placement ----------------------------------------------------------------------------
 
     def fits(self, state) -> bool:
-        """Whether ``state`` can live in this pool: a one-stream ring of fixed size over this
-        pool's model, of the pool's capacity once that is set."""
-        return (type(state) is RingKV and state.batch == 1 and not state.growable and state.model is self.model
-                and (self.capacity is None or state.capacity == self.capacity))
+        """Whether ``state`` can live in this pool: ``poolable`` and of this pool's ring size."""
+        return poolable(state, self.model) and state.capacity == self.capacity
 
     def row_of(self, state) -> int | None:
         return self._row.get(state)
@@ -74,7 +78,6 @@ class KVPool:
         with torch.inference_mode(False):
             self.k = state.k.new_empty(shape)
             self.v = state.v.new_empty(shape)
-        self.capacity = state.capacity
 
     def _holder(self, row: int) -> RingKV | None:
         """The live state whose keys are in ``row``, if any."""
@@ -101,7 +104,6 @@ class KVPool:
             return placed
         if self.k is None:
             self._allocate(states[want[0]])
-            want = [i for i in want if self.fits(states[i])]
         want = want[: self.rows]
         n = len(want)
         inside = {self._row.get(states[i]) for i in want}
@@ -120,13 +122,6 @@ class KVPool:
             self._owners[row] = weakref.ref(s)
             self._row[s] = row
         return placed
-
-    def groups(self, states: Sequence) -> list[tuple["KVPool", list[int]]]:
-        """``place`` the states; returns [(self, indices of the placed ones)] when at least two
-        are, else [] (one state alone gains nothing from a pool)."""
-        placed = self.place(states)
-        got = [i for i, p in enumerate(placed) if p]
-        return [(self, got)] if len(got) > 1 else []
 
     # -- one decoding step --------------------------------------------------------------------
 
@@ -171,19 +166,27 @@ class PoolSet:
         returns [(pool, indices into ``states``)] of the groups placed."""
         by_size: dict[int, list[int]] = {}
         for i, s in enumerate(states):
-            if type(s) is RingKV and s.batch == 1 and not s.growable and s.model is self.model:
+            if poolable(s, self.model):
                 by_size.setdefault(s.capacity, []).append(i)
         out = []
         for size, idx in by_size.items():
-            if len(idx) < 2:
+            if len(idx) < 2:  # one state alone gains nothing from a pool
                 continue
             pool = self.pools.get(size)
             if pool is None:
                 if len(self.pools) >= self.max_pools:
                     continue
-                pool = self.pools[size] = KVPool(self.model, self.rows)
-            out += [(pool, [idx[j] for j in got]) for _, got in pool.groups([states[i] for i in idx])]
+                pool = self.pools[size] = KVPool(self.model, self.rows, size)
+            placed = pool.place([states[i] for i in idx])
+            got = [i for i, p in zip(idx, placed, strict=True) if p]
+            if len(got) > 1:
+                out.append((pool, got))
         return out
+
+    def row_of(self, state) -> int | None:
+        """The row ``state`` holds in the pool of its size, if any."""
+        pool = self.pools.get(getattr(state, "capacity", None))
+        return None if pool is None else pool.row_of(state)
 
 
 class _Plan:
@@ -219,4 +222,4 @@ class _Plan:
         self.bias = bias
 
 
-__all__ = ["KVPool", "PoolSet"]
+__all__ = ["KVPool", "PoolSet", "poolable"]
