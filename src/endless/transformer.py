@@ -113,8 +113,21 @@ class Transformer:
         self._kernel = "auto"
         self.kernel_choice = None  # endless.kernels.Choice when the packed kernel was chosen by measuring
         self._act = getattr(cfg, "hidden_act", None)
+        self.step = None  # endless.step.CompiledStep once compile_step() was called
         if pack or compile or weights != "auto":
             self.pack(compile=compile, weights=weights, kernel=kernel)
+
+    def compile_step(self) -> "Transformer":
+        """Decode tokens of ring states (sinks, window, BSWA) through one compiled graph per token
+        (``endless.step``: 1.1-1.4x faster per token on the CPU, ~30-60 s of compilation per ring
+        size, one more copy of the weights). Packs the weights if they are not yet. Raises
+        :class:`EndlessError` where it cannot run (CUDA, int8/int4 weights, other MLPs)."""
+        from endless.step import CompiledStep
+
+        if self.packed is None and self.device.type == "cpu":
+            self.pack()
+        self.step = CompiledStep(self)
+        return self
 
     def pack(self, *, compile: bool = False, weights: str = "auto", kernel: str = "auto") -> "Transformer":
         """Build (or rebuild, after changing weights) the packed inference weights; returns self.
@@ -166,6 +179,7 @@ class Transformer:
         if prompt is not None:
             prompt.to(device)
         self.packed = None
+        self.step = None  # compiled for the CPU weights; call compile_step() again there
         if self._pack_wanted and device.type == "cpu":  # elsewhere the modules serve every call
             self.pack(weights=self._weights, kernel=self._kernel)
         return self

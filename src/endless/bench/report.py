@@ -14,7 +14,7 @@ Targets (issue 5), all ratios measured in one run:
 
 from __future__ import annotations
 
-UNCOMPILED = "sinks uncompiled"  # float32: the packed path without endless.gemv, timed beside the compiled one
+UNCOMPILED = "sinks uncompiled"  # the packed eager path, timed beside compiled products (endless.gemv) or step (endless.step)
 INT8 = "sinks int8"  # bfloat16 activations with int8 weights (endless.int8, issue 21), beside bfloat16 sinks
 INT4 = "sinks int4"  # the same with int4 weights in groups of 32 (endless.int4)
 
@@ -153,6 +153,9 @@ def render(result: dict) -> str:
         if run.get("compiled_matrices"):
             parts.append(f"{dtype}: {run['compiled_matrices']} matrices with compiled one-token kernels "
                          f"(endless.gemv), packed and compiled in {run['pack_seconds']:.0f} s")
+        if run.get("compiled_step"):
+            parts.append(f"{dtype}: sinks decodes through one compiled graph per token (endless.step); "
+                         f"'{UNCOMPILED}' is the eager path in the same rounds")
     parts += [
         "", "Decode, per token (median of interleaved steps):", decode_table(result),
         "", "Stream position (sinks):", positions_table(result),

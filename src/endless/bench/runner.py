@@ -27,6 +27,7 @@ from endless.bench.report import INT4, INT8, UNCOMPILED
 from endless.bench.timing import machine
 from endless.kernels import CHUNK
 from endless.models import load
+from endless.stream import Stream
 from endless.transformer import Transformer
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class BenchConfig:
     threads: int = 1
     pack: bool = True
     compile: bool = True  # float32: compiled one-token kernels (endless.gemv), timed against the uncompiled path
+    compile_step: bool = False  # "sinks" decodes through one compiled graph per token (endless.step), beside the eager path
     weights: str = "auto"  # int8 / int4 / int8,int4: bfloat16 sinks with those weights timed beside bfloat16's (issue 21)
     chunk: int = 128
     caches: tuple[int, ...] = (256, 512, 1024, 2048, 4096)
@@ -103,7 +105,8 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict:
     torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
     if device.type != "cpu":  # CPU-only parts: packed/compiled kernels, llama.cpp, per-process RSS
-        config = dataclasses.replace(config, pack=False, compile=False, with_llamacpp=False, isolated_memory=False)
+        config = dataclasses.replace(config, pack=False, compile=False, compile_step=False, with_llamacpp=False,
+                                     isolated_memory=False)
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     hf_logging.disable_progress_bar()
     started = time.time()
@@ -115,19 +118,22 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict:
     cpp_dtype = "bfloat16" if "bfloat16" in config.dtypes else config.dtypes[-1]
     for dtype in config.dtypes:
         hf, tok = load(config.model, dtype=dtype, device=device)
-        compile = config.compile and config.pack and dtype == "float32"  # bfloat16: oneDNN is faster (endless.gemv)
+        step = config.compile_step and config.pack  # the compiled step replaces the compiled products
+        compile = config.compile and config.pack and dtype == "float32" and not step  # bfloat16: oneDNN is faster (endless.gemv)
         t0 = time.perf_counter()
         model = Transformer(hf, pack=config.pack, compile=compile)
+        if step:  # compiles at each ring size's first token, outside the timed steps (decode_cell warms up)
+            model.compile_step()
         ids = token_ids(tok, hf.config.vocab_size, need, config.seed)
         run: dict = {"weight_bytes": weight_bytes(model), "packed_bytes": model.packed.nbytes if model.packed else 0,
-                     "compiled_matrices": model.packed.compiled if model.packed else 0,
+                     "compiled_matrices": model.packed.compiled if model.packed else 0, "compiled_step": step,
                      "pack_seconds": time.perf_counter() - t0}
         if model.kernel_choice is not None:  # what this CPU's measurement chose (issue 21, part 1)
             c = model.kernel_choice
             run["kernel"] = {"name": c.name, "source": c.source, "ms_per_token": c.ms, "ms_per_chunk": c.chunk_ms,
                              "chunk_rows": CHUNK, "summary": c.summary()}
         extra = {}
-        if run["compiled_matrices"]:
+        if run["compiled_matrices"] or step:
             eager = Transformer(hf, pack=True)
             extra[UNCOMPILED] = lambda length, m=eager, ids_=ids: OursDecoder(m, f"sinks:4+{length - 4}", ids_, length)
         for quant, label in (("int8", INT8), ("int4", INT4)):
@@ -154,6 +160,9 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict:
         extra.clear()
         eager = q = None
         gc.collect()
+        if step:  # compile the sweep's and the perplexity's ring sizes before anything of theirs is timed
+            for policy in (f"sinks:4+{config.position_window}", config.ppl_policy):
+                Stream(model, policy, chunk=config.chunk).feed(ids[:1], logprobs=False)
         with tqdm(total=max(config.positions), desc=f"positions {dtype}", disable=not progress) as bar:
             run["positions"] = position_sweep(model, ids, list(config.positions), rounds=config.position_rounds,
                                               window=config.position_window, chunk=config.chunk, progress=bar,

@@ -42,6 +42,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="float32: compiled one-token kernels (endless.gemv), timed beside the uncompiled path "
                         "(default: on for the full run, off with --quick)")
+    p.add_argument("--compile-step", action="store_true",
+                   help="our sinks path decodes through one compiled graph per token (endless.step; ~1 min of "
+                        "compilation per ring size), timed beside the eager path ('sinks uncompiled')")
     weights = ("auto", "int8", "int4", "int8,int4")
     p.add_argument("--weights", choices=weights, default="auto",
                    metavar="{" + ",".join(w if "," not in w else repr(w) for w in weights) + "}",  # 'int8,int4' is one choice
@@ -80,6 +83,8 @@ def config_from_args(args: argparse.Namespace):
         changes["pack"] = False
     if args.compile is not None:
         changes["compile"] = args.compile
+    if args.compile_step:
+        changes["compile_step"] = True
     if args.weights != "auto":
         changes["weights"] = args.weights
     if args.no_transformers:

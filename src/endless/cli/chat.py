@@ -23,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "Type /exit or Ctrl-D to leave."
         ),
     )
-    add_model_args(p, dtype_default="bfloat16", compile=True, weights=True)
+    add_model_args(p, dtype_default="bfloat16", compile=True, weights=True, compile_step=True)
     p.add_argument("--policy", default="sinks:4+1020", help="attention policy spec (default: %(default)s)")
     p.add_argument("--session", type=Path, default=None, help="save/resume the conversation in this file")
     p.add_argument("--system", default=None, help="system prompt for a new conversation")
@@ -40,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
 
     policy = parse_policy(args.policy)
     hf, tok = load_from_args(args)
-    model = inference_model(hf, compile=args.compile, weights=args.weights, kernel=args.kernel)
+    model = inference_model(hf, compile=args.compile, weights=args.weights, kernel=args.kernel,
+                            compile_step=args.compile_step)
     if args.session and args.session.exists():
         chat = Chat.resume(args.session, model, tok, policy)
         print(f"[resumed {args.session}: {len(chat.messages)} messages, {chat.stream.position} tokens]", file=sys.stderr)

@@ -11,9 +11,9 @@ DTYPES = ("float32", "bfloat16")
 
 
 def add_model_args(parser: argparse.ArgumentParser, *, dtype_default: str = "float32", fam: bool = True,
-                   compile: bool = False, weights: bool = False) -> None:
-    """--model, --dtype, --threads, (with ``fam``) --fam CHECKPOINT, (with ``compile``) --compile and
-    (with ``weights``, commands whose model goes through ``inference_model``) --weights {auto,int8,int4}.
+                   compile: bool = False, weights: bool = False, compile_step: bool = False) -> None:
+    """--model, --dtype, --threads, (with ``fam``) --fam CHECKPOINT, (with ``compile``) --compile,
+    (with ``compile_step``) --compile-step and (with ``weights``, commands whose model goes through ``inference_model``) --weights {auto,int8,int4}.
 
     --weights is separate from --dtype because it names how the packed weights are stored, not
     what the activations compute in: ``--dtype bfloat16 --weights int8`` is int8 weights with
@@ -45,6 +45,11 @@ def add_model_args(parser: argparse.ArgumentParser, *, dtype_default: str = "flo
         g.add_argument("--compile", action="store_true",
                        help="float32: compile the one-token weight products with TorchInductor (1.15-1.5x faster "
                             "per token, 20-60 s at start, one more copy of the weights; needs a C++ compiler)")
+    if compile_step:
+        g.add_argument("--compile-step", action="store_true",
+                       help="decode each token through one compiled graph (endless.step: float32 or bfloat16, "
+                            "1.1-1.4x faster per token on the CPU, 30-60 s of compilation at the first token, one "
+                            "more copy of the weights; needs a C++ compiler)")
 
 
 def add_device_arg(parser) -> None:
@@ -89,6 +94,13 @@ def load_from_args(args: argparse.Namespace, *, need_tokenizer: bool = True):
     device = device_from_args(args)
     if getattr(args, "compile", False) and device.type != "cpu":
         raise EndlessError("--compile builds CPU kernels; on --device cuda drop it (PyTorch's CUDA kernels run instead)")
+    if getattr(args, "compile_step", False):
+        if device.type != "cpu":
+            raise EndlessError("--compile-step builds a CPU graph; on --device cuda drop it")
+        if getattr(args, "compile", False):
+            raise EndlessError("--compile-step replaces --compile (its graph has its own kernels); use one of them")
+        if getattr(args, "weights", "auto") != "auto":
+            raise EndlessError("--compile-step runs float weights; drop --weights or --compile-step")
     weights = getattr(args, "weights", "auto")
     if weights != "auto":  # one line before a model loads: int8 needs bfloat16 on the CPU
         import torch
@@ -128,12 +140,14 @@ def write_json(path, payload: dict) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2) + "\n"))
 
 
-def inference_model(model, *, pack: bool = True, compile: bool = False, weights: str = "auto", kernel: str = "auto"):
+def inference_model(model, *, pack: bool = True, compile: bool = False, weights: str = "auto", kernel: str = "auto",
+                    compile_step: bool = False):
     """Our ``Transformer`` over ``model``, with packed inference weights unless ``pack`` is False
     (``endless.packed``: the fast per-token layout, one extra copy of the weights; autograd and
     LoRA still use the modules), with ``compile`` compiled one-token kernels (``endless.gemv``)
     and with ``weights="int8"`` int8 copies instead (``endless.int8``; implies ``pack``); ``kernel``
-    as ``Transformer.pack`` (``auto``: the kernel measured fastest here, ``endless.kernels``)."""
+    as ``Transformer.pack`` (``auto``: the kernel measured fastest here, ``endless.kernels``);
+    ``compile_step``: decoded tokens through one compiled graph (``endless.step``)."""
     from endless.stream import as_transformer
 
     model = as_transformer(model)
@@ -141,6 +155,8 @@ def inference_model(model, *, pack: bool = True, compile: bool = False, weights:
     if (((pack or weights != "auto") and (have != weights or model._kernel != kernel))
             or (compile and not (model.packed and (model.packed.compiled or _compiled_timed(model))))):
         model.pack(compile=compile, weights=weights, kernel=kernel)
+    if compile_step and model.step is None:
+        model.compile_step()
     return model
 
 

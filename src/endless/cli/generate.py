@@ -23,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("prompt", help="the prompt text (use - to read it from stdin)")
-    add_model_args(p, dtype_default="bfloat16", compile=True, weights=True)
+    add_model_args(p, dtype_default="bfloat16", compile=True, weights=True, compile_step=True)
     p.add_argument("--policy", default="sinks:4+1020", help="attention policy spec (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=MAX_NEW_TOKENS.arg, default=200, help="tokens to generate (default: %(default)s)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -50,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
     if not prompt.strip():
         raise EndlessError("empty prompt")
     hf, tok = load_from_args(args)
-    stream = Stream(inference_model(hf, compile=args.compile, weights=args.weights, kernel=args.kernel), policy)
+    stream = Stream(inference_model(hf, compile=args.compile, weights=args.weights, kernel=args.kernel,
+                            compile_step=args.compile_step), policy)
     if args.chat:
         if getattr(tok, "chat_template", None) is None:
             raise EndlessError("this model's tokenizer has no chat template; drop --chat")

@@ -63,6 +63,7 @@ class RingKV:
         self.t = 0  # stream indices seen so far
         self._step: _Step | None = None
         self._sink_tables: tuple | None = None  # (n, cos, sin, matrix) of the steady-state sink query
+        self._sink_cols: torch.Tensor | None = None
 
     # -- bookkeeping -------------------------------------------------------------------------
 
@@ -180,8 +181,20 @@ class RingKV:
             v.copy_(self.v)
         self.k, self.v = k, v
 
+    @property
+    def sink_columns(self) -> torch.Tensor:
+        """(N,) bool: the slots holding the sinks (the first ``n_sinks``), on the buffers' device."""
+        n = self.capacity
+        if self._sink_cols is None or self._sink_cols.numel() != n or self._sink_cols.device != self.k.device:
+            self._sink_cols = torch.arange(n, device=self.k.device) < self.n_sinks
+        return self._sink_cols
+
     def forward(self, ids: torch.Tensor, *, last_only: bool = False) -> torch.Tensor:
-        """Feed ids (B, C) with C <= chunk; returns logits (B, C or 1, V)."""
+        """Feed ids (B, C) with C <= chunk; returns logits (B, C or 1, V). A decoded token goes
+        through the model's compiled step when it has one that serves this state (``endless.step``)."""
+        step = getattr(self.model, "step", None)
+        if step is not None and ids.shape[1] == 1 and step.serves(self):
+            return step(self, ids)
         return self.model.forward(ids, self, last_only=last_only)
 
     # -- save / restore ---------------------------------------------------------------------
