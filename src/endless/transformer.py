@@ -187,7 +187,9 @@ class Transformer:
     def _fast(self, i: int) -> PackedLayer | None:
         """The packed layer ``i`` if it may serve this call (no autograd, modules unchanged)."""
         p = self.packed
-        if p is None or torch.is_grad_enabled():
+        # while the compiled step (endless.step) is traced the modules serve: inductor freezes and
+        # prepacks their weights itself, and cannot lower the packed copies' oneDNN handles
+        if p is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return None
         layer = p.layers[i]
         return layer if layer.valid(self.layers[i]) else None
@@ -238,7 +240,7 @@ class Transformer:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head: (B, C, d) -> (B, C, V)."""
         p = self.packed
-        if p is not None and not torch.is_grad_enabled() and p.head_valid():
+        if p is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and p.head_valid():
             return p.head(self.norm(x))
         return self.lm_head(self.norm(x))
 

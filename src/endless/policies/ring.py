@@ -63,7 +63,6 @@ class RingKV:
         self.t = 0  # stream indices seen so far
         self._step: _Step | None = None
         self._sink_tables: tuple | None = None  # (n, cos, sin, matrix) of the steady-state sink query
-        self._sink_cols: torch.Tensor | None = None
 
     # -- bookkeeping -------------------------------------------------------------------------
 
@@ -143,12 +142,7 @@ class RingKV:
         st = self._step
         kbuf, vbuf = self.k[layer], self.v[layer]  # (B, KV, N, D)
         if st.rk is not None:
-            b, h, _, d = q.shape
-            kv = k.shape[1]
-            kbuf.index_copy_(2, st.slots, torch.mm(k.reshape(-1, d).float(), st.rk).to(kbuf.dtype).view(b, kv, 1, d))
-            vbuf.index_copy_(2, st.slots, v)
-            qq = torch.mm(q.reshape(-1, d).float(), st.rq).to(q.dtype)  # (B*H, D or 2D): rows (b, kv, g)
-            return self.kernel.one(qq, kbuf, vbuf, st.bias, (b, h, kv, d))
+            return attend_one(self.kernel, kbuf, vbuf, st.slots, st.rk, st.rq, st.bias, q, k, v)
         kbuf.index_copy_(2, st.slots, rotate_signed(k, st.cos, st.sin))
         vbuf.index_copy_(2, st.slots, v)
         # Slots fill in stream order until the ring wraps: only the first ``occupied`` can be
@@ -181,14 +175,6 @@ class RingKV:
             v.copy_(self.v)
         self.k, self.v = k, v
 
-    @property
-    def sink_columns(self) -> torch.Tensor:
-        """(N,) bool: the slots holding the sinks (the first ``n_sinks``), on the buffers' device."""
-        n = self.capacity
-        if self._sink_cols is None or self._sink_cols.numel() != n or self._sink_cols.device != self.k.device:
-            self._sink_cols = torch.arange(n, device=self.k.device) < self.n_sinks
-        return self._sink_cols
-
     def forward(self, ids: torch.Tensor, *, last_only: bool = False) -> torch.Tensor:
         """Feed ids (B, C) with C <= chunk; returns logits (B, C or 1, V). A decoded token goes
         through the model's compiled step when it has one that serves this state (``endless.step``)."""
@@ -217,6 +203,21 @@ class RingKV:
         self.t = t
 
 
+def attend_one(kernel: Kernel, kbuf: torch.Tensor, vbuf: torch.Tensor, slots: torch.Tensor, rk: torch.Tensor,
+               rq: torch.Tensor, bias: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """One layer of a decoded token: the key rotated once at its stream index (``rk``, (D, D)) and
+    written with its value into ``slots`` of ``kbuf``/``vbuf`` (B, KV, N, D), the query rotated and
+    scaled (``rq``: (D, D), or (D, 2D) with the sinks' query at S+W beside it), then
+    ``Kernel.one``. ``q`` (B, H, 1, D), ``k``/``v`` (B, KV, 1, D); returns (B, H, 1, D). What
+    ``RingKV.attend`` runs for one token and what the compiled step (``endless.step``) traces."""
+    b, h, _, d = q.shape
+    kv = k.shape[1]
+    kbuf.index_copy_(2, slots, torch.mm(k.reshape(-1, d).float(), rk).to(kbuf.dtype).view(b, kv, 1, d))
+    vbuf.index_copy_(2, slots, v)
+    qq = torch.mm(q.reshape(-1, d).float(), rq).to(q.dtype)  # (B*H, D or 2D): rows (b, kv, g)
+    return kernel.one(qq, kbuf, vbuf, bias, (b, h, kv, d))
+
+
 class _Step:
     """What ``begin`` prepares for all layers: positions, slots, additive mask (0 / -inf; (1, N)
     in the model dtype for one token, (G, C, N) in the model dtype for chunks), how many slots are filled, and either (chunks) key
@@ -230,4 +231,4 @@ class _Step:
         self.cos = self.sin = self.qcos = self.qsin = self.sink = self.rk = self.rq = None
 
 
-__all__ = ["RingKV"]
+__all__ = ["RingKV", "attend_one"]
