@@ -96,22 +96,32 @@ def test_dense_and_chunks_stay_eager():
     assert model.step._graphs == {}
 
 
-def test_int8_weights_are_refused_in_one_line():
-    hf = tiny_model("llama", seed=0).to(torch.bfloat16)
-    with pytest.raises(EndlessError, match="float weights"):
-        Transformer(hf, weights="int8").compile_step()
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_compiled_step_with_quantised_weights_equals_eager(weights):
+    # the int8/int4 copies go through the same PyTorch kernels inside the graph
+    hf = tiny_model("llama", seed=2, initializer_range=0.2).to(torch.bfloat16)
+    ids = ids_of(40, seed=4)
+    want, _ = decode(Transformer(hf, weights=weights), "sinks:4+12", ids)
+    model = Transformer(hf, weights=weights).compile_step()
+    got, _ = decode(model, "sinks:4+12", ids)
+    assert len(model.step._graphs) == 1
+    assert (got - want)[:, 1:].abs().max().item() < 0.1
 
 
-@pytest.mark.parametrize(("extra", "words"), [
-    (["--weights", "int8", "--dtype", "bfloat16"], "--compile-step runs float weights"),
-    (["--compile", "--dtype", "float32"], "--compile-step replaces --compile"),
-])
-def test_cli_refusals_are_one_line_and_exit_2(extra, words, capsys):
+def test_cuda_is_refused_in_one_line(monkeypatch):
+    model = Transformer(tiny_model("llama", seed=0), pack=True)
+    monkeypatch.setattr(Transformer, "device", property(lambda self: torch.device("cuda")))
+    with pytest.raises(EndlessError, match="CPU path"):
+        model.compile_step()
+
+
+def test_cli_refusal_is_one_line_and_exit_2(capsys):
     from endless.cli.main import main
 
-    assert main(["generate", "hi", "--compile-step", "--threads", "1", "--model", "nope", *extra]) == 2
+    args = ["generate", "hi", "--compile-step", "--compile", "--dtype", "float32", "--threads", "1", "--model", "nope"]
+    assert main(args) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(err) == 1 and words in err[0]
+    assert len(err) == 1 and "--compile-step replaces --compile" in err[0]
 
 
 @pytest.mark.real

@@ -24,7 +24,10 @@ Contract:
   with or without the zero sink. Chunks, growing (dense) caches, FAM, training, and weights
   changed after packing (LoRA injected, edited in place: the graph holds a snapshot and serves
   only while the ``Transformer.packed`` it was built with is valid) run the eager path.
-- Refused (``EndlessError``, one line): CUDA, int8/int4 weights, no C++ compiler.
+- int8/int4 weights (``endless.int8``, ``endless.int4``) run their packed copies through
+  PyTorch's kernels inside the graph, the same calls as eager; float weights run the modules,
+  which inductor freezes and prepacks.
+- Refused (``EndlessError``, one line): CUDA, no C++ compiler.
 - One graph per (batch, ring size, sinks, dtype, threads); each costs ~30-60 s of compilation
   for SmolLM2-135M the first time.
 - Memory: inductor keeps its own packed copy of the weights (one more copy, as ``pack`` does).
@@ -47,6 +50,10 @@ from endless.policies.ring import attend_one
 # cpp_wrapper: the graph's kernel calls are made from generated C++ (1.04-1.11x over Python's).
 # concat_linear: q/k/v and gate/up, which read the same input, become one prepacked product each.
 INDUCTOR = {"freezing": True, "cpp_wrapper": True, "cpp.enable_concat_linear": True}
+# every graph of a process is compiled from the one code object ``_Graph.forward`` (one per
+# model, ring size, dtype, ...), and dynamo counts each as a recompilation of it: its default limit
+# of 8 would refuse the ninth (a bench over two dtypes and several caches, a test session)
+DYNAMO = {"recompile_limit": 256, "accumulated_recompile_limit": 4096}
 
 
 def unsupported(model) -> str | None:
@@ -55,8 +62,8 @@ def unsupported(model) -> str | None:
         return "the compiled step is a CPU path (CUDA runs PyTorch's own kernels)"
     if model.dtype not in (torch.float32, torch.bfloat16):
         return f"the compiled step runs float32 or bfloat16, not {model.dtype}"
-    if model.packed is None or model.packed.weights != "auto":
-        return "the compiled step runs the float weights (pack=True, weights='auto'), not int8/int4 copies"
+    if model.packed is None:
+        return "the compiled step needs the packed inference weights (pack=True)"
     if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
         return "the compiled step needs a C++ compiler (g++ or clang++) on the PATH"
     return None
@@ -65,7 +72,7 @@ def unsupported(model) -> str | None:
 class _Graph(torch.nn.Module):
     """One decoded token over every layer: what ``torch.compile`` traces. It runs the model's own
     layer code (``Transformer.qkv``, ``finish``, ``logits``: the transformers modules, whose
-    weights inductor freezes) and the ring's own one-token attention (``policies.ring.attend_one``,
+    weights inductor freezes, or the int8/int4 copies of ``endless.packed``) and the ring's own one-token attention (``policies.ring.attend_one``,
     ``endless.attention.Kernel.one``): nothing here is a second implementation."""
 
     def __init__(self, model, kernel: Kernel) -> None:
@@ -134,7 +141,7 @@ class CompiledStep:
             # the same scores and one graph serves before and after the first eviction
             rq = torch.cat([rq, rq], dim=1)
         ks, vs = self._layer_views(state)
-        with torch._inductor.config.patch(INDUCTOR):
+        with torch._inductor.config.patch(INDUCTOR), torch._dynamo.config.patch(DYNAMO):
             logits = self._graph(state, sink_split)(ids, ks, vs, st.slots, st.rk, rq, st.bias)
         state.end()
         return logits

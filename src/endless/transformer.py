@@ -187,10 +187,14 @@ class Transformer:
     def _fast(self, i: int) -> PackedLayer | None:
         """The packed layer ``i`` if it may serve this call (no autograd, modules unchanged)."""
         p = self.packed
-        # while the compiled step (endless.step) is traced the modules serve: inductor freezes and
-        # prepacks their weights itself, and cannot lower the packed copies' oneDNN handles
-        if p is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if p is None or torch.is_grad_enabled():
             return None
+        if torch.compiler.is_compiling():
+            # the compiled step (endless.step), which checked validity before its call: float
+            # weights run the modules (inductor freezes and prepacks them itself and cannot lower
+            # the packed copies' oneDNN handles); int8/int4 copies are plain tensors it can call
+            # PyTorch's kernels on
+            return None if p.weights == "auto" else p.layers[i]
         layer = p.layers[i]
         return layer if layer.valid(self.layers[i]) else None
 
@@ -240,7 +244,9 @@ class Transformer:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head: (B, C, d) -> (B, C, V)."""
         p = self.packed
-        if p is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and p.head_valid():
+        compiling = torch.compiler.is_compiling()  # as in _fast: validity checked by the compiled step
+        if (p is not None and not torch.is_grad_enabled()
+                and (p.weights != "auto" if compiling else p.head_valid())):
             return p.head(self.norm(x))
         return self.lm_head(self.norm(x))
 

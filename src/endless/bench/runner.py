@@ -139,6 +139,8 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict:
         for quant, label in (("int8", INT8), ("int4", INT4)):
             if quant in config.weights.split(",") and config.pack and dtype == "bfloat16":
                 q = Transformer(hf, weights=quant)
+                if step:  # compared with the compiled bfloat16 path, so compiled too
+                    q.compile_step()
                 run[f"{quant}_packed_bytes"] = q.packed.nbytes
                 extra[label] = lambda length, m=q, ids_=ids: OursDecoder(m, f"sinks:4+{length - 4}", ids_, length)
         if gguf is not None:

@@ -99,8 +99,6 @@ def load_from_args(args: argparse.Namespace, *, need_tokenizer: bool = True):
             raise EndlessError("--compile-step builds a CPU graph; on --device cuda drop it")
         if getattr(args, "compile", False):
             raise EndlessError("--compile-step replaces --compile (its graph has its own kernels); use one of them")
-        if getattr(args, "weights", "auto") != "auto":
-            raise EndlessError("--compile-step runs float weights; drop --weights or --compile-step")
     weights = getattr(args, "weights", "auto")
     if weights != "auto":  # one line before a model loads: int8 needs bfloat16 on the CPU
         import torch
