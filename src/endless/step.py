@@ -14,8 +14,8 @@ write, the rotations and the attention with StreamingLLM's sink columns):
 - the ring buffers are inputs the graph writes in place (one slot per layer), so the state stays
   ``RingKV``'s own: chunks, snapshots, save/resume and the eager path keep working on it.
 
-Measured (``benchmarks/bench-xeon``, "A compiled decode step"): 1.26-1.37x faster per bfloat16
-token than the eager path on that Xeon, 1.11-1.30x in float32.
+Measured (``benchmarks/bench-xeon``, "A compiled decode step"): 1.23-1.31x faster per bfloat16
+token than the eager path on that Xeon, 1.12-1.22x in float32, 1.2x with int4 weights.
 
 Contract:
 
@@ -37,12 +37,15 @@ Contract:
 
 from __future__ import annotations
 
+import logging
 import shutil
 
 import torch
 
 from endless.attention import Kernel
 from endless.policies.ring import attend_one
+
+log = logging.getLogger(__name__)
 
 # freezing: weights become constants inductor may prepack (oneDNN) at compile time -- the reason
 # the compiled step is faster than eager at all; set through config.patch, because torch.compile's
@@ -116,6 +119,9 @@ class CompiledStep:
                torch.get_num_threads())
         fn = self._graphs.get(key)
         if fn is None:
+            log.warning("compiling the decode step for %d stream(s) of %d slots (%s, %d thread(s)); "
+                        "the first token takes 30-60 s, later ones run compiled", state.batch, state.capacity,
+                        str(self.model.dtype).removeprefix("torch."), torch.get_num_threads())
             kernel = Kernel(state.n_sinks, zero_sink=self.model.zero_sink)
             fn = self._graphs[key] = torch.compile(_Graph(self.model, kernel), fullgraph=True, dynamic=False)
         return fn

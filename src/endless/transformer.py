@@ -119,9 +119,9 @@ class Transformer:
 
     def compile_step(self) -> "Transformer":
         """Decode tokens of ring states (sinks, window, BSWA) through one compiled graph per token
-        (``endless.step``: 1.1-1.4x faster per token on the CPU, ~30-60 s of compilation per ring
+        (``endless.step``: 1.1-1.3x faster per token on the CPU, ~30-60 s of compilation per ring
         size, one more copy of the weights). Packs the weights if they are not yet. Raises
-        :class:`EndlessError` where it cannot run (CUDA, int8/int4 weights, other MLPs)."""
+        :class:`EndlessError` where it cannot run (CUDA, no C++ compiler)."""
         from endless.step import CompiledStep
 
         if self.packed is None and self.device.type == "cpu":
