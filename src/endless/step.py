@@ -20,8 +20,9 @@ token than the eager path on that Xeon, 1.12-1.22x in float32, 1.2x with int4 we
 Contract:
 
 - Same numbers as ``RingKV``'s eager one-token path up to float rounding (float32: logits within
-  1e-4, tests/test_step.py) for sinks, window and BSWA rings, any batch, every supported family,
-  with or without the zero sink. Chunks, growing (dense) caches, FAM, training, and weights
+  1e-4, tests/test_step.py; greedy text identical) for sinks, window and BSWA rings, any batch,
+  every supported family, with or without the zero sink. In bfloat16 the products round in
+  another order, so greedy text can part from the eager one at a near-tie. Chunks, growing (dense) caches, FAM, training, and weights
   changed after packing (LoRA injected, edited in place: the graph holds a snapshot and serves
   only while the ``Transformer.packed`` it was built with is valid) run the eager path.
 - int8/int4 weights (``endless.int8``, ``endless.int4``) run their packed copies through
