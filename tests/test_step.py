@@ -134,3 +134,23 @@ def test_compiled_step_on_the_embedded_model(real_model):
     got, _ = decode(model, "sinks:4+28", ids, prompt=20)
     assert len(model.step._graphs) == 1
     assert (got - want)[:, 1:].abs().max().item() <= 1e-4
+
+
+def test_a_graph_that_fails_to_compile_falls_back_to_eager(monkeypatch, caplog):
+    # a broken compiler or an unsupported build: one warning, then the eager path, nothing lost
+    import endless.step as step_module
+
+    def broken(*args, **kwargs):
+        def call(*a, **k):
+            raise RuntimeError("C++ compile error\nmore lines")
+        return call
+
+    hf = tiny_model("llama", seed=7, initializer_range=0.2)
+    ids = ids_of(30, seed=5)
+    want, _ = decode(Transformer(hf, pack=True), "sinks:4+12", ids)
+    model = Transformer(hf, pack=True).compile_step()
+    monkeypatch.setattr(step_module.torch, "compile", broken)
+    got, s = decode(model, "sinks:4+12", ids)
+    assert torch.allclose(got, want, atol=1e-5, equal_nan=True)
+    assert model.step.failed == "RuntimeError: C++ compile error" and not model.step.serves(s.state)
+    assert sum("could not be built" in r.message for r in caplog.records) == 1

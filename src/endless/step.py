@@ -28,7 +28,8 @@ Contract:
 - int8/int4 weights (``endless.int8``, ``endless.int4``) run their packed copies through
   PyTorch's kernels inside the graph, the same calls as eager; float weights run the modules,
   which inductor freezes and prepacks.
-- Refused (``EndlessError``, one line): CUDA, no C++ compiler.
+- Refused (``EndlessError``, one line): CUDA, no C++ compiler. A graph that fails to compile
+  (an unsupported build, a broken compiler) logs one warning and the eager path serves from then on.
 - One graph per (batch, ring size, sinks, dtype, threads); each costs ~30-60 s of compilation
   for SmolLM2-135M the first time.
 - Memory: inductor keeps its own packed copy of the weights (one more copy, as ``pack`` does).
@@ -106,13 +107,15 @@ class CompiledStep:
         self.model = model
         self._packed = model.packed  # the snapshot whose validity says the graph's weights are current
         self._graphs: dict[tuple, object] = {}
-        self._views: dict[int, tuple] = {}  # id(state.k) -> (k, v, per-layer views): unbind once per buffer
+        self._ran: set = set()  # graphs that have run once (compiled): a later failure is a real error
+        self.failed: str | None = None  # why compiling failed: then the eager path serves every step
 
     def serves(self, state) -> bool:
         """Whether ``state``'s next one-token step can run here (else: the eager path)."""
         m = self.model
         p = m.packed
-        return (not state.growable and not torch.is_grad_enabled() and p is self._packed and p.head_valid()
+        return (self.failed is None and not state.growable and not torch.is_grad_enabled() and p is self._packed
+                and p.head_valid()
                 and all(layer.valid(m.layers[i]) for i, layer in enumerate(p.layers)))
 
     def _graph(self, state, sink_split: bool):
@@ -127,15 +130,6 @@ class CompiledStep:
             fn = self._graphs[key] = torch.compile(_Graph(self.model, kernel), fullgraph=True, dynamic=False)
         return fn
 
-    def _layer_views(self, state) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        cached = self._views.get(id(state.k))
-        if cached is None or cached[0] is not state.k or cached[1] is not state.v:
-            cached = (state.k, state.v, list(state.k.unbind(0)), list(state.v.unbind(0)))
-            if len(self._views) > 64:  # states come and go (serve): keep the table small
-                self._views.clear()
-            self._views[id(state.k)] = cached
-        return cached[2], cached[3]
-
     def __call__(self, state, ids: torch.Tensor) -> torch.Tensor:
         """Feed one token per stream (ids (B, 1)) through ``state``; logits (B, 1, V)."""
         state.begin(1)
@@ -147,9 +141,20 @@ class CompiledStep:
             # a young stream: the sinks are scored by the query itself, so its rotation twice gives
             # the same scores and one graph serves before and after the first eviction
             rq = torch.cat([rq, rq], dim=1)
-        ks, vs = self._layer_views(state)
-        with torch._inductor.config.patch(INDUCTOR), torch._dynamo.config.patch(DYNAMO):
-            logits = self._graph(state, sink_split)(ids, ks, vs, st.slots, st.rk, rq, st.bias)
+        ks, vs = state.layer_views()
+        fn = self._graph(state, sink_split)
+        try:
+            with torch._inductor.config.patch(INDUCTOR), torch._dynamo.config.patch(DYNAMO):
+                logits = fn(ids, ks, vs, st.slots, st.rk, rq, st.bias)
+        except Exception as e:  # noqa: BLE001 -- any failure to build the graph means: decode eagerly
+            if fn in self._ran:
+                raise
+            # compilation failed before the graph wrote anything: this stream and every later one
+            # decode eagerly (``begin`` is repeated by the eager forward with the same position)
+            self.failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            log.warning("the compiled decode step could not be built (%s); decoding eagerly", self.failed)
+            return self.model.forward(ids, state, last_only=True)
+        self._ran.add(fn)
         state.end()
         return logits
 

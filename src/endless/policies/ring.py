@@ -63,6 +63,7 @@ class RingKV:
         self.t = 0  # stream indices seen so far
         self._step: _Step | None = None
         self._sink_tables: tuple | None = None  # (n, cos, sin, matrix) of the steady-state sink query
+        self._views: tuple | None = None  # (k, v, k per layer, v per layer), see layer_views
 
     # -- bookkeeping -------------------------------------------------------------------------
 
@@ -151,6 +152,14 @@ class RingKV:
         qr = rotate_signed(q, st.qcos, st.qsin)  # (B, H, C, D), scaled
         qs = None if st.sink is None else rotate_signed(q, *st.sink)
         return self.kernel.chunk(qr, kbuf[:, :, :occ], vbuf[:, :, :occ], st.bias[..., :occ], qs)
+
+    def layer_views(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The keys and values of each layer as separate views (what the compiled step,
+        ``endless.step``, writes: a graph that wrote one stacked tensor through views would copy
+        all of it every token), made again whenever the buffers were replaced."""
+        if self._views is None or self._views[0] is not self.k or self._views[1] is not self.v:
+            self._views = (self.k, self.v, list(self.k.unbind(0)), list(self.v.unbind(0)))
+        return self._views[2], self._views[3]
 
     @property
     def prepared(self) -> "_Step | None":
