@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 
@@ -100,6 +101,8 @@ def test_info_kernels_measures_then_shows_the_cached_choice(tiny_folder, tmp_pat
     capsys.readouterr()
     assert main(args) == 0  # without --kernels: the cached choice
     assert json.loads((tmp_path / "i.json").read_text())["kernel"] == measured["kernel"]
+    assert json.loads((tmp_path / "i.json").read_text())["compiled_step"].startswith(
+        "available" if shutil.which("g++") or shutil.which("c++") or shutil.which("clang++") else "the compiled step needs")
     assert main(["generate", "--model", str(tiny_folder), "--threads", "1", "--kernel", "fastest"]) == 2
     assert "argument --kernel: invalid choice" in one_line(capsys.readouterr().err)
 

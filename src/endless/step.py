@@ -63,17 +63,23 @@ INDUCTOR = {"freezing": True, "cpp_wrapper": True, "cpp.enable_concat_linear": T
 DYNAMO = {"recompile_limit": 256, "accumulated_recompile_limit": 4096}
 
 
-def unsupported(model) -> str | None:
-    """Why ``model`` cannot decode through a compiled step, or None if it can."""
-    if model.device.type != "cpu":
+def unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why no compiled step can run for weights on ``device`` in ``dtype`` here, or None."""
+    if device.type != "cpu":
         return "the compiled step is a CPU path (CUDA runs PyTorch's own kernels)"
-    if model.dtype not in (torch.float32, torch.bfloat16):
-        return f"the compiled step runs float32 or bfloat16, not {model.dtype}"
-    if model.packed is None:
-        return "the compiled step needs the packed inference weights (pack=True)"
+    if dtype not in (torch.float32, torch.bfloat16):
+        return f"the compiled step runs float32 or bfloat16, not {dtype}"
     if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
         return "the compiled step needs a C++ compiler (g++ or clang++) on the PATH"
     return None
+
+
+def unsupported(model) -> str | None:
+    """Why ``model`` cannot decode through a compiled step, or None if it can."""
+    reason = unavailable(model.device, model.dtype)
+    if reason is None and model.packed is None:
+        return "the compiled step needs the packed inference weights (pack=True)"
+    return reason
 
 
 class _Graph(torch.nn.Module):
@@ -162,4 +168,4 @@ class CompiledStep:
         return logits
 
 
-__all__ = ["CompiledStep", "unsupported"]
+__all__ = ["CompiledStep", "unavailable", "unsupported"]

@@ -78,11 +78,15 @@ def run(args: argparse.Namespace) -> int:
     model, _ = load_from_args(args, need_tokenizer=False)
     from endless.device import describe as device_name
     from endless.models import model_identity
+    from endless.step import unavailable
 
     fields = describe(model, model.endless_folder)
     fields["device"] = device_name(next(model.parameters()).device)
     fields["identity"] = model_identity(model)
     fields.update(kernel_fields(model, measure=args.kernels))
+    weight = next(model.parameters())
+    fields["compiled_step"] = (unavailable(weight.device, weight.dtype)
+                               or "available: generate/chat/bench --compile-step (endless.step)")
     width = max(map(len, fields))
     for key, value in fields.items():
         shown = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else value
