@@ -30,7 +30,7 @@ Contract:
   which inductor freezes and prepacks.
 - Refused (``EndlessError``, one line): CUDA, no C++ compiler. A graph that fails to compile
   (an unsupported build, a broken compiler) logs one warning and the eager path serves from then on.
-- One graph per (batch, ring size, sinks, dtype, threads); each costs ~30-60 s of compilation
+- One graph per (batch, ring size, number of sinks, dtype, threads); each costs ~30-60 s of compilation
   for SmolLM2-135M the first time.
 - Memory: inductor keeps its own packed copy of the weights (one more copy, as ``pack`` does).
 - Generated code runs with the thread count current at compile time, so the count is part of
@@ -127,9 +127,8 @@ class CompiledStep:
                 and p.head_valid()
                 and all(layer.valid(m.layers[i]) for i, layer in enumerate(p.layers)))
 
-    def _graph(self, state, sink_split: bool):
-        key = (state.batch, state.capacity, state.n_sinks if sink_split else 0, self.model.dtype,
-               torch.get_num_threads())
+    def _graph(self, state):
+        key = (state.batch, state.capacity, state.n_sinks, self.model.dtype, torch.get_num_threads())
         fn = self._graphs.get(key)
         if fn is None:
             log.warning("compiling the decode step for %d stream(s) of %d slots (%s, %d thread(s)); "
@@ -143,16 +142,16 @@ class CompiledStep:
         """Feed one token per stream (ids (B, 1)) through ``state``; logits (B, 1, V)."""
         state.begin(1)
         st = state.prepared
-        d = self.model.dims.head_dim
-        sink_split = state.n_sinks > 0
         rq = st.rq
-        if sink_split and rq.shape[1] == d:
+        if state.n_sinks and rq.shape[1] == self.model.dims.head_dim:
             # a young stream: the sinks are scored by the query itself, so its rotation twice gives
             # the same scores and one graph serves before and after the first eviction
             rq = torch.cat([rq, rq], dim=1)
         ks, vs = state.layer_views()
-        fn = self._graph(state, sink_split)
+        fn = self._graph(state)
         try:
+            # on every call, not only the first: should dynamo ever recompile (a guard failing on
+            # new input strides), the new graph is frozen too; the two patches cost ~40 us a token
             with torch._inductor.config.patch(INDUCTOR), torch._dynamo.config.patch(DYNAMO):
                 logits = fn(ids, ks, vs, st.slots, st.rk, rq, st.bias)
         except Exception as e:  # noqa: BLE001 -- any failure to build the graph means: decode eagerly
