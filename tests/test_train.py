@@ -122,6 +122,30 @@ def test_init_trains_a_checkpoint_further(trained, folder, tmp_path):
         train(FamTrainConfig(model=str(folder), policy="fam:32x0+4", steps=1, init=str(out)), out=None, progress=False)
 
 
+def test_bfloat16_copy_of_a_checkpoint_loads_with_the_adapter_rounded(trained, tmp_path):
+    """copy_fam stores the LoRA weights in bfloat16 (the committed form): the copy verifies, holds
+    the same prompt, and gives the logits of the source within the adapter's rounding."""
+    from safetensors.torch import load_file
+
+    from endless.fam.checkpoint import copy_fam, read_meta
+
+    _, out = trained
+    small = copy_fam(out, tmp_path / "small")
+    weights = load_file(str(small / "adapter" / "adapter_model.safetensors"))
+    assert weights and all(w.dtype == torch.bfloat16 for w in weights.values())
+    assert read_meta(small)["policy"] == read_meta(out)["policy"]
+    assert (small / "adapter" / "adapter_model.safetensors").stat().st_size < \
+        0.6 * (out / "adapter" / "adapter_model.safetensors").stat().st_size
+    ref, _, policy = load_fam(out)
+    got, _, _ = load_fam(small)
+    assert torch.equal(got.fam_prompt.embeddings, ref.fam_prompt.embeddings) and got.identity != ref.identity
+    ids = torch.randint(0, 257, (1, 100), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a = parallel_forward(ref, ids, policy, ref.fam_prompt)
+        b = parallel_forward(got, ids, policy, got.fam_prompt)
+    assert 0 < (a - b).abs().max().item() < 0.05 * a.abs().max().item()
+
+
 def test_float32_checkpoint_loads_in_bfloat16(trained):
     """The base is checked and the LoRA merged in the training dtype, then cast: a bfloat16 load
     gives the float32 model's weights rounded, not a refusal."""

@@ -20,6 +20,7 @@ checkpoint's digest, so a stream saved on FAM weights is never resumed on the ba
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 import torch
@@ -60,6 +61,37 @@ def save_fam(path: "str | Path", peft_model, prompt: FamPrompt | None, policy: "
                 "base_identity": base_identity, "train": train_config or {}}
 
     return write_folder(path, fill, meta_name=META)
+
+
+def copy_fam(src: "str | Path", out: "str | Path", *, adapter_dtype: "str | torch.dtype" = "bfloat16") -> Path:
+    """Write a copy of the checkpoint ``src`` at ``out`` with its LoRA weights stored in
+    ``adapter_dtype`` and return ``out``: the form in which a trained checkpoint is committed
+    (bfloat16 halves the rank-16 SmolLM2 adapter, 19 to 10 MB).
+
+    ``src`` is verified first; the copy is written atomically and verifies like any checkpoint.
+    Loading casts the adapter back to the model's dtype, so the merged weights differ from the
+    source's by the adapter's rounding only (its identity differs too: the files do)."""
+    from safetensors.torch import load_file, save_file
+
+    from endless.models import as_dtype
+
+    dtype = as_dtype(adapter_dtype)
+    src = Path(src)
+    meta = read_meta(src)
+
+    def fill(tmp: Path) -> dict:
+        for name in meta["files"]:
+            target = tmp / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if name.startswith(f"{ADAPTER}/") and name.endswith(".safetensors"):
+                tensors = load_file(str(src / name))
+                save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()},
+                          str(target), metadata={"format": "pt"})
+            else:
+                shutil.copyfile(src / name, target)
+        return {k: v for k, v in meta.items() if k != "files"}
+
+    return write_folder(out, fill, meta_name=META)
 
 
 def read_meta(path: "str | Path") -> dict:
@@ -144,4 +176,4 @@ def load_fam(path: "str | Path", *, dtype: "str | torch.dtype" = "float32", base
     return model, tok, policy
 
 
-__all__ = ["save_fam", "load_fam", "read_meta", "load_prompt", "save_prompt", "digest", "FORMAT"]
+__all__ = ["save_fam", "copy_fam", "load_fam", "read_meta", "load_prompt", "save_prompt", "digest", "FORMAT"]
