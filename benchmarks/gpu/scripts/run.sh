@@ -40,6 +40,11 @@ CURRICULUM=${CURRICULUM:-2048,4096,8192}
 # GRAD_CAP (a whole number of blocks, unset: off) back-propagates through the last GRAD_CAP tokens of a
 # longer sequence only, so CURRICULUM may grow past what a backward pass holds (the tiny model's recipe)
 GRAD_CAP=${GRAD_CAP:-}
+# float32 weights and activations (TF32 products on CUDA), not bf16 autocast: on the CPU, with the same seed and
+# data, the gate recipe under bf16 autocast went from an answer loss of ~1.2 back to ~2.0 (chance 2.30) at
+# step ~300 and stayed there 250 steps; in float32 its bump (2.0-2.7 at steps 400-450) was gone 50 steps
+# later (docs/experiments/fam-notebook.md 7.3, 2026-12-06). MIXED=bf16 restores autocast
+MIXED=${MIXED:-no}
 PK_LENGTHS=${PK_LENGTHS:-1024,8192,32768}
 PK_BATCH=${PK_BATCH:-20}
 PK_EXAMPLES=${PK_EXAMPLES:-2}
@@ -91,7 +96,7 @@ fi
 say "train FAM ($FAM_MINUTES min)"
 THR=(${THREADS:+--threads "$THREADS"})
 RECIPE=("${THR[@]}" --device "$DEVICE" --min-len 256 --max-len "$MAX_LEN" --curriculum "$CURRICULUM" --curriculum-loss 0.15
-        --batch "$BATCH" --lr 1e-3 --grad-checkpoint --no-eval ${GRAD_CAP:+--grad-cap "$GRAD_CAP"})
+        --batch "$BATCH" --lr 1e-3 --mixed-precision "$MIXED" --grad-checkpoint --no-eval ${GRAD_CAP:+--grad-cap "$GRAD_CAP"})
 endless train fam --policy "$POLICY" "${RECIPE[@]}" --steps 100000 --minutes "$FAM_MINUTES" \
   --out "$WORK/smollm2-fam" --json "$WORK/train_fam.json" 2>&1 | grep -v "it/s\]$" | tail -12
 # a call brings back files of at most 16 MiB: the checkpoint (a 20 MB float32 adapter) in parts

@@ -70,7 +70,8 @@ def copy_fam(src: "str | Path", out: "str | Path", *, adapter_dtype: "str | torc
 
     ``src`` is verified first; the copy is written atomically and verifies like any checkpoint.
     Loading casts the adapter back to the model's dtype, so the merged weights differ from the
-    source's by the adapter's rounding only (its identity differs too: the files do)."""
+    source's by the adapter's rounding only (its identity differs too: the files do). peft's
+    generated model card is left out."""
     from safetensors.torch import load_file, save_file
 
     from endless.models import as_dtype
@@ -81,6 +82,8 @@ def copy_fam(src: "str | Path", out: "str | Path", *, adapter_dtype: "str | torc
 
     def fill(tmp: Path) -> dict:
         for name in meta["files"]:
+            if name == f"{ADAPTER}/README.md":  # peft's generated model card: boilerplate, not ours
+                continue
             target = tmp / name
             target.parent.mkdir(parents=True, exist_ok=True)
             if name.startswith(f"{ADAPTER}/") and name.endswith(".safetensors"):

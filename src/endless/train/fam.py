@@ -10,7 +10,8 @@ by default (docs/methods.md: RSP destabilised from-scratch training; with our ex
 only perturbs float rounding).
 
 On CUDA (``device``: auto picks it when there is a GPU) the same loop runs with bf16 autocast
-over float32 weights (``mixed_precision``), PyTorch's fused attention in the parallel schedule
+over float32 weights (``mixed_precision`` auto) or in float32 with TF32 products (``"no"``: the
+gate recipe needs it, bf16 destabilised it), PyTorch's fused attention in the parallel schedule
 and, with ``grad_checkpoint``, per-layer activation recomputation for long sequences. Two
 budget controls make a run fit a lease: ``minutes`` stops training at a wall-clock limit (the
 checkpoint is written all the same), and ``curriculum`` grows the longest training sequence in
@@ -302,6 +303,11 @@ def train(cfg: FamTrainConfig, *, out: "str | Path | None", cpu: bool | None = N
     mixed = cfg.mixed_precision
     if mixed == "auto":
         mixed = "no" if cpu else "bf16"
+    if not cpu and mixed == "no":
+        # float32 on a GPU: TF32 products (float32 sums, outputs and FAM states), what makes it
+        # affordable there; bf16 autocast destabilised the gate recipe on SmolLM2
+        # (docs/experiments/fam-notebook.md 7.3). Process-wide, as PyTorch's setting is.
+        torch.set_float32_matmul_precision("high")
     # steps from a passed, explored or held state skip the prompt: DDP must allow it
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.rsp > 0 or cfg.unexplored > 0 or cfg.grad_cap > 0)
     acc = Accelerator(cpu=cpu, mixed_precision=mixed, kwargs_handlers=[ddp])
