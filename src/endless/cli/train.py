@@ -91,7 +91,8 @@ def _add_fam(tsub) -> None:
     p.add_argument("--curriculum-loss", type=RULES["curriculum_loss"].arg, default=0.0, metavar="X",
                    help="end a curriculum stage early once the recent answer loss is below X nats (default: off)")
     p.add_argument("--mixed-precision", choices=("auto", "no", "bf16"), default="auto",
-                   help="bf16 autocast over float32 weights; auto: bf16 on CUDA, none on the CPU (default: %(default)s)")
+                   help="bf16: bf16 autocast over float32 weights (it destabilised FAM training on SmolLM2); "
+                        "auto and no: float32, with TF32 products on CUDA (default: %(default)s)")
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="recompute each layer in the backward pass: activation memory of one layer (long sequences)")
     p.add_argument("--prompt-init", default=d.prompt_init, help="text whose token embeddings initialise the prompt (default: %(default)r)")

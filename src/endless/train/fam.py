@@ -9,9 +9,9 @@ rate, as the paper. Random position offset (RPO) and random state passing (RSP) 
 by default (docs/methods.md: RSP destabilised from-scratch training; with our exact float64 RoPE, RPO
 only perturbs float rounding).
 
-On CUDA (``device``: auto picks it when there is a GPU) the same loop runs with bf16 autocast
-over float32 weights (``mixed_precision`` auto) or in float32 with TF32 products (``"no"``: the
-gate recipe needs it, bf16 destabilised it), PyTorch's fused attention in the parallel schedule
+On CUDA (``device``: auto picks it when there is a GPU) the same loop runs in float32 with TF32
+products (``mixed_precision`` auto or ``"no"``; bf16 autocast, ``"bf16"``, destabilised SmolLM2's
+FAM training on the CPU: docs/experiments/fam-notebook.md 7.3), PyTorch's fused attention in the parallel schedule
 and, with ``grad_checkpoint``, per-layer activation recomputation for long sequences. Two
 budget controls make a run fit a lease: ``minutes`` stops training at a wall-clock limit (the
 checkpoint is written all the same), and ``curriculum`` grows the longest training sequence in
@@ -103,7 +103,7 @@ class FamTrainConfig:
     seed: int = 0
     log_every: int = 10
     device: str = "auto"  # auto: CUDA when there is a GPU
-    mixed_precision: str = "auto"  # auto: bf16 autocast on CUDA, none on the CPU
+    mixed_precision: str = "auto"  # auto: none (float32; TF32 products on CUDA); "bf16": autocast
     grad_checkpoint: bool = False  # recompute each layer in the backward pass (long sequences)
     minutes: float | None = None  # stop training after this many minutes (the checkpoint is still written)
     curriculum: tuple[int, ...] = ()  # longest training sequence of each stage (the last: max_len)
@@ -300,13 +300,12 @@ def train(cfg: FamTrainConfig, *, out: "str | Path | None", cpu: bool | None = N
 
     if cpu is None:
         cpu = resolve_device(cfg.device).type == "cpu"
-    mixed = cfg.mixed_precision
-    if mixed == "auto":
-        mixed = "no" if cpu else "bf16"
+    # float32 unless bf16 autocast is asked for: with the same seed and data, bf16 autocast took
+    # SmolLM2's FAM training back to chance (docs/experiments/fam-notebook.md 7.3)
+    mixed = "no" if cfg.mixed_precision == "auto" else cfg.mixed_precision
     if not cpu and mixed == "no":
-        # float32 on a GPU: TF32 products (float32 sums, outputs and FAM states), what makes it
-        # affordable there; bf16 autocast destabilised the gate recipe on SmolLM2
-        # (docs/experiments/fam-notebook.md 7.3). Process-wide, as PyTorch's setting is.
+        # TF32 products on a GPU (float32 sums, outputs and FAM states) make float32 affordable
+        # there; process-wide, as PyTorch's setting is
         torch.set_float32_matmul_precision("high")
     # steps from a passed, explored or held state skip the prompt: DDP must allow it
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.rsp > 0 or cfg.unexplored > 0 or cfg.grad_cap > 0)
