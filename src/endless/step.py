@@ -15,7 +15,9 @@ write, the rotations and the attention with StreamingLLM's sink columns):
   ``RingKV``'s own: chunks, snapshots, save/resume and the eager path keep working on it.
 
 Measured (``benchmarks/bench-xeon``, "A compiled decode step"): 1.23-1.31x faster per bfloat16
-token than the eager path on that Xeon, 1.12-1.22x in float32, 1.2x with int4 weights.
+token than the eager path on that Xeon, 1.12-1.22x in float32, 1.2x with int4 weights. float32
+graphs autotune their products (``AUTOTUNE``): on an AMD EPYC (Zen 5) a float32 token took 19.4
+instead of 31.0 ms with one thread (``benchmarks/bench-epyc``, "float32 products").
 
 Contract:
 
@@ -31,7 +33,7 @@ Contract:
 - Refused (``EndlessError``, one line): CUDA, no C++ compiler. A graph that fails to compile
   (an unsupported build, a broken compiler) logs one warning and the eager path serves from then on.
 - One graph per (batch, ring size, number of sinks, dtype, threads); each costs ~30-60 s of compilation
-  for SmolLM2-135M the first time.
+  for SmolLM2-135M the first time (float32: ~90 s, the products are autotuned).
 - Memory: inductor keeps its own packed copy of the weights (one more copy, as ``pack`` does).
 - Generated code runs with the thread count current at compile time, so the count is part of
   the key.
@@ -57,6 +59,12 @@ log = logging.getLogger(__name__)
 # concat_linear: q/k/v and gate/up, which read the same input, become one prepacked product each
 # (as endless.packed fuses them): 38.4 against 42.4 ms a bfloat16 token, one thread.
 INDUCTOR = {"freezing": True, "cpp_wrapper": True, "cpp.enable_concat_linear": True}
+# float32 graphs also autotune their products: inductor times its C++ GEMM template against the
+# library call for each shape and keeps the faster. For one row the template streams float32 weights
+# at 77-85 % of the read bandwidth where the oneDNN/MKL calls reach 56-58 % (AMD EPYC, Zen 5):
+# 19.4 against 31.0 ms a SmolLM2 token, one thread, logits within 3e-6; compiling takes ~90 s instead of ~45.
+# bfloat16 keeps oneDNN: the template was slower there (endless.gemv).
+AUTOTUNE = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 # every graph of a process is compiled from the one code object ``_Graph.forward`` (one per
 # model, ring size, dtype, ...), and dynamo counts each as a recompilation of it: its default limit
 # of 8 would refuse the ninth (a bench over two dtypes and several caches, a test session)
@@ -118,6 +126,7 @@ class CompiledStep:
         self._graphs: dict[tuple, object] = {}
         self._ran: set = set()  # graphs that have run once (compiled): a later failure is a real error
         self.failed: str | None = None  # why compiling failed: then the eager path serves every step
+        self._inductor = {**INDUCTOR, **AUTOTUNE} if model.dtype == torch.float32 else INDUCTOR
 
     def serves(self, state) -> bool:
         """Whether ``state``'s next one-token step can run here (else: the eager path)."""
@@ -132,7 +141,7 @@ class CompiledStep:
         fn = self._graphs.get(key)
         if fn is None:
             log.warning("compiling the decode step for %d stream(s) of %d slots (%s, %d thread(s)); "
-                        "the first token takes 30-60 s, later ones run compiled", state.batch, state.capacity,
+                        "the first token takes 30-90 s, later ones run compiled", state.batch, state.capacity,
                         str(self.model.dtype).removeprefix("torch."), torch.get_num_threads())
             kernel = Kernel(state.n_sinks, zero_sink=self.model.zero_sink)
             fn = self._graphs[key] = torch.compile(_Graph(self.model, kernel), fullgraph=True, dynamic=False)
@@ -152,7 +161,7 @@ class CompiledStep:
         try:
             # on every call, not only the first: should dynamo ever recompile (a guard failing on
             # new input strides), the new graph is frozen too; the two patches cost ~40 us a token
-            with torch._inductor.config.patch(INDUCTOR), torch._dynamo.config.patch(DYNAMO):
+            with torch._inductor.config.patch(self._inductor), torch._dynamo.config.patch(DYNAMO):
                 logits = fn(ids, ks, vs, st.slots, st.rk, rq, st.bias)
         except Exception as e:  # noqa: BLE001 -- any failure to build the graph means: decode eagerly
             if fn in self._ran:

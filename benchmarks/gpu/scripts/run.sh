@@ -45,6 +45,12 @@ GRAD_CAP=${GRAD_CAP:-}
 # step ~300 and stayed there 250 steps; in float32 its bump (2.0-2.7 at steps 400-450) was gone 50 steps
 # later (docs/experiments/fam-notebook.md 7.3, 2026-12-06). MIXED=bf16 restores autocast
 MIXED=${MIXED:-no}
+# unexplored states for FAM (not BSWA: no memory to start from): after UNEXPLORED_AFTER steps each sequence
+# starts with probability UNEXPLORED from another sequence's final FAM of the last step. On the CPU, from the
+# committed checkpoint with holds to 4,096, it gave the flattest answer loss beyond the training length (1.75 at
+# 8,192 against 2.79 without; docs/experiments/fam-notebook.md 7.3, last entry). UNEXPLORED=0 turns it off
+UNEXPLORED=${UNEXPLORED:-0.5}
+UNEXPLORED_AFTER=${UNEXPLORED_AFTER:-20}
 PK_LENGTHS=${PK_LENGTHS:-1024,8192,32768}
 PK_BATCH=${PK_BATCH:-20}
 PK_EXAMPLES=${PK_EXAMPLES:-2}
@@ -98,6 +104,7 @@ THR=(${THREADS:+--threads "$THREADS"})
 RECIPE=("${THR[@]}" --device "$DEVICE" --min-len 256 --max-len "$MAX_LEN" --curriculum "$CURRICULUM" --curriculum-loss 0.15
         --batch "$BATCH" --lr 1e-3 --mixed-precision "$MIXED" --grad-checkpoint --no-eval ${GRAD_CAP:+--grad-cap "$GRAD_CAP"})
 endless train fam --policy "$POLICY" "${RECIPE[@]}" --steps 100000 --minutes "$FAM_MINUTES" \
+  --unexplored "$UNEXPLORED" --unexplored-after "$UNEXPLORED_AFTER" \
   --out "$WORK/smollm2-fam" --json "$WORK/train_fam.json" 2>&1 | grep -v "it/s\]$" | tail -12
 # a call brings back files of at most 16 MiB: the checkpoint (a 20 MB float32 adapter) in parts
 tar -C "$WORK" -cf "$WORK/ckpt.tar" smollm2-fam && split -b 15M -d "$WORK/ckpt.tar" "$OUT/ckpt.tar.part"
