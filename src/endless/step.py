@@ -63,8 +63,10 @@ INDUCTOR = {"freezing": True, "cpp_wrapper": True, "cpp.enable_concat_linear": T
 # library call for each shape and keeps the faster. For one row the template streams float32 weights
 # at 77-85 % of the read bandwidth where the oneDNN/MKL calls reach 56-58 % (AMD EPYC, Zen 5):
 # 19.4 against 31.0 ms a SmolLM2 token, one thread, logits within 3e-6; compiling takes ~90 s instead of ~45.
-# bfloat16 keeps oneDNN: the template was slower there (endless.gemv).
-AUTOTUNE = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+# bfloat16 keeps oneDNN: the template was slower there (endless.gemv). The last two keys keep the
+# autotuner from printing a table per product (~200 lines) on a user's terminal.
+AUTOTUNE = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+            "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
 # every graph of a process is compiled from the one code object ``_Graph.forward`` (one per
 # model, ring size, dtype, ...), and dynamo counts each as a recompilation of it: its default limit
 # of 8 would refuse the ninth (a bench over two dtypes and several caches, a test session)
