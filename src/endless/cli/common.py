@@ -48,7 +48,7 @@ def add_model_args(parser: argparse.ArgumentParser, *, dtype_default: str = "flo
     if compile_step:
         g.add_argument("--compile-step", action="store_true",
                        help="decode each token through one compiled graph (endless.step: float32 or bfloat16, "
-                            "1.1-1.3x faster per token on the CPU, 30-60 s of compilation at the first token, one "
+                            "1.1-1.7x faster per token on the CPU, 30-90 s of compilation at the first token, one "
                             "more copy of the weights; needs a C++ compiler)")
 
 
