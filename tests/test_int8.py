@@ -106,3 +106,19 @@ def test_bench_int8_needs_bfloat16(capsys):
 
     assert main(["bench", "--quick", "--weights", "int8", "--dtype", "float32", "--model", "tiny:llama"]) == 2
     assert "bfloat16" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_int8_chunks_widen_to_what_this_cpu_multiplies_fast(monkeypatch, native):
+    # without oneDNN's bfloat16 path (AVX2) chunks widen the int8 weight to float32, else to bfloat16
+    import endless.int8
+
+    monkeypatch.setattr(endless.int8, "onednn_bfloat16", lambda: native)
+    g = torch.Generator().manual_seed(9)
+    w = (torch.randn(96, 64, generator=g) * 0.05).to(torch.bfloat16)
+    bias = torch.randn(96, generator=g).to(torch.bfloat16)
+    x = torch.randn(CHUNK_ROWS + 3, 64, generator=g).to(torch.bfloat16)
+    with torch.no_grad():
+        got = int8_linear(w, bias)(x)
+    want = F.linear(x.float(), dequantize(*quantize(w)).float(), bias.float())
+    assert got.dtype == torch.bfloat16 and (got.float() - want).abs().max() <= 2e-2 * want.abs().max()

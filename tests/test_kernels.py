@@ -125,3 +125,22 @@ def test_an_unknown_kernel_is_one_line():
 
     with pytest.raises(EndlessError, match="kernel must be auto or one of"):
         Transformer(tiny_model("llama", seed=1), pack=True, kernel="fastest")
+
+
+def test_widened_bfloat16_is_f_linear_and_a_chunk_candidate():
+    # "widened": bfloat16 weights multiplied in float32 (chunks on CPUs without native bfloat16 products)
+    g = torch.Generator().manual_seed(7)
+    w, b = (torch.randn(48, 32, generator=g) * 0.1).to(torch.bfloat16), torch.randn(48, generator=g).to(torch.bfloat16)
+    fn = pack_linear([w], [b], kernel="linear", chunk_kernel="widened")
+    assert fn.kernel == "linear/widened"
+    assert fn.nbytes == w.numel() * w.element_size()  # both read the one fused weight: no second copy
+    for rows in (1, 5):
+        x = torch.randn(rows, 32, generator=g).to(torch.bfloat16)
+        got, want = fn(x), F.linear(x.float(), w.float(), b.float())
+        assert got.dtype == torch.bfloat16 and torch.allclose(got.float(), want, rtol=1e-2, atol=1e-2)
+    # float32 has nothing to widen: the default order serves instead
+    assert pack_linear([w.float()], [b.float()], kernel="widened").kernel != "widened"
+    # measured on chunks only (widening a weight for one row costs more than the row)
+    choice = kernels.measure(Transformer(tiny_model("llama", seed=1).to(torch.bfloat16)), rounds=3)
+    assert "widened" in choice.chunk_ms and "widened" not in choice.ms
+    assert choice.kernel in kernels.EAGER and choice.chunk_kernel in kernels.EAGER + kernels.CHUNK_ONLY

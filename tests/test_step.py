@@ -56,6 +56,20 @@ def test_compiled_step_bfloat16_close_to_eager():
     assert (got - want)[:, 1:].abs().max().item() < 0.1
 
 
+def test_graph_options_follow_this_cpu(monkeypatch):
+    # float32 products are always autotuned; bfloat16 ones only where oneDNN has no bfloat16 path
+    # (there the default graph falls to PyTorch's slow bfloat16 GEMM: endless.step's AUTOTUNE comment)
+    import endless.step as step
+
+    assert step.options(torch.float32)["max_autotune"]
+    for native in (True, False):
+        monkeypatch.setattr(step, "onednn_bfloat16", lambda native=native: native)
+        got = step.options(torch.bfloat16)
+        assert got["freezing"] and got.get("max_autotune", False) is (not native)
+        # quantised weights never: autotuning replaced their kernels with templates that computed wrong logits
+        assert not step.options(torch.bfloat16, "int8").get("max_autotune", False)
+
+
 def test_compiled_step_zero_sink_equals_eager():
     from transformers import AutoModelForCausalLM, LlamaConfig
 

@@ -16,7 +16,9 @@ choice is measured where the model runs instead of fixed:
   always the fastest for many (float32 on the EPYC: the transposed layout wins one row, oneDNN a
   chunk by 2.2x). When the chunk's fastest is ``SPLIT_GAIN`` times faster there than the
   token's, a decoded token and a chunk each get their own (``pack_linear``'s ``chunk_kernel``),
-  at the cost of a second copy of the weights, as with ``compile``.
+  at the cost of a second copy of the weights, as with ``compile``. bfloat16 chunks have one more
+  candidate, ``widened`` (the product in float32 on the weight widened for the call): on a CPU
+  without native bfloat16 products (AVX2) PyTorch's bfloat16 GEMM is 4-5x slower than float32's.
 - ``choose(model)`` returns the cached choice for this CPU, torch version, model, dtype and
   thread count, measuring and caching it on first use. The cache is a small JSON file next to the
   converted weights (``<cache>/models/<name>/kernels.json``) or, for a folder of the user's,
@@ -41,7 +43,8 @@ import torch
 log = logging.getLogger(__name__)
 
 EAGER = ("onednn", "transposed", "linear")
-VERSION = 3  # of the cache entries; older ones are measured again
+CHUNK_ONLY = ("widened",)  # timed on chunks only: widening the weight for one row would cost more than the row
+VERSION = 4  # of the cache entries; older ones are measured again
 CHUNK = 64  # rows of the chunk timing
 # a chunk gets its own kernel (a second copy of the weights) only when it is this much faster there
 # than the token's kernel: a first measurement split bfloat16 into oneDNN / F.linear for a 7 % chunk
@@ -77,12 +80,14 @@ class Choice:
 
 
 def cache_key(model) -> str:
-    """What a measurement is valid for: CPU model, torch version, dtype, threads, model identity."""
+    """What a measurement is valid for: CPU (name, family, model, ISA level), torch version, dtype,
+    threads, model identity."""
     from endless.bench.timing import machine
 
     m = machine()
     dtype = str(model.dtype).removeprefix("torch.")
-    return f"{m['cpu']}|torch {torch.__version__}|{dtype}|{torch.get_num_threads()} threads|{model.identity}"
+    cpu = f"{m['cpu']} (family {m['cpu_family']} model {m['cpu_model']}, {m['torch_cpu_capability']})"
+    return f"{cpu}|torch {torch.__version__}|{dtype}|{torch.get_num_threads()} threads|{model.identity}"
 
 
 def cache_file(model) -> Path:
@@ -121,7 +126,7 @@ def cached(model, *, compile: bool = False) -> Choice | None:
                         source="cache")
     except (KeyError, TypeError, ValueError):
         return None
-    return choice if choice.kernel in EAGER and choice.chunk_kernel in EAGER else None
+    return choice if choice.kernel in EAGER and choice.chunk_kernel in EAGER + CHUNK_ONLY else None
 
 
 def choose(model, *, compile: bool = False, refresh: bool = False) -> Choice:
@@ -150,13 +155,14 @@ def measure(model, *, compile: bool = False, rounds: int = 15) -> Choice:
         if compile:
             builds["compiled"] = {"kernel": "default", "compile": True}
     if bf16:
+        builds["widened"] = {"kernel": "widened"}
         builds["int8"] = {"weights": "int8"}
         builds["int4"] = {"weights": "int4"}
     packs = {}
     for name, kw in builds.items():
         p = Packed(model.layers, model.lm_head, model._act, **kw)
         # a kernel missing here falls back inside pack_linear: time only what it really is
-        if name in EAGER and p.kernel != name:
+        if name in EAGER + CHUNK_ONLY and p.kernel != name:
             log.info("kernel %s is not available here (fell back to %s)", name, p.kernel)
             continue
         if name == "compiled" and not p.compiled:
@@ -164,14 +170,15 @@ def measure(model, *, compile: bool = False, rounds: int = 15) -> Choice:
         packs[name] = p
     first = packs[next(iter(packs))]
     inputs, chunks = _inputs(first, model.dtype, 1), _inputs(first, model.dtype, CHUNK)
-    times: dict[str, list[float]] = {name: [] for name in packs}
-    chunk_times: dict[str, list[float]] = {name: [] for name in packs if name in EAGER}
+    times: dict[str, list[float]] = {name: [] for name in packs if name not in CHUNK_ONLY}
+    chunk_times: dict[str, list[float]] = {name: [] for name in packs if name in EAGER + CHUNK_ONLY}
     with torch.inference_mode():
         for p in packs.values():  # warm-up: first calls pay for lazy set-up
             _products(p, inputs)
         for r in range(rounds):  # interleaved, so a load change on the machine hits every candidate
             for name, p in packs.items():
-                times[name].append(_timed(p, inputs))
+                if name in times:
+                    times[name].append(_timed(p, inputs))
                 if name in chunk_times and r % 3 == 0:  # a chunk is ~CHUNK/4 tokens' time: fewer rounds
                     chunk_times[name].append(_timed(p, chunks))
     ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}

@@ -11,6 +11,10 @@ so its speed is set by how fast the kernel streams the weights. Measured on this
 - bfloat16: ``F.linear`` runs at the same FLOP rate as float32 (no gain from half the bytes);
   oneDNN's prepacked bf16 weights run 1.7x faster.
 
+On an AVX2-only CPU (AMD EPYC Zen 3) oneDNN has no bfloat16 path at all and PyTorch's bfloat16
+GEMM runs a 64-row chunk 3.4x slower than the same product in float32 on the weight widened for
+the call (``widened``: 1,004 against 279 ms for SmolLM2's products, two threads).
+
 Those ranks are this CPU's: which kernel is fastest is measured per machine, model, dtype and
 thread count by ``endless.kernels`` and passed here as ``kernel`` (and ``chunk_kernel`` for
 inputs of many rows). Without a choice (``kernel="default"``) oneDNN is used when this torch has
@@ -60,7 +64,10 @@ WEIGHTS = ("auto", "int8", "int4")
 HEAD_QUANT = {"auto": "auto", "int8": "int8", "int4": "int8"}
 # the eager one-token kernels a packed float matrix can use (endless.kernels times them per machine);
 # "default" is the fixed preference order below (oneDNN, then the transposed layout, then F.linear)
-KERNELS = ("default", "onednn", "transposed", "linear")
+# "widened" (bfloat16 only): the product in float32 on a copy widened for the call -- for chunks on
+# CPUs without native bfloat16 products (AVX2: PyTorch's bfloat16 GEMM ran a 64-row chunk of
+# SmolLM2's products in 932 ms where float32 took 190-243, AMD EPYC Zen 3)
+KERNELS = ("default", "onednn", "transposed", "linear", "widened")
 
 
 def _mkldnn_linear(w: torch.Tensor, bias: torch.Tensor | None) -> LinearFn | None:
@@ -134,7 +141,8 @@ def pack_linear(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor |
         if gemv is not None and _agrees(gemv, w, bias, rows=1):
             return _one_row_to(gemv, many, w.numel() * w.element_size(), name=f"compiled+{many.kernel}")
     if many is not fn:
-        return _one_row_to(fn, many, fn.nbytes, name=f"{fn.kernel}/{many.kernel}")
+        shared = fn.kernel == "linear" and many.kernel == "widened"  # both read the one fused ``w``
+        return _one_row_to(fn, many, 0 if shared else fn.nbytes, name=f"{fn.kernel}/{many.kernel}")
     return fn
 
 
@@ -161,12 +169,28 @@ def _plain_linear(w: torch.Tensor, bias: torch.Tensor | None) -> LinearFn:
     return linear
 
 
+def _widened_or_none(w: torch.Tensor, bias: torch.Tensor | None) -> LinearFn | None:
+    """bfloat16 ``w`` multiplied in float32, widened per call (no second copy kept); else None."""
+    if w.dtype != torch.bfloat16:
+        return None
+    b32 = None if bias is None else bias.float()
+
+    def linear(x: torch.Tensor) -> torch.Tensor:
+        # every bfloat16 is exact in float32, so this is F.linear with float32 accumulation and one
+        # rounding of the output: what the bfloat16 kernels compute, up to their summation order
+        return F.linear(x.float(), w.float(), b32).to(x.dtype)
+
+    linear.nbytes = w.numel() * w.element_size()  # type: ignore[attr-defined]
+    return linear
+
+
 def _transposed_or_none(w: torch.Tensor, bias: torch.Tensor | None) -> LinearFn | None:
     return _transposed_linear(w, bias) if w.dtype == torch.float32 else None  # bfloat16 mm gains nothing from it
 
 
 _BUILDERS: dict[str, Callable[[torch.Tensor, torch.Tensor | None], LinearFn | None]] = {
-    "onednn": _mkldnn_linear, "transposed": _transposed_or_none, "linear": _plain_linear}
+    "onednn": _mkldnn_linear, "transposed": _transposed_or_none, "linear": _plain_linear,
+    "widened": _widened_or_none}
 
 
 def _one_row_to(gemv: LinearFn, other: LinearFn, gemv_bytes: int, *, name: str) -> LinearFn:

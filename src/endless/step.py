@@ -17,7 +17,9 @@ write, the rotations and the attention with StreamingLLM's sink columns):
 Measured (``benchmarks/bench-xeon``, "A compiled decode step"): 1.23-1.31x faster per bfloat16
 token than the eager path on that Xeon, 1.12-1.22x in float32, 1.2x with int4 weights. float32
 graphs autotune their products (``AUTOTUNE``): on an AMD EPYC (Zen 5) a float32 token took 19.4
-instead of 31.0 ms with one thread (``benchmarks/bench-epyc``, "float32 products").
+instead of 31.0 ms with one thread (``benchmarks/bench-epyc``, "float32 products"). So do
+bfloat16 graphs on a CPU where oneDNN has no bfloat16 path (AVX2 only): 16.3 instead of 151.8 ms on
+an AMD EPYC Zen 3 (``benchmarks/bench-zen3``).
 
 Contract:
 
@@ -33,7 +35,7 @@ Contract:
 - Refused (``EndlessError``, one line): CUDA, no C++ compiler. A graph that fails to compile
   (an unsupported build, a broken compiler) logs one warning and the eager path serves from then on.
 - One graph per (batch, ring size, number of sinks, dtype, threads); each costs ~30-60 s of compilation
-  for SmolLM2-135M the first time (float32: ~90 s, the products are autotuned).
+  for SmolLM2-135M the first time (autotuned graphs: ~90 s, up to ~3 min on a slower CPU).
 - Memory: inductor keeps its own packed copy of the weights (one more copy, as ``pack`` does).
 - Generated code runs with the thread count current at compile time, so the count is part of
   the key.
@@ -47,6 +49,7 @@ import shutil
 import torch
 
 from endless.attention import Kernel
+from endless.cpu import onednn_bfloat16
 from endless.policies.ring import attend_one
 
 log = logging.getLogger(__name__)
@@ -63,14 +66,26 @@ INDUCTOR = {"freezing": True, "cpp_wrapper": True, "cpp.enable_concat_linear": T
 # library call for each shape and keeps the faster. For one row the template streams float32 weights
 # at 77-85 % of the read bandwidth where the oneDNN/MKL calls reach 56-58 % (AMD EPYC, Zen 5):
 # 19.4 against 31.0 ms a SmolLM2 token, one thread, logits within 3e-6; compiling takes ~90 s instead of ~45.
-# bfloat16 keeps oneDNN: the template was slower there (endless.gemv). The last two keys keep the
-# autotuner from printing a table per product (~200 lines) on a user's terminal.
+# bfloat16 graphs keep oneDNN's prepacked products where oneDNN has a bfloat16 path (the template
+# only tied it on the EPYC, endless.gemv), and autotune where it has none (an AVX2-only CPU): there
+# frozen bfloat16 weights fall to PyTorch's slow bfloat16 GEMM on an (in, out) copy, 151.8 ms a
+# SmolLM2 token against 38.2 eager, and autotuned 16.3 ms (AMD EPYC Zen 3, two threads).
+# The last two keys keep the autotuner from printing a table per product (~200 lines) on a user's terminal.
 AUTOTUNE = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
             "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
 # every graph of a process is compiled from the one code object ``_Graph.forward`` (one per
 # model, ring size, dtype, ...), and dynamo counts each as a recompilation of it: its default limit
 # of 8 would refuse the ninth (a bench over two dtypes and several caches, a test session)
 DYNAMO = {"recompile_limit": 256, "accumulated_recompile_limit": 4096}
+
+
+def options(dtype: torch.dtype, weights: str = "auto") -> dict:
+    """Inductor's options for a graph whose weights are ``dtype`` (``weights``: ``endless.packed.WEIGHTS``)
+    on this CPU (see ``AUTOTUNE``). int8/int4 graphs are never autotuned: their products are
+    PyTorch's quantised kernels, and autotuning swapped in inductor's own templates for them, which
+    gave wrong logits (off by up to 11 on the tiny model, torch 2.13, AVX2)."""
+    autotune = weights == "auto" and (dtype == torch.float32 or (dtype == torch.bfloat16 and not onednn_bfloat16()))
+    return {**INDUCTOR, **AUTOTUNE} if autotune else dict(INDUCTOR)
 
 
 def unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -128,7 +143,7 @@ class CompiledStep:
         self._graphs: dict[tuple, object] = {}
         self._ran: set = set()  # graphs that have run once (compiled): a later failure is a real error
         self.failed: str | None = None  # why compiling failed: then the eager path serves every step
-        self._inductor = {**INDUCTOR, **AUTOTUNE} if model.dtype == torch.float32 else INDUCTOR
+        self._inductor = options(model.dtype, model.packed.weights)
 
     def serves(self, state) -> bool:
         """Whether ``state``'s next one-token step can run here (else: the eager path)."""
@@ -178,4 +193,4 @@ class CompiledStep:
         return logits
 
 
-__all__ = ["CompiledStep", "unavailable", "unsupported"]
+__all__ = ["CompiledStep", "options", "unavailable", "unsupported"]

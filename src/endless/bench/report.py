@@ -134,12 +134,17 @@ def targets_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _family(mach: dict) -> str:
+    """`` (family 25, model 1)`` where the run recorded them (a bare name hides the generation)."""
+    return f" (family {mach['cpu_family']}, model {mach['cpu_model']})" if mach.get("cpu_family") else ""
+
+
 def render(result: dict) -> str:
     """Everything a person reads on stdout after a run."""
     bw = result["bandwidth"]
     mach = result["machine"]
     parts = [
-        f"machine: {mach['cpu']}, {mach['cores']} cores, {mach['threads']} torch thread(s), "
+        f"machine: {mach['cpu']}{_family(mach)}, {mach['cores']} cores, {mach['threads']} torch thread(s), "
         f"load {', '.join(f'{x:.2f}' for x in mach['load_average'])}; torch {mach['torch']}, "
         f"transformers {mach['transformers']}",
         f"bandwidth: copy {bw['copy_gbs']:.1f} GB/s, read {bw['read_gbs']:.1f} GB/s",

@@ -105,14 +105,22 @@ def machine() -> dict[str, object]:
     import torch
     import transformers
 
-    cpu, flags = platform.processor() or "unknown", set()
+    cpu, flags, ids = platform.processor() or "unknown", set(), {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name") and cpu in ("unknown", "", "x86_64"):
-                    cpu = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and cpu in ("unknown", "", "x86_64"):
+                    cpu = value.strip()
+                elif key == "flags":
+                    flags = set(value.split())
+                elif key in ("cpu family", "model") and key not in ids:
+                    # under a hypervisor the name can be as bare as "AMD EPYC" for Zen 3 and Zen 5
+                    # alike; family and model tell them apart (25/1: Zen 3, 26: Zen 5)
+                    ids[key] = value.strip()
+                if key == "processor" and ids and flags:
+                    break  # the first CPU says it all
     except OSError:
         pass
     try:
@@ -121,6 +129,8 @@ def machine() -> dict[str, object]:
         load = []
     return {
         "cpu": cpu,
+        "cpu_family": ids.get("cpu family", ""),
+        "cpu_model": ids.get("model", ""),
         "cores": os.cpu_count(),
         "isa": sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8", "avx512_vnni")),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),

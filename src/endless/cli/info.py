@@ -78,15 +78,16 @@ def run(args: argparse.Namespace) -> int:
     model, _ = load_from_args(args, need_tokenizer=False)
     from endless.device import describe as device_name
     from endless.models import model_identity
-    from endless.step import unavailable
+    from endless.step import options, unavailable
 
     fields = describe(model, model.endless_folder)
     fields["device"] = device_name(next(model.parameters()).device)
     fields["identity"] = model_identity(model)
     fields.update(kernel_fields(model, measure=args.kernels))
     weight = next(model.parameters())
+    autotuned = "; its products autotuned on this CPU" if options(weight.dtype).get("max_autotune") else ""
     fields["compiled_step"] = (unavailable(weight.device, weight.dtype)
-                               or "available: generate/chat/bench --compile-step (endless.step)")
+                               or f"available: generate/chat/bench --compile-step (endless.step{autotuned})")
     width = max(map(len, fields))
     for key, value in fields.items():
         shown = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else value
