@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from endless.bench.report import UNCOMPILED
+from endless.bench.report import UNCOMPILED, cpu_name
 
 STYLE = {"float32": "-", "bfloat16": "--"}
 COLORS = {"sinks": "C0", UNCOMPILED: "C8", "dense": "C1", "recompute": "C3", "transformers": "C2", "llama.cpp": "C4", "llama.cpp Q4_1": "C5"}
@@ -58,6 +58,6 @@ def plot(result: dict, path: "str | Path") -> None:
         axis.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_tokens))
         axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     mach = result["machine"]
-    fig.suptitle(f"endless bench: {result['config']['model']}, {mach['cpu']}, {mach['threads']} thread(s)", fontsize=9)
+    fig.suptitle(f"endless bench: {result['config']['model']}, {cpu_name(mach)}, {mach['threads']} thread(s)", fontsize=9)
     fig.tight_layout()
     save_png(fig, path, dpi=110)

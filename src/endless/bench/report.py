@@ -134,9 +134,11 @@ def targets_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _family(mach: dict) -> str:
-    """`` (family 25, model 1)`` where the run recorded them (a bare name hides the generation)."""
-    return f" (family {mach['cpu_family']}, model {mach['cpu_model']})" if mach.get("cpu_family") else ""
+def cpu_name(mach: dict) -> str:
+    """The CPU's name, with `` (family 25, model 1)`` where the run recorded them (under a hypervisor
+    the bare name can hide the generation)."""
+    family = f" (family {mach['cpu_family']}, model {mach['cpu_model']})" if mach.get("cpu_family") else ""
+    return f"{mach['cpu']}{family}"
 
 
 def render(result: dict) -> str:
@@ -144,7 +146,7 @@ def render(result: dict) -> str:
     bw = result["bandwidth"]
     mach = result["machine"]
     parts = [
-        f"machine: {mach['cpu']}{_family(mach)}, {mach['cores']} cores, {mach['threads']} torch thread(s), "
+        f"machine: {cpu_name(mach)}, {mach['cores']} cores, {mach['threads']} torch thread(s), "
         f"load {', '.join(f'{x:.2f}' for x in mach['load_average'])}; torch {mach['torch']}, "
         f"transformers {mach['transformers']}",
         f"bandwidth: copy {bw['copy_gbs']:.1f} GB/s, read {bw['read_gbs']:.1f} GB/s",

@@ -43,7 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="float32: compiled one-token kernels (endless.gemv), timed beside the uncompiled path "
                         "(default: on for the full run, off with --quick)")
     p.add_argument("--compile-step", action="store_true",
-                   help="our sinks path decodes through one compiled graph per token (endless.step; ~1 min of "
+                   help="our sinks path decodes through one compiled graph per token (endless.step; 1-3 min of "
                         "compilation per ring size), timed beside the eager path ('sinks uncompiled')")
     weights = ("auto", "int8", "int4", "int8,int4")
     p.add_argument("--weights", choices=weights, default="auto",
