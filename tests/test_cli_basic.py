@@ -213,3 +213,28 @@ def test_a_fam_stream_without_a_trained_prompt_warns_once(caplog):
         FamState(model, parse_policy("fam:8x1+4"))
         FamState(model, parse_policy("fam:8x1+4"))
     assert sum("untrained memory" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_dtype_auto_is_bfloat16_only_where_this_machine_multiplies_it_fast(monkeypatch):
+    import torch
+
+    import endless.cpu
+    from endless.cli.common import auto_dtype
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for native in (True, False):
+        monkeypatch.setattr(endless.cpu, "onednn_bfloat16", lambda native=native: native)
+        assert auto_dtype(cpu) == ("bfloat16" if native else "float32")
+        assert auto_dtype(cpu, weights="int8") == "bfloat16"  # int8/int4 weights need bfloat16 activations
+        assert auto_dtype(cpu, compile=True) == "float32"  # --compile builds float32 kernels
+    assert auto_dtype(cuda) == "bfloat16"
+
+
+def test_dtype_auto_resolves_before_the_model_loads(tiny_folder, tmp_path):
+    import torch
+
+    from endless.cli.common import auto_dtype
+
+    assert main(["info", "--model", str(tiny_folder), "--dtype", "auto", "--threads", "1",
+                 "--json", str(tmp_path / "i.json")]) == 0
+    assert json.loads((tmp_path / "i.json").read_text())["dtype"] == auto_dtype(torch.device("cpu"))

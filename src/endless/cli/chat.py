@@ -23,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "Type /exit or Ctrl-D to leave."
         ),
     )
-    add_model_args(p, dtype_default="bfloat16", compile=True, weights=True, compile_step=True)
+    add_model_args(p, dtype_default="auto", compile=True, weights=True, compile_step=True)
     p.add_argument("--policy", default="sinks:4+1020", help="attention policy spec (default: %(default)s)")
     p.add_argument("--session", type=Path, default=None, help="save/resume the conversation in this file")
     p.add_argument("--system", default=None, help="system prompt for a new conversation")

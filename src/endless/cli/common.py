@@ -7,7 +7,10 @@ import os
 
 from endless.validate import THREADS
 
-DTYPES = ("float32", "bfloat16")
+# "auto": bfloat16 where this machine multiplies it natively (CUDA; a CPU with oneDNN's bfloat16
+# path), else float32 -- on an AVX2-only CPU bfloat16 has no fast kernels: the demo's dense pass ran
+# 4,096 tokens in 253 s against ~20 s in float32 (AMD EPYC Zen 3, benchmarks/bench-zen3)
+DTYPES = ("auto", "float32", "bfloat16")
 
 
 def add_model_args(parser: argparse.ArgumentParser, *, dtype_default: str = "float32", fam: bool = True,
@@ -22,7 +25,8 @@ def add_model_args(parser: argparse.ArgumentParser, *, dtype_default: str = "flo
     g.add_argument("--model", default="smollm2-135m",
                    help="embedded name (smollm2-135m), a transformers folder or a .gguf file (default: %(default)s)")
     g.add_argument("--dtype", choices=DTYPES, default=dtype_default,
-                   help="compute dtype; float32 is the reference for comparisons (default: %(default)s)")
+                   help="compute dtype; float32 is the reference for comparisons; auto: bfloat16 where this machine "
+                        "has fast bfloat16 kernels (CUDA, AVX-512 or AMX CPUs), else float32 (default: %(default)s)")
     g.add_argument("--threads", type=THREADS.arg, default=None,
                    help="torch threads (default: all cores); set it when running several jobs at once")
     add_device_arg(g)
@@ -89,6 +93,9 @@ def load_from_args(args: argparse.Namespace, *, need_tokenizer: bool = True):
     from endless.errors import EndlessError
     from endless.models import load
 
+    if getattr(args, "dtype", None) == "auto":
+        args.dtype = auto_dtype(device_from_args(args), weights=getattr(args, "weights", "auto"),
+                                compile=getattr(args, "compile", False))
     if getattr(args, "compile", False) and args.dtype != "float32":
         raise EndlessError("--compile speeds up float32 only (bfloat16 already runs oneDNN's faster kernels); "
                            "add --dtype float32 or drop --compile")
@@ -118,6 +125,21 @@ def load_from_args(args: argparse.Namespace, *, need_tokenizer: bool = True):
     if tok is None and need_tokenizer:
         raise EndlessError(f"{args.model} has no tokenizer files (tokenizer.json, tokenizer.model, ...); this command needs one")
     return model, tok
+
+
+def auto_dtype(device, *, weights: str = "auto", compile: bool = False) -> str:
+    """What ``--dtype auto`` means here: bfloat16 on CUDA and on a CPU with oneDNN's bfloat16 path,
+    float32 on other CPUs; bfloat16 whenever int8/int4 weights are asked for (they need it), float32
+    with ``--compile`` (float32 kernels)."""
+    if weights != "auto":
+        return "bfloat16"
+    if compile:
+        return "float32"
+    if device.type != "cpu":
+        return "bfloat16"
+    from endless.cpu import onednn_bfloat16
+
+    return "bfloat16" if onednn_bfloat16() else "float32"
 
 
 def write_json(path, payload: dict) -> None:

@@ -27,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "sinks keep the model fluent, they do not extend its memory (TransformerFAM does)."
         ),
     )
-    add_model_args(p, dtype_default="bfloat16", weights=True)
+    add_model_args(p, dtype_default="auto", weights=True)
     p.add_argument("--tokens", type=int_range("--tokens", 300, BIG), default=12288, help="tokens of the text to stream (default: %(default)s)")
     p.add_argument("--plot", type=Path, default=Path("endless-demo.png"), metavar="PNG",
                    help="where to draw the plot (default: %(default)s)")

@@ -24,7 +24,7 @@ def add_to(sub: argparse._SubParsersAction) -> None:
             f"({REFERENCE}). Dense stops when the stream would pass the model's trained context."
         ),
     )
-    add_model_args(p, dtype_default="bfloat16", weights=True)
+    add_model_args(p, dtype_default="auto", weights=True)
     p.add_argument("--policy", action="append", default=None, metavar="SPEC",
                    help="policy to evaluate; repeat for several (default: window:1024, sinks:4+1020, dense)")
     p.add_argument("--questions", type=int_range("--questions", 1, BIG), default=500,

@@ -49,7 +49,7 @@ def add_to(sub: argparse._SubParsersAction) -> None:
             "model's trained context on purpose, to show it degrade there."
         ),
     )
-    add_model_args(p, dtype_default="bfloat16", weights=True)
+    add_model_args(p, dtype_default="auto", weights=True)
     p.add_argument("--policy", action="append", default=None, metavar="SPEC",
                    help=f"policy to evaluate; repeat for several (default: {' '.join(DEFAULT_POLICIES)})")
     add_text_args(p, tokens=4096)

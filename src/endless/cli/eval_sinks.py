@@ -35,7 +35,7 @@ def add_to(sub: argparse._SubParsersAction) -> None:
             "its ratio to the reference."
         ),
     )
-    add_model_args(p, dtype_default="bfloat16", weights=True)
+    add_model_args(p, dtype_default="auto", weights=True)
     p.add_argument("--cache", type=int_range("--cache", 9, BIG), default=256, help="total cache size S+W (default: %(default)s)")
     p.add_argument("--no-recompute", action="store_true", help="skip the re-computation baseline")
     add_text_args(p, tokens=2048, recompute_every=4)

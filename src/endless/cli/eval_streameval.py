@@ -25,7 +25,7 @@ def add_to(sub: argparse._SubParsersAction) -> None:
             "is further back than the cache, accuracy is zero."
         ),
     )
-    add_model_args(p, dtype_default="bfloat16", weights=True)
+    add_model_args(p, dtype_default="auto", weights=True)
     p.add_argument("--policy", action="append", default=None, metavar="SPEC", help="policy to evaluate; repeat for several")
     p.add_argument("--caches", type=number_list(int, low=9, what="cache sizes"), default=(256, 1024), metavar="C,C",
                    help="cache sizes for the default sinks/window policies (default: 256,1024)")

@@ -23,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("prompt", help="the prompt text (use - to read it from stdin)")
-    add_model_args(p, dtype_default="bfloat16", compile=True, weights=True, compile_step=True)
+    add_model_args(p, dtype_default="auto", compile=True, weights=True, compile_step=True)
     p.add_argument("--policy", default="sinks:4+1020", help="attention policy spec (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=MAX_NEW_TOKENS.arg, default=200, help="tokens to generate (default: %(default)s)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")

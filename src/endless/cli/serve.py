@@ -29,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "Needs the [serve] extra: pip install 'endless-lm[serve]'."
         ),
     )
-    add_model_args(p, dtype_default="bfloat16", compile=True, weights=True)
+    add_model_args(p, dtype_default="auto", compile=True, weights=True)
     p.add_argument("--policy", default=None,
                    help=f"attention policy of every conversation (default: {DEFAULT_POLICY}; with --fam the checkpoint's)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")

@@ -24,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "1.05, RSS change <= 1%%, no non-finite NLL, last span's perplexity within 10%% of the first's."
         ),
     )
-    add_model_args(p, dtype_default="bfloat16", weights=True)
+    add_model_args(p, dtype_default="auto", weights=True)
     p.add_argument("--tokens", type=int_range("--tokens", 1024, 1 << 30), default=1 << 20,
                    help="tokens to stream (default: %(default)s)")
     p.add_argument("--policy", default="sinks:4+1020", help="attention policy (default: %(default)s)")

@@ -15,7 +15,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from endless.cli.common import add_device_arg, add_model_args, device_from_args, write_json
+from endless.cli.common import add_device_arg, add_model_args, auto_dtype, device_from_args, write_json
 from endless.errors import EndlessError
 from endless.validate import BIG, THREADS, Rule, int_range, number_list
 
@@ -372,6 +372,8 @@ def run_fam(args: argparse.Namespace) -> int:
         args.lora_rank = int(trained.get("lora_rank", args.lora_rank))
         args.lora_alpha = float(trained.get("lora_alpha", args.lora_alpha))
         args.dtype = str(trained.get("dtype", args.dtype))
+    if args.dtype == "auto":
+        args.dtype = auto_dtype(device_from_args(args))
     _threads(args)
     EVAL_EXAMPLES.check(args.eval_examples)  # a Namespace built by hand too
     cfg = FamTrainConfig(  # validates the rest
@@ -389,8 +391,6 @@ def run_fam(args: argparse.Namespace) -> int:
         from endless.data.texts import read_text
 
         read_text(args.filler)  # a missing or empty file: one line before the model loads
-    from endless.cli.common import device_from_args
-
     device_from_args(args)  # --device cuda without a GPU: one line before anything loads
     from transformers.utils import logging as hf_logging
 
