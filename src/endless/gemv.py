@@ -35,10 +35,11 @@ log = logging.getLogger(__name__)
 # max_autotune with the C++ backend: lets inductor pick its GEMM template over the aten call.
 # freezing_discard_parameters: the graph's own copy of the weight is dropped once the kernel has
 # its packed one (without it a compiled matrix costs three copies of the weight, not one).
-# The last two: no autotuning table printed per matrix.
-OPTIONS = {"freezing": True, "freezing_discard_parameters": True, "max_autotune": True,
-           "max_autotune_gemm_backends": "CPP,ATEN", "autotune_num_choices_displayed": 0,
-           "max_autotune_report_choices_stats": False}
+# AUTOTUNE is also what endless.step adds to the graphs it autotunes; its last two keys keep the
+# autotuner from printing a table per product (~200 lines for a model) on a user's terminal.
+AUTOTUNE = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+            "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+OPTIONS = {"freezing": True, "freezing_discard_parameters": True, **AUTOTUNE}
 
 
 class _Linear(torch.nn.Module):

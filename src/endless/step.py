@@ -50,6 +50,7 @@ import torch
 
 from endless.attention import Kernel
 from endless.cpu import onednn_bfloat16
+from endless.gemv import AUTOTUNE
 from endless.policies.ring import attend_one
 
 log = logging.getLogger(__name__)
@@ -70,9 +71,7 @@ INDUCTOR = {"freezing": True, "cpp_wrapper": True, "cpp.enable_concat_linear": T
 # only tied it on the EPYC, endless.gemv), and autotune where it has none (an AVX2-only CPU): there
 # frozen bfloat16 weights fall to PyTorch's slow bfloat16 GEMM on an (in, out) copy, 151.8 ms a
 # SmolLM2 token against 38.2 eager, and autotuned 16.3 ms (AMD EPYC Zen 3, two threads).
-# The last two keys keep the autotuner from printing a table per product (~200 lines) on a user's terminal.
-AUTOTUNE = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
-            "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+# AUTOTUNE is endless.gemv's (imported above): the same autotuning of products, one definition.
 # every graph of a process is compiled from the one code object ``_Graph.forward`` (one per
 # model, ring size, dtype, ...), and dynamo counts each as a recompilation of it: its default limit
 # of 8 would refuse the ninth (a bench over two dtypes and several caches, a test session)
