@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from endless.bench.report import ceiling
 from endless.cli.main import main
 
 TINY = ["--quick", "--model", "tiny:llama:2", "--caches", "24,40", "--positions", "48,120", "--window", "20",
@@ -59,6 +60,14 @@ def test_targets_are_listed(result):
     assert any(n.startswith("sinks latency at position 120") for n in names)
     assert any(n.startswith("transformers / sinks at cache 40") for n in names)
     assert any(n.startswith("chunked / token-by-token") for n in names)
+
+
+def test_transformers_ratio_names_its_ceiling():
+    """The bound a memory bus puts on transformers / sinks: transformers' time over the time to read
+    a token's bytes once (2 GB at 10 GB/s: 200 ms; transformers 300 ms: at most 1.50)."""
+    cell = {"impls": {"sinks": {"bytes_per_token": 2e9, "median_ms": 250.0}, "transformers": {"median_ms": 300.0}}}
+    assert ceiling(cell, 10.0).startswith("at most 1.50 on this machine: reading a token's 2000 MB once")
+    assert ceiling({"impls": {"sinks": {"bytes_per_token": 1}}}, 10.0) == ""
 
 
 def test_isolated_memory_worker():
