@@ -58,6 +58,31 @@ def test_passkey_too_short_is_a_clear_error(tok):
         PasskeyFormat(tok).example(need - 1, 0.5, "12345")
 
 
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_more_queries_answer_inside_the_prompt_and_are_graded(tok, depth):
+    """``queries=3``: the same length, the key once, two answered questions spread over the filler
+    after it, and collate grades those answers as well as the last one."""
+    fmt = PasskeyFormat(tok)
+    one = fmt.example(400, depth, "31415")
+    assert one.spans == () and fmt.example(400, depth, "31415", queries=1) == one  # the paper's format unchanged
+    e = fmt.example(400, depth, "31415", queries=3)
+    assert len(e.prompt) == 400 and len(e.spans) == 2
+    text = tok.decode(e.prompt)
+    assert text.startswith(INSTRUCTION) and text.endswith(QUESTION) and text.count("The pass key is 31415.") == 1
+    assert text.count(QUESTION) == 3
+    key_end = text.index("is the pass key.")
+    for lo, hi in e.spans:
+        assert e.prompt[lo:hi] == e.answer and tok.decode(e.prompt[lo - len(fmt.question):lo]) == QUESTION
+        assert len(tok.decode(e.prompt[:lo])) > key_end  # every question comes after the key
+    ids, targets = collate([e])
+    graded = (targets[0] != -100).nonzero().flatten().tolist()
+    want = [p for lo, hi in e.spans for p in range(lo - 1, hi - 1)] + list(range(399, 399 + len(e.answer)))
+    assert graded == want and targets[0, graded].tolist() == ids[0, [p + 1 for p in graded]].tolist()
+    assert fmt.fixed_tokens(5, 3) == fmt.fixed_tokens(5) + 2 * (len(fmt.question) + len(e.answer))
+    with pytest.raises(EndlessError, match="at least"):
+        fmt.example(fmt.fixed_tokens(5, 3) - 1, 0.5, "31415", queries=3)
+
+
 def test_digit_example_and_collate():
     rng = random.Random(0)
     e = digit_example(30, 0.5, rng=rng, vocab=128, digits=4)

@@ -11,6 +11,7 @@ import torch
 from fam_helpers import tiny_folder
 
 from endless.cli.main import main
+from endless.data.passkey import collate
 from endless.errors import EndlessError
 from endless.fam import parallel_forward
 from endless.fam.checkpoint import load_fam
@@ -345,6 +346,24 @@ def test_max_depth_keeps_the_key_in_the_early_part_and_the_other_draws(folder):
             assert y.depth == pytest.approx(x.depth * 0.25) and y.depth <= 0.25
     with pytest.raises(EndlessError):
         FamTrainConfig(max_depth=1.5)
+
+
+def test_queries_grade_more_answers_with_the_same_draws(folder):
+    """--queries 2: the same lengths, keys and depths as without, one answered question more
+    inside each prompt, whose answer collate grades."""
+    from endless.train.fam import Sampler
+
+    tok = load(str(folder))[1]
+    base = FamTrainConfig(model=str(folder), min_len=400, max_len=460, batch=2)
+    one, two = Sampler(base, tok, 0), Sampler(FamTrainConfig(**{**base.__dict__, "queries": 2}), tok, 0)
+    for _ in range(5):
+        a, b = one.batch(), two.batch()
+        for x, y in zip(a, b, strict=True):
+            assert (len(x.prompt), x.key, x.depth, x.spans) == (len(y.prompt), y.key, y.depth, ())
+            (lo, hi), = y.spans
+            assert y.prompt[lo:hi] == y.answer
+        graded = (collate(b)[1] != -100).sum().item()
+        assert graded == 2 * sum(len(e.answer) for e in b)
 
 
 def test_lora_wrap_and_adapter_load_raise_no_dependency_deprecation(trained, folder):

@@ -214,7 +214,7 @@ def test_tiny_trainer_config_uses_the_same_rules(kwargs, flag):
     ({"steps": 0}, "--steps"), ({"lr": -1.0}, "--lr"), ({"prompt_lr": 0.0}, "--prompt-lr"), ({"batch": 0}, "--batch"),
     ({"minutes": -1.0}, "--minutes"), ({"min_len": 900, "max_len": 100}, "--max-len"),
     ({"text_fraction": 1.5}, "--text-fraction"), ({"mixed_precision": "fp8"}, "--mixed-precision"),
-    ({"lora_rank": 0}, "--lora-rank"), ({"max_depth": -0.1}, "--max-depth"),
+    ({"lora_rank": 0}, "--lora-rank"), ({"max_depth": -0.1}, "--max-depth"), ({"queries": 0}, "--queries"),
 ])
 def test_lora_trainer_config_uses_the_same_rules(kwargs, flag):
     pytest.importorskip("peft")

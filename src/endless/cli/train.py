@@ -64,6 +64,10 @@ def _add_fam(tsub) -> None:
                    help="the key's depth is drawn uniformly in [0, D]; below 1 more keys sit outside the "
                         "window, where only the memory can answer (from the start it learns slower: the keys "
                         "inside the window teach the answer first, docs/experiments/fam-notebook.md 7.3) (default: %(default)s)")
+    p.add_argument("--queries", type=RULES["queries"].arg, default=d.queries, metavar="K",
+                   help="ours: K questions per PassKey example, the first K-1 answered at even intervals after "
+                        "the key, every answer graded: K gradings of the memory per sequence instead of one "
+                        "(default: %(default)s, the paper's format)")
     p.add_argument("--text", default=None, help="plain text to mix in: kjv, shakespeare or a file (default: kjv when --text-fraction > 0)")
     p.add_argument("--text-fraction", type=RULES["text_fraction"].arg, default=0.0, help="share of steps on plain text, loss on every token")
     p.add_argument("--all-tokens", action="store_true", help="loss on every PassKey token, not only the answer")
@@ -379,7 +383,7 @@ def run_fam(args: argparse.Namespace) -> int:
     cfg = FamTrainConfig(  # validates the rest
         model=args.model, policy=args.policy, steps=args.steps, batch=args.batch, lr=args.lr, prompt_lr=args.prompt_lr,
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, min_len=args.min_len, max_len=args.max_len,
-        digits=args.digits, max_depth=args.max_depth, text=args.text, text_fraction=args.text_fraction,
+        digits=args.digits, max_depth=args.max_depth, queries=args.queries, text=args.text, text_fraction=args.text_fraction,
         all_tokens=args.all_tokens, rpo=args.rpo, rsp=args.rsp, prompt_init=args.prompt_init, init=args.init,
         dtype=args.dtype, seed=args.seed, device=args.device, mixed_precision=args.mixed_precision,
         grad_checkpoint=args.grad_checkpoint, minutes=args.minutes, curriculum=tuple(args.curriculum),

@@ -49,6 +49,7 @@ class Example:
     key: str = ""
     depth: float = 0.0
     answer_only: bool = True  # loss on the answer tokens only (else on every token)
+    spans: tuple[tuple[int, int], ...] = ()  # more supervised answers inside the prompt: [start, end) of their tokens
 
     @property
     def ids(self) -> list[int]:
@@ -84,24 +85,40 @@ class PasskeyFormat:
         self.question = enc(QUESTION)
         self._enc = enc
 
-    def fixed_tokens(self, digits: int) -> int:
-        """Prompt tokens that are not filler, for a key of ``digits`` digits."""
+    def fixed_tokens(self, digits: int, queries: int = 1) -> int:
+        """Prompt tokens that are not filler, for a key of ``digits`` digits (and ``queries`` questions)."""
         key = "1" * digits
-        return len(self.instruction) + len(self._enc(KEY_SENTENCE.format(key=key))) + len(self.question)
+        inner = (queries - 1) * (len(self.question) + len(self._enc(ANSWER.format(key=key))))
+        return len(self.instruction) + len(self._enc(KEY_SENTENCE.format(key=key))) + len(self.question) + inner
 
-    def example(self, length: int, depth: float, key: str) -> Example:
-        """A prompt of exactly ``length`` tokens with the key sentence at ``depth`` of the filler."""
+    def example(self, length: int, depth: float, key: str, queries: int = 1) -> Example:
+        """A prompt of exactly ``length`` tokens with the key sentence at ``depth`` of the filler.
+
+        ``queries`` > 1 (training only, *ours*): ``queries - 1`` more questions, each followed by
+        its answer, at even intervals of the filler after the key; their answers are supervised
+        too (``Example.spans``), so one sequence grades the memory ``queries`` times at growing
+        distances from the key instead of once."""
         if not 0.0 <= depth <= 1.0:
             raise EndlessError(f"depth must be in [0, 1], got {depth}")
         key_ids = self._enc(KEY_SENTENCE.format(key=key))
-        n_fill = length - len(self.instruction) - len(key_ids) - len(self.question)
+        answer = self._enc(ANSWER.format(key=key))
+        inner = (queries - 1) * (len(self.question) + len(answer))
+        n_fill = length - len(self.instruction) - len(key_ids) - len(self.question) - inner
         if n_fill < 0:
             raise EndlessError(f"a PassKey prompt needs at least {length - n_fill} tokens, asked for {length}")
         before = round(depth * n_fill)
         start = int(key) * 7919 % len(self.filler) if self.prose else 0
         fill = [self.filler[(start + i) % len(self.filler)] for i in range(n_fill)]
-        prompt = self.instruction + fill[:before] + key_ids + fill[before:] + self.question
-        return Example(prompt, self._enc(ANSWER.format(key=key)), key=key, depth=depth)
+        prompt = self.instruction + fill[:before] + key_ids
+        after, spans, done = n_fill - before, [], before
+        for q in range(1, queries):
+            cut = before + after * q // queries
+            prompt += fill[done:cut] + self.question
+            spans.append((len(prompt), len(prompt) + len(answer)))
+            prompt += answer
+            done = cut
+        prompt += fill[done:] + self.question
+        return Example(prompt, answer, key=key, depth=depth, spans=tuple(spans))
 
 
 def passkey_example(tokenizer, length: int, depth: float, *, rng: random.Random, digits: int = 5) -> Example:
@@ -145,6 +162,8 @@ def collate(examples: list[Example], pad: int = 0) -> tuple[torch.Tensor, torch.
         ids[b, : len(seq)] = seq
         start = len(e.prompt) - 1 if e.answer_only else 0
         targets[b, start : len(seq) - 1] = seq[start + 1 :]
+        for lo, hi in e.spans:  # an answer inside the prompt: predicted from the token before each
+            targets[b, lo - 1 : hi - 1] = seq[lo:hi]
     return ids, targets
 
 

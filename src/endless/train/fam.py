@@ -69,7 +69,7 @@ RULES = rules(
     Rule("min_len", int, 1, BIG), Rule("max_len", int, 1, BIG), Rule("digits", int, 1, 64),
     probability("max_depth"), probability("text_fraction"), probability("rsp"), SEED, Rule("log_every", int, 1, BIG),
     MINUTES, Rule("curriculum_loss", float, 0.0, 100.0), Rule("rsp_after", int, 0, BIG), Rule("grad_cap", int, 0, BIG),
-    probability("unexplored"), Rule("unexplored_after", int, 0, BIG),
+    probability("unexplored"), Rule("unexplored_after", int, 0, BIG), Rule("queries", int, 1, 64),
 )
 
 
@@ -91,6 +91,7 @@ class FamTrainConfig:
     max_len: int = 1024
     digits: int = 5
     max_depth: float = 1.0  # the key's depth is drawn uniformly in [0, max_depth] (1: anywhere)
+    queries: int = 1  # *ours*: questions per PassKey example, every answer graded (1: the paper's format)
     text: str | None = None  # a corpus name (kjv, shakespeare) or a text file
     text_fraction: float = 0.0
     all_tokens: bool = False
@@ -255,7 +256,7 @@ class Sampler:
         self.cfg = cfg
         self.rng = random.Random(cfg.seed * 1000 + rank)  # each rank its own stream of data
         self.fmt = PasskeyFormat(tokenizer, filler=cfg.filler)
-        lo = self.fmt.fixed_tokens(cfg.digits) + 1
+        lo = self.fmt.fixed_tokens(cfg.digits, cfg.queries) + 1
         if cfg.max_len < lo:
             raise EndlessError(f"--max-len must be at least {lo} tokens (the PassKey prompt without filler)")
         self.min_len = max(cfg.min_len, lo)
@@ -275,8 +276,8 @@ class Sampler:
             return [text_example(self.text_tokens, n, rng=rng) for _ in range(cfg.batch)]
         out = []
         for _ in range(cfg.batch):
-            e = self.fmt.example(n, rng.random() * cfg.max_depth, random_key(rng, cfg.digits))
-            out.append(Example(e.prompt, e.answer, e.key, e.depth, answer_only=not cfg.all_tokens))
+            e = self.fmt.example(n, rng.random() * cfg.max_depth, random_key(rng, cfg.digits), cfg.queries)
+            out.append(Example(e.prompt, e.answer, e.key, e.depth, answer_only=not cfg.all_tokens, spans=e.spans))
         return out
 
 
