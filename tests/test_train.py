@@ -333,12 +333,17 @@ def test_tiny_save_load_and_init(tmp_path):
     assert main(["train", "fam-tiny", "--load", str(folder)]) == 2
 
 
-def test_max_depth_keeps_the_key_in_the_early_part_and_the_other_draws(folder):
+def _samplers(folder, lengths: tuple[int, int], **change):
+    """Two training samplers of one seed: the default recipe, and the same with ``change``."""
     from endless.train.fam import Sampler
 
     tok = load(str(folder))[1]
-    base = FamTrainConfig(model=str(folder), min_len=200, max_len=260, batch=2)
-    free, early = Sampler(base, tok, 0), Sampler(FamTrainConfig(**{**base.__dict__, "max_depth": 0.25}), tok, 0)
+    base = FamTrainConfig(model=str(folder), min_len=lengths[0], max_len=lengths[1], batch=2)
+    return Sampler(base, tok, 0), Sampler(FamTrainConfig(**{**base.__dict__, **change}), tok, 0)
+
+
+def test_max_depth_keeps_the_key_in_the_early_part_and_the_other_draws(folder):
+    free, early = _samplers(folder, (200, 260), max_depth=0.25)
     for _ in range(20):
         a, b = free.batch(), early.batch()
         for x, y in zip(a, b, strict=True):
@@ -351,11 +356,7 @@ def test_max_depth_keeps_the_key_in_the_early_part_and_the_other_draws(folder):
 def test_queries_grade_more_answers_with_the_same_draws(folder):
     """--queries 2: the same lengths, keys and depths as without, one answered question more
     inside each prompt, whose answer collate grades."""
-    from endless.train.fam import Sampler
-
-    tok = load(str(folder))[1]
-    base = FamTrainConfig(model=str(folder), min_len=400, max_len=460, batch=2)
-    one, two = Sampler(base, tok, 0), Sampler(FamTrainConfig(**{**base.__dict__, "queries": 2}), tok, 0)
+    one, two = _samplers(folder, (400, 460), queries=2)
     for _ in range(5):
         a, b = one.batch(), two.batch()
         for x, y in zip(a, b, strict=True):
