@@ -22,7 +22,8 @@ when the recent answer loss is below ``curriculum_loss``, or when its share of t
 back-propagates through the last ``grad_cap`` tokens of a longer sequence only (its start runs
 without gradient and hands its FAM on: truncated back-propagation over a long hold, so a
 curriculum can reach holds far longer than what fits a backward pass), ``rsp`` from step
-``rsp_after`` on, and ``unexplored`` states (another sequence's final FAM, or noise).
+``rsp_after`` on, ``unexplored`` states (another sequence's final FAM, or noise), and ``queries``
+(ours: more answered questions after the key, every answer graded; ``PasskeyFormat.example``).
 
 Runs unchanged under several processes: everything goes through ``accelerate`` (one
 ``Accelerator``, ``prepare`` of the trainable module and optimizer, DDP gradient all-reduce,
