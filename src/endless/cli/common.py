@@ -93,9 +93,7 @@ def load_from_args(args: argparse.Namespace, *, need_tokenizer: bool = True):
     from endless.errors import EndlessError
     from endless.models import load
 
-    if getattr(args, "dtype", None) == "auto":
-        args.dtype = auto_dtype(device_from_args(args), weights=getattr(args, "weights", "auto"),
-                                compile=getattr(args, "compile", False))
+    resolve_dtype(args)
     if getattr(args, "compile", False) and args.dtype != "float32":
         raise EndlessError("--compile speeds up float32 only (bfloat16 already runs oneDNN's faster kernels); "
                            "add --dtype float32 or drop --compile")
@@ -125,6 +123,14 @@ def load_from_args(args: argparse.Namespace, *, need_tokenizer: bool = True):
     if tok is None and need_tokenizer:
         raise EndlessError(f"{args.model} has no tokenizer files (tokenizer.json, tokenizer.model, ...); this command needs one")
     return model, tok
+
+
+def resolve_dtype(args: argparse.Namespace) -> None:
+    """Replace ``--dtype auto`` in ``args`` by what it means on this machine (``auto_dtype``, given
+    the parsed ``--device``, ``--weights`` and ``--compile`` where the command has them)."""
+    if getattr(args, "dtype", None) == "auto":
+        args.dtype = auto_dtype(device_from_args(args), weights=getattr(args, "weights", "auto"),
+                                compile=getattr(args, "compile", False))
 
 
 def auto_dtype(device, *, weights: str = "auto", compile: bool = False) -> str:

@@ -15,7 +15,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from endless.cli.common import add_device_arg, add_model_args, auto_dtype, device_from_args, write_json
+from endless.cli.common import add_device_arg, add_model_args, device_from_args, resolve_dtype, write_json
 from endless.errors import EndlessError
 from endless.validate import BIG, THREADS, Rule, int_range, number_list
 
@@ -376,8 +376,7 @@ def run_fam(args: argparse.Namespace) -> int:
         args.lora_rank = int(trained.get("lora_rank", args.lora_rank))
         args.lora_alpha = float(trained.get("lora_alpha", args.lora_alpha))
         args.dtype = str(trained.get("dtype", args.dtype))
-    if args.dtype == "auto":
-        args.dtype = auto_dtype(device_from_args(args))
+    resolve_dtype(args)
     _threads(args)
     EVAL_EXAMPLES.check(args.eval_examples)  # a Namespace built by hand too
     cfg = FamTrainConfig(  # validates the rest
