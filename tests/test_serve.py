@@ -8,6 +8,7 @@ transcript: a session resumed, re-fed or decoded in a batch must give the same o
 
 from __future__ import annotations
 
+import shutil
 import threading
 
 import pytest
@@ -285,3 +286,30 @@ def test_smollm2_chat(real_model):
         reply = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
         assert "Rome" in reply
         assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0 and chunks[-1].usage.fed_tokens < 30
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="the compiled step needs a C++ compiler")
+def test_compiled_step_serves_a_lone_conversation_and_compiles_only_at_start(model, tok, monkeypatch):
+    # serve --compile-step: graphs built before serving for the default chat header and for
+    # completions; a lone conversation then decodes through them with the eager engine's reply,
+    # and one whose system prompt gives another ring size decodes eagerly, compiling nothing
+    from endless.step import CompiledStep
+    from endless.transformer import Transformer
+
+    compiled = Transformer(model.hf, pack=True).compile_step()
+    engine = Engine(compiled, tok, parse_policy("sinks:prefix+64"), model_name="tiny")
+    built = engine.compile_step_now()
+    assert len(built) == 2 and "sinks:4+64" in built and len(compiled.step._graphs) == 2
+    runs = []
+    call = CompiledStep.__call__
+    monkeypatch.setattr(CompiledStep, "__call__", lambda self, state, ids: runs.append(1) or call(self, state, ids))
+    _, eager_server = serve(Transformer(model.hf, pack=True), tok)
+    plain, custom = [{"role": "user", "content": "Hello there"}], [SYSTEM, {"role": "user", "content": "Hello"}]
+    with eager_server as url:
+        want = [ask(client(url), m, max_tokens=8)[0] for m in (plain, custom)]
+    with running(create_app(engine, api_key=KEY)) as url:
+        assert ask(client(url), plain, max_tokens=8)[0] == want[0]
+        assert len(runs) == 8  # each of the 8 chosen tokens was read back through the compiled step
+        assert ask(client(url), custom, max_tokens=8)[0] == want[1]
+    assert len(runs) == 8 and len(compiled.step._graphs) == 2

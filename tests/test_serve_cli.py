@@ -14,6 +14,7 @@ from endless.cli.main import main
     (["--max-queue", "-1"], "argument --max-queue: must be an integer in [0, 2^30], got '-1'"),
     (["--max-batch", "8", "--max-sessions", "4"], "--max-batch (8) must not exceed --max-sessions (4)"),
     (["--model", "tiny:llama"], "has no tokenizer files"),
+    (["--policy", "fam:64x1+16", "--compile-step"], "--compile-step compiles the decode step of a fixed ring"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(args, message, capsys):
     pytest.importorskip("fastapi")

@@ -36,6 +36,9 @@ Contract:
   (an unsupported build, a broken compiler) logs one warning and the eager path serves from then on.
 - One graph per (batch, ring size, number of sinks, dtype, threads); each costs ~30-60 s of compilation
   for SmolLM2-135M the first time (autotuned graphs: ~90 s, up to ~3 min on a slower CPU).
+  ``new_graphs = False`` stops compiling more (a server, ``endless serve --compile-step``, compiles
+  its graphs at startup and must not stall every request for a new one): a state without a
+  graph then decodes eagerly.
 - Memory: inductor keeps its own packed copy of the weights (one more copy, as ``pack`` does).
 - Generated code runs with the thread count current at compile time, so the count is part of
   the key.
@@ -142,6 +145,7 @@ class CompiledStep:
         self._graphs: dict[tuple, object] = {}
         self._ran: set = set()  # graphs that have run once (compiled): a later failure is a real error
         self.failed: str | None = None  # why compiling failed: then the eager path serves every step
+        self.new_graphs = True  # compile a graph for a state that has none (else: it decodes eagerly)
         self._inductor = options(model.dtype, model.packed.weights)
 
     def serves(self, state) -> bool:
@@ -149,11 +153,19 @@ class CompiledStep:
         m = self.model
         p = m.packed
         return (self.failed is None and not state.growable and not torch.is_grad_enabled() and p is self._packed
+                and (self.new_graphs or self._key(state) in self._graphs)
                 and p.head_valid()
                 and all(layer.valid(m.layers[i]) for i, layer in enumerate(p.layers)))
 
+    def compiled_for(self, state) -> bool:
+        """Whether a graph for ``state``'s shape was built (by an earlier step of such a state)."""
+        return self._key(state) in self._graphs
+
+    def _key(self, state) -> tuple:
+        return (state.batch, state.capacity, state.n_sinks, self.model.dtype, torch.get_num_threads())
+
     def _graph(self, state):
-        key = (state.batch, state.capacity, state.n_sinks, self.model.dtype, torch.get_num_threads())
+        key = self._key(state)
         fn = self._graphs.get(key)
         if fn is None:
             log.warning("compiling the decode step for %d stream(s) of %d slots (%s, %d thread(s)); "

@@ -29,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "Needs the [serve] extra: pip install 'endless-lm[serve]'."
         ),
     )
-    add_model_args(p, dtype_default="auto", compile=True, weights=True)
+    add_model_args(p, dtype_default="auto", compile=True, weights=True, compile_step=True)
     p.add_argument("--policy", default=None,
                    help=f"attention policy of every conversation (default: {DEFAULT_POLICY}; with --fam the checkpoint's)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
@@ -67,6 +67,9 @@ def check_args(args: argparse.Namespace):
     if policy.kind == "recompute":
         raise EndlessError("recompute:W re-runs its window for every token and cannot decode in a batch; "
                            "serve sinks:prefix+W, sinks:S+W, window:W, bswa:BxM or fam:BxM+F")
+    if args.compile_step and policy.kind in ("fam", "dense"):
+        raise EndlessError(f"--compile-step compiles the decode step of a fixed ring (sinks, window, bswa), "
+                           f"not of {policy.spec}: drop it")
     return policy
 
 
@@ -82,11 +85,17 @@ def run(args: argparse.Namespace) -> int:
         raise EndlessError(f"endless serve needs the [serve] extra ({e.name} is missing): "
                            "pip install 'endless-lm[serve]'") from None
     hf, tok = load_from_args(args)
-    model = inference_model(hf, compile=args.compile, weights=args.weights, kernel=args.kernel)
+    model = inference_model(hf, compile=args.compile, weights=args.weights, kernel=args.kernel,
+                            compile_step=args.compile_step)
     name = Path(args.fam).name if args.fam else Path(str(args.model)).name
     engine = Engine(model, tok, policy, sessions_dir=args.sessions, max_sessions=args.max_sessions,
                     max_batch=args.max_batch, max_queue=args.max_queue, model_name=name,
                     kv_pool=not args.no_kv_pool)
+    if args.compile_step:
+        print("endless serve: compiling the decode step before listening (30-90 s a graph)", file=sys.stderr)
+        built = engine.compile_step_now()
+        print(f"endless serve: a lone conversation decodes through the compiled step under {', '.join(built) or 'no policy'}"
+              " (others, and batches of several, decode eagerly)", file=sys.stderr)
     app = create_app(engine, api_key=args.api_key, limits=Limits(args.max_prompt_bytes, args.max_tokens))
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s without --api-key: anyone who reaches it can use the model", args.host)

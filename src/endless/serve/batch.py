@@ -14,6 +14,10 @@ With a ``PoolSet`` (``endless.serve.pool``) the ring states of the batch move in
 tensor per ring size and attend in one call per layer and size instead of one per stream: the
 same numbers, a dozen tensor ops per layer whatever the batch size. The others (FAM, dense) still
 attend on their own.
+
+A step of one stream is that stream's own one-token forward (``state.forward``, what
+``Stream.feed`` runs), so a model with a compiled decode step (``endless.step``) decodes a lone
+conversation through it.
 """
 
 from __future__ import annotations
@@ -90,7 +94,10 @@ def decode_step(streams: Sequence[Stream], tokens: "Sequence[int] | torch.Tensor
     if any(s.model is not model for s in streams):
         raise ValueError("batched streams must share one model")
     ids = torch.as_tensor(tokens, dtype=torch.long).reshape(len(streams), 1).to(model.device)
-    logits = model.forward(ids, MultiCache([s.state for s in streams], pool), last_only=True)[:, -1].float()
+    if len(streams) == 1 and batchable(streams[0]):
+        logits = streams[0].state.forward(ids, last_only=True)[:, -1].float()
+    else:
+        logits = model.forward(ids, MultiCache([s.state for s in streams], pool), last_only=True)[:, -1].float()
     for i, s in enumerate(streams):
         s.last_logits = logits[i : i + 1]
         s.fed += 1

@@ -11,6 +11,9 @@ Contract:
   decodes one token of every request past its prompt in one forward pass
   (``endless.serve.batch.decode_step``: streams at different positions; the ring states among them
   attend together over one pool of their caches, ``endless.serve.pool``).
+- With a compiled decode step (``serve --compile-step``), ``compile_step_now`` builds its graphs
+  before serving; a step of one conversation then runs through it when its ring size has one
+  (``decode_step``), and nothing compiles later.
 - A conversation's requests run one at a time, in arrival order; each feeds only what its
   transcript adds to what the session's stream has read (``endless.serve.sessions``).
 - A cancelled job (client gone) leaves at the next step and frees its slot; its session records
@@ -30,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from endless.errors import EndlessError
+from endless.policies.ring import RingKV
 from endless.policies.spec import Policy, PrefixSinks, check_fits
 from endless.serve.batch import decode_step
 from endless.serve.pool import PoolSet
@@ -129,6 +133,33 @@ class Engine:
         # metrics
         self.counts = {"requests": 0, "rejected": 0, "generated": 0, "fed": 0, "refed": 0, "errors": 0}
         self.recent: deque[tuple[float, int]] = deque(maxlen=4096)  # (time, tokens decoded) per step
+
+    def compile_step_now(self) -> list[str]:
+        """With a compiled decode step on the model (``Transformer.compile_step``, ``endless.step``):
+        build its graphs now, before serving, for the streams a client opens without a system prompt
+        of its own (a chat under the template's default header, a completion with StreamingLLM's 4
+        sinks: under ``sinks:prefix+W`` their ring sizes differ), then compile no more, so no request
+        ever waits 30-90 s for a graph; a conversation whose pinned prefix gives another ring size
+        decodes eagerly. Returns the policies compiled. Without a compiled step: nothing, []."""
+        step = getattr(self.model, "step", None)
+        if step is None:
+            return []
+        chat_head = self._ids(self._pinned([{"role": "user", "content": "Hello"}]))
+        streams = {}
+        for sinks in (len(chat_head), COMPLETION_SINKS):
+            stream = self._new_stream(sinks)
+            streams.setdefault(stream.policy.spec, stream)
+        done = []
+        for spec, stream in streams.items():
+            # a prompt, then one decoded token through the path a served step takes (compiles)
+            stream.feed(torch.tensor(chat_head or [0] * COMPLETION_SINKS), logprobs=False)
+            decode_step([stream], [int(stream.last_logits.argmax())])
+            if step.failed is not None:
+                break
+            if isinstance(stream.state, RingKV) and step.compiled_for(stream.state):
+                done.append(spec)
+        step.new_graphs = False
+        return done
 
     # -- the handlers' side -----------------------------------------------------------------
 
