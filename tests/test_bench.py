@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from endless.bench.report import ceiling
+from endless.bench.report import ceiling, targets_table
 from endless.cli.main import main
 
 TINY = ["--quick", "--model", "tiny:llama:2", "--caches", "24,40", "--positions", "48,120", "--window", "20",
@@ -68,6 +68,10 @@ def test_transformers_ratio_names_its_ceiling():
     cell = {"impls": {"sinks": {"bytes_per_token": 2e9, "median_ms": 250.0}, "transformers": {"median_ms": 300.0}}}
     assert ceiling(cell, 10.0).startswith("at most 1.50 on this machine: reading a token's 2000 MB once")
     assert ceiling({"impls": {"sinks": {"bytes_per_token": 1}}}, 10.0) == ""
+    # and the printed targets table carries it (stdout, the README's table), not the JSON alone
+    row = {"target": "transformers / sinks", "dtype": "float32", "measured": 1.2, "goal": ">= 1.5", "met": False,
+           "how": ceiling(cell, 10.0)}
+    assert targets_table([row]).splitlines()[-1].endswith("| **no** | " + ceiling(cell, 10.0) + " |")
 
 
 def test_isolated_memory_worker():

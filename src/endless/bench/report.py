@@ -141,12 +141,14 @@ def memory_table(result: dict) -> str:
 
 
 def targets_table(rows: list[dict]) -> str:
-    lines = ["| target | dtype | measured | goal | met |", "|---|---|---:|---|---|"]
+    """The targets as a Markdown table, each row's ``how`` (what was compared, the ceiling this
+    machine allows, why a row was not measured) in its last column."""
+    lines = ["| target | dtype | measured | goal | met | how |", "|---|---|---:|---|---|---|"]
     for r in rows:
         m = r["measured"]
         val = "-" if m is None else (f"{m:.2%}" if "RSS" in r["target"] else f"{m:.3g}")
         met = {True: "yes", False: "**no**", None: ""}[r["met"]]
-        lines.append(f"| {r['target']} | {r['dtype']} | {val} | {r['goal']} | {met} |")
+        lines.append(f"| {r['target']} | {r['dtype']} | {val} | {r['goal']} | {met} | {r.get('how', '')} |")
     return "\n".join(lines)
 
 
