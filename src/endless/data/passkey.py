@@ -88,8 +88,12 @@ class PasskeyFormat:
     def fixed_tokens(self, digits: int, queries: int = 1) -> int:
         """Prompt tokens that are not filler, for a key of ``digits`` digits (and ``queries`` questions)."""
         key = "1" * digits
-        inner = (queries - 1) * (len(self.question) + len(self._enc(ANSWER.format(key=key))))
-        return len(self.instruction) + len(self._enc(KEY_SENTENCE.format(key=key))) + len(self.question) + inner
+        return self._fixed(len(self._enc(KEY_SENTENCE.format(key=key))), len(self._enc(ANSWER.format(key=key))), queries)
+
+    def _fixed(self, key_sentence: int, answer: int, queries: int) -> int:
+        """Non-filler tokens of a prompt whose key sentence and answer take these many tokens: the
+        instruction, the key sentence, the final question and ``queries - 1`` answered questions."""
+        return len(self.instruction) + key_sentence + len(self.question) + (queries - 1) * (len(self.question) + answer)
 
     def example(self, length: int, depth: float, key: str, queries: int = 1) -> Example:
         """A prompt of exactly ``length`` tokens with the key sentence at ``depth`` of the filler.
@@ -102,8 +106,7 @@ class PasskeyFormat:
             raise EndlessError(f"depth must be in [0, 1], got {depth}")
         key_ids = self._enc(KEY_SENTENCE.format(key=key))
         answer = self._enc(ANSWER.format(key=key))
-        inner = (queries - 1) * (len(self.question) + len(answer))
-        n_fill = length - len(self.instruction) - len(key_ids) - len(self.question) - inner
+        n_fill = length - self._fixed(len(key_ids), len(answer), queries)
         if n_fill < 0:
             raise EndlessError(f"a PassKey prompt needs at least {length - n_fill} tokens, asked for {length}")
         before = round(depth * n_fill)
