@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     weight = next(model.parameters())
     autotuned = "; its products autotuned on this CPU" if options(weight.dtype).get("max_autotune") else ""
     fields["compiled_step"] = (unavailable(weight.device, weight.dtype)
-                               or f"available: generate/chat/bench --compile-step (endless.step{autotuned})")
+                               or f"available: generate/chat/serve/bench --compile-step (endless.step{autotuned})")
     width = max(map(len, fields))
     for key, value in fields.items():
         shown = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else value
