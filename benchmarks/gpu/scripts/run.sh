@@ -33,7 +33,7 @@ FAM_MINUTES=${FAM_MINUTES:-4}
 # docs/experiments/fam-passkey-smollm2.md; POLICY="fam:1024x0+64,firstres" is the paper's update
 POLICY=${POLICY:-fam:1024x0+64,firstres,null,gate,skip0}
 # M = 0 is untried at GPU scale; at a quarter scale on the CPU (fam:256x0+64, ~710 examples) neither update
-# learned even to copy a key from its own block, where every M = 1 run did (docs/experiments/fam-notebook.md
+# learned even to copy a key from its own block, where the float32 M = 1 runs did (docs/experiments/fam-notebook.md
 # 7.3, last entry): if PassKey at 1,024 (in-block here) stays at 0, rerun with POLICY=fam:1024x1+64,firstres,null,gate,skip0
 # overridable for a CPU smoke run of the script (e.g. DEVICE=cpu FAM_MINUTES=0.3 PK_LENGTHS=300 ...)
 DEVICE=${DEVICE:-cuda}
