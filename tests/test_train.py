@@ -367,6 +367,26 @@ def test_queries_grade_more_answers_with_the_same_draws(folder):
         assert graded == 2 * sum(len(e.answer) for e in b)
 
 
+def test_align_ends_prompts_on_block_boundaries_with_the_same_keys(folder):
+    """--align 1: every prompt is a whole number of blocks (64 here) inside [min_len, max_len], so
+    the answer opens a new block; keys and depths are drawn as without it. --align 0.5: some are."""
+    free, aligned = _samplers(folder, (200, 460), align=1.0)
+    for _ in range(20):
+        a, b = free.batch(), aligned.batch()
+        for x, y in zip(a, b, strict=True):
+            assert len(y.prompt) % 64 == 0 and 200 <= len(y.prompt) <= 460
+            assert (x.key, x.depth) == (y.key, y.depth)
+            assert abs(len(x.prompt) - len(y.prompt)) < 64
+    half = _samplers(folder, (200, 460), align=0.5)[1]
+    ends = [len(half.batch()[0].prompt) % 64 == 0 for _ in range(60)]
+    assert 10 < sum(ends) < 50
+    # no whole number of blocks fits: the drawn length stays
+    narrow = _samplers(folder, (200, 250), align=1.0)[1]
+    assert all(200 <= len(narrow.batch()[0].prompt) <= 250 for _ in range(5))
+    with pytest.raises(EndlessError):
+        FamTrainConfig(align=1.5)
+
+
 def test_lora_wrap_and_adapter_load_raise_no_dependency_deprecation(trained, folder):
     import warnings
 

@@ -54,6 +54,10 @@ MIXED=${MIXED:-no}
 # 8,192 against 2.79 without; docs/experiments/fam-notebook.md 7.3, last entry). UNEXPLORED=0 turns it off
 UNEXPLORED=${UNEXPLORED:-0.5}
 UNEXPLORED_AFTER=${UNEXPLORED_AFTER:-20}
+# PassKey at PK_LENGTHS (whole numbers of 1,024-token blocks) puts the answer at the start of a new block, where
+# with M = 0 its digits after the first see only the memory, not the question; uniform training lengths put it
+# there for ~5 steps in 1,024. With ALIGN=0.5 half the steps end their prompt on a block boundary (both runs)
+ALIGN=${ALIGN:-0.5}
 PK_LENGTHS=${PK_LENGTHS:-1024,8192,32768}
 PK_BATCH=${PK_BATCH:-20}
 PK_EXAMPLES=${PK_EXAMPLES:-2}
@@ -105,7 +109,8 @@ fi
 say "train FAM ($FAM_MINUTES min)"
 THR=(${THREADS:+--threads "$THREADS"})
 RECIPE=("${THR[@]}" --device "$DEVICE" --min-len 256 --max-len "$MAX_LEN" --curriculum "$CURRICULUM" --curriculum-loss 0.15
-        --batch "$BATCH" --lr 1e-3 --mixed-precision "$MIXED" --grad-checkpoint --no-eval ${GRAD_CAP:+--grad-cap "$GRAD_CAP"})
+        --batch "$BATCH" --lr 1e-3 --mixed-precision "$MIXED" --grad-checkpoint --no-eval --align "$ALIGN"
+        ${GRAD_CAP:+--grad-cap "$GRAD_CAP"})
 endless train fam --policy "$POLICY" "${RECIPE[@]}" --steps 100000 --minutes "$FAM_MINUTES" \
   --unexplored "$UNEXPLORED" --unexplored-after "$UNEXPLORED_AFTER" \
   --out "$WORK/smollm2-fam" --json "$WORK/train_fam.json" 2>&1 | grep -v "it/s\]$" | tail -12

@@ -68,6 +68,10 @@ def _add_fam(tsub) -> None:
                    help="ours: K questions per PassKey example, the first K-1 answered at even intervals after "
                         "the key, every answer graded: K gradings of the memory per sequence instead of one "
                         "(default: %(default)s, the paper's format)")
+    p.add_argument("--align", type=RULES["align"].arg, default=d.align, metavar="P",
+                   help="ours: with probability P a step's prompt length is a whole number of blocks, so the "
+                        "answer opens a new block, as in `eval passkey` at such lengths (with M = 0 its digits "
+                        "then see only the memory); uniform lengths do that for ~digits/B of the steps (default: %(default)s)")
     p.add_argument("--text", default=None, help="plain text to mix in: kjv, shakespeare or a file (default: kjv when --text-fraction > 0)")
     p.add_argument("--text-fraction", type=RULES["text_fraction"].arg, default=0.0, help="share of steps on plain text, loss on every token")
     p.add_argument("--all-tokens", action="store_true", help="loss on every PassKey token, not only the answer")
@@ -382,7 +386,7 @@ def run_fam(args: argparse.Namespace) -> int:
     cfg = FamTrainConfig(  # validates the rest
         model=args.model, policy=args.policy, steps=args.steps, batch=args.batch, lr=args.lr, prompt_lr=args.prompt_lr,
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, min_len=args.min_len, max_len=args.max_len,
-        digits=args.digits, max_depth=args.max_depth, queries=args.queries, text=args.text, text_fraction=args.text_fraction,
+        digits=args.digits, max_depth=args.max_depth, queries=args.queries, align=args.align, text=args.text, text_fraction=args.text_fraction,
         all_tokens=args.all_tokens, rpo=args.rpo, rsp=args.rsp, prompt_init=args.prompt_init, init=args.init,
         dtype=args.dtype, seed=args.seed, device=args.device, mixed_precision=args.mixed_precision,
         grad_checkpoint=args.grad_checkpoint, minutes=args.minutes, curriculum=tuple(args.curriculum),

@@ -71,6 +71,7 @@ RULES = rules(
     probability("max_depth"), probability("text_fraction"), probability("rsp"), SEED, Rule("log_every", int, 1, BIG),
     MINUTES, Rule("curriculum_loss", float, 0.0, 100.0), Rule("rsp_after", int, 0, BIG), Rule("grad_cap", int, 0, BIG),
     probability("unexplored"), Rule("unexplored_after", int, 0, BIG), Rule("queries", int, 1, 64),
+    probability("align"),
 )
 
 
@@ -93,6 +94,10 @@ class FamTrainConfig:
     digits: int = 5
     max_depth: float = 1.0  # the key's depth is drawn uniformly in [0, max_depth] (1: anywhere)
     queries: int = 1  # *ours*: questions per PassKey example, every answer graded (1: the paper's format)
+    # *ours*: share of steps whose prompt length is a whole number of blocks, so that the answer opens a
+    # new block as in `eval passkey` at such lengths (with M = 0 its digits then see only the FAM); at
+    # uniform lengths that happens for ~digits/B of the steps (docs/experiments/fam-notebook.md 7.3)
+    align: float = 0.0
     text: str | None = None  # a corpus name (kjv, shakespeare) or a text file
     text_fraction: float = 0.0
     all_tokens: bool = False
@@ -261,6 +266,9 @@ class Sampler:
         if cfg.max_len < lo:
             raise EndlessError(f"--max-len must be at least {lo} tokens (the PassKey prompt without filler)")
         self.min_len = max(cfg.min_len, lo)
+        self.block = parse_policy(cfg.policy).block
+        # its own draws, so that the keys, depths and other lengths stay those of a run without --align
+        self.align_rng = random.Random(f"align {cfg.seed} {rank}")
         self.text_tokens: list[int] | None = None
         if cfg.text_fraction > 0:
             from endless.data.texts import read_text
@@ -268,11 +276,23 @@ class Sampler:
             text = read_text(cfg.text or "kjv")
             self.text_tokens = tokenizer(text[: 40 * cfg.max_len * 64], add_special_tokens=False).input_ids
 
+    def _aligned(self, n: int, hi: int) -> int:
+        """``n`` rounded down to a whole number of blocks, or up when that falls below ``min_len``;
+        ``n`` itself when no such length lies in [min_len, ``hi``]."""
+        block = self.block
+        for m in ((n // block) * block, -(-n // block) * block):
+            if self.min_len <= m <= hi:
+                return m
+        return n
+
     def batch(self, max_len: int | None = None) -> list[Example]:
         """One step's examples, all of one length drawn in [min_len, ``max_len`` (default: the
         config's)]: equal lengths pad nothing."""
         cfg, rng = self.cfg, self.rng
-        n = rng.randint(self.min_len, max(self.min_len, max_len or cfg.max_len))
+        hi = max(self.min_len, max_len or cfg.max_len)
+        n = rng.randint(self.min_len, hi)
+        if cfg.align and self.align_rng.random() < cfg.align:
+            n = self._aligned(n, hi)
         if self.text_tokens is not None and rng.random() < cfg.text_fraction:
             return [text_example(self.text_tokens, n, rng=rng) for _ in range(cfg.batch)]
         out = []
