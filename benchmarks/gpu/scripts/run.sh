@@ -25,16 +25,16 @@ WORK=${WORK:-/tmp/endless-gpu}
 mkdir -p "$WORK"
 SITE=/tmp/endless-site
 FAM_MINUTES=${FAM_MINUTES:-4}
-# The paper's shape (B=1024, F=64; M=0 as its PassKey runs): 16x fewer sequential memory updates
-# than fam:64x1+16, whose H200 run was launch-bound (54 steps in 4 min, benchmarks/gpu/README.md)
-# plus the FAM issue's recipe (",null,gate,skip0": a write gate from the update's own attention,
-# layer 0's FAM fixed; benchmarks/fam-passkey-tiny/results/tiny_recipe.md). On SmolLM2 on the CPU it
-# keeps the answer loss flat from 1k to 32k tokens where the paper's update drifts (1.33 -> 5.52),
-# docs/experiments/fam-passkey-smollm2.md; POLICY="fam:1024x0+64,firstres" is the paper's update
-POLICY=${POLICY:-fam:1024x0+64,firstres,null,gate,skip0}
-# M = 0 is untried at GPU scale; at a quarter scale on the CPU (fam:256x0+64, ~710 examples) neither update
-# learned even to copy a key from its own block, where the float32 M = 1 runs did (docs/experiments/fam-notebook.md
-# 7.3, last entry): if PassKey at 1,024 (in-block here) stays at 0, rerun with POLICY=fam:1024x1+64,firstres,null,gate,skip0
+# The paper's block and memory size (B=1024, F=64): 16x fewer sequential memory updates than fam:64x1+16,
+# whose H200 run was launch-bound (54 steps in 4 min, benchmarks/gpu/README.md), plus the FAM issue's recipe
+# (",null,gate,skip0": a write gate from the update's own attention, layer 0's FAM fixed;
+# benchmarks/fam-passkey-tiny/results/tiny_recipe.md), which on SmolLM2 on the CPU keeps the answer loss flat
+# from 1k to 32k tokens where the paper's update drifts (1.33 -> 5.52), docs/experiments/fam-passkey-smollm2.md.
+# One memory block (M = 1), not the paper's M = 0: every SmolLM2 run that learnt to read the memory on the CPU
+# had M = 1; three M = 0 runs (B = 64, 128, 256; 200-710 examples) learnt to copy a key from the answer's own
+# block and nothing through the memory, digits at chance for a key one block back even with half the steps
+# demanding it (docs/experiments/fam-notebook.md 7.3, "M = 0 read again"). POLICY=fam:1024x0+64,... is the paper's
+POLICY=${POLICY:-fam:1024x1+64,firstres,null,gate,skip0}
 # overridable for a CPU smoke run of the script (e.g. DEVICE=cpu FAM_MINUTES=0.3 PK_LENGTHS=300 ...)
 DEVICE=${DEVICE:-cuda}
 BATCH=${BATCH:-24}
