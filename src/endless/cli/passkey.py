@@ -27,7 +27,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", action="append", default=None, metavar="SPEC",
                    help="policy to evaluate; repeat for several (default: the checkpoint's, else fam:64x1+16,firstres)")
     p.add_argument("--lengths", type=number_list(int, what="lengths"), default=(1024, 2048, 4096, 8192), metavar="N,N",
-                   help="prompt lengths in tokens (default: 1024,2048,4096,8192)")
+                   help="prompt lengths in tokens; under fam/bswa a whole number of blocks makes the answer "
+                        "open a new block, whose tokens see the M memory blocks and the FAM only (with M = 0: "
+                        "not the question) (default: 1024,2048,4096,8192)")
     p.add_argument("--depths", type=number_list(float, low=0, high=1, what="depths"), default=(0.1, 0.3, 0.5, 0.7, 0.9), metavar="D,D",
                    help="key depths, 0 = start, 1 = just before the question (default: 0.1,0.3,0.5,0.7,0.9)")
     p.add_argument("--examples", type=int_range("--examples", 1, BIG), default=2, help="examples (random keys) per length and depth (default: %(default)s)")
