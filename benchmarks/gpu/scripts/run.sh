@@ -31,9 +31,10 @@ FAM_MINUTES=${FAM_MINUTES:-4}
 # benchmarks/fam-passkey-tiny/results/tiny_recipe.md), which on SmolLM2 on the CPU keeps the answer loss flat
 # from 1k to 32k tokens where the paper's update drifts (1.33 -> 5.52), docs/experiments/fam-passkey-smollm2.md.
 # One memory block (M = 1), not the paper's M = 0: every SmolLM2 run that learnt to read the memory on the CPU
-# had M = 1; three M = 0 runs (B = 64, 128, 256; 200-710 examples) learnt to copy a key from the answer's own
-# block and nothing through the memory, digits at chance for a key one block back even with half the steps
-# demanding it (docs/experiments/fam-notebook.md 7.3, "M = 0 read again"). POLICY=fam:1024x0+64,... is the paper's
+# had M = 1; the M = 0 runs (B = 64, 128, 256; 200-710 examples) learnt nothing through the memory (the latest
+# copy a key from the answer's own block and are at chance for one a block back, even with half the steps
+# demanding it), while M = 1 runs of the same budget (B = 64 and 256) already read a key's first digit from memory
+# (docs/experiments/fam-notebook.md 7.3, "M = 0 read again", "One memory block"). POLICY=fam:1024x0+64,... is the paper's
 POLICY=${POLICY:-fam:1024x1+64,firstres,null,gate,skip0}
 # overridable for a CPU smoke run of the script (e.g. DEVICE=cpu FAM_MINUTES=0.3 PK_LENGTHS=300 ...)
 DEVICE=${DEVICE:-cuda}
