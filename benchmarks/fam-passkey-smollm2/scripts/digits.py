@@ -17,6 +17,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from endless.bench.timing import machine
 from endless.data.passkey import PasskeyFormat, answer_positions, random_key
 from endless.fam import parallel_forward
 from endless.fam.checkpoint import load_fam
@@ -38,6 +39,8 @@ with torch.no_grad():
         target = torch.tensor(e.answer)
         loss = loss + F.cross_entropy(logits.float(), target, reduction="none")
         right = right + (logits.argmax(-1) == target).float()
+m = machine()
+print(f"machine: {m['cpu']}, family {m.get('cpu_family')} model {m.get('cpu_model')}, {m['threads']} thread(s)")
 print(f"{sys.argv[1]} ({policy.spec}), {n} tokens, {len(examples)} keys at depths {','.join(map(str, depths))}")
 print("answer tokens  ", " ".join(f"{tok.decode([t])!r:>6}" for t in examples[0].answer), "(first example)")
 print("loss           ", " ".join(f"{x:6.3f}" for x in (loss / len(examples)).tolist()))
