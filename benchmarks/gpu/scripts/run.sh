@@ -56,7 +56,7 @@ MIXED=${MIXED:-no}
 UNEXPLORED=${UNEXPLORED:-0.5}
 UNEXPLORED_AFTER=${UNEXPLORED_AFTER:-20}
 # PassKey at PK_LENGTHS (whole numbers of 1,024-token blocks) puts the answer at the start of a new block, where
-# with M = 0 its digits after the first see only the memory, not the question; uniform training lengths put it
+# with M = 0 its digits see only the memory, not the question (with M = 1 also the question's block); uniform training lengths put it
 # there for ~5 steps in 1,024. With ALIGN=0.5 half the steps end their prompt on a block boundary (both runs)
 ALIGN=${ALIGN:-0.5}
 PK_LENGTHS=${PK_LENGTHS:-1024,8192,32768}

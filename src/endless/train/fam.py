@@ -279,8 +279,7 @@ class Sampler:
     def _aligned(self, n: int, hi: int) -> int:
         """``n`` rounded down to a whole number of blocks, or up when that falls below ``min_len``;
         ``n`` itself when no such length lies in [min_len, ``hi``]."""
-        block = self.block
-        for m in ((n // block) * block, -(-n // block) * block):
+        for m in ((n // self.block) * self.block, -(-n // self.block) * self.block):
             if self.min_len <= m <= hi:
                 return m
         return n
