@@ -298,7 +298,8 @@ def window_attention(q: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, visibl
                      fused: bool) -> torch.Tensor:
     """Scaled, rotated q (B, H, nb*Bl, D): block n's Bl queries over its own window kw, vw
     (B, KV, nb, S, D) where ``visible`` (nb, Bl, S) allows; returns (B, H, nb*Bl, D). ``fused``:
-    PyTorch's fused kernel (CUDA); otherwise einsum products with a float32 softmax."""
+    PyTorch's fused kernel (flash on the CPU, which takes a mask only as 4-D: (1, nb, G*Bl, S) here);
+    otherwise einsum products with a float32 softmax."""
     bsz, h, n, d = q.shape
     n_kv = kw.shape[1]
     nb, bl, s = visible.shape
@@ -311,7 +312,7 @@ def window_attention(q: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, visibl
     # blocks as heads, the G query heads of a KV head stacked as rows: (B*KV, nb, G*Bl, D)
     qf = qb.permute(0, 1, 3, 2, 4, 5).reshape(bsz * n_kv, nb, g * bl, d)
     kf, vf = kw.reshape(bsz * n_kv, nb, s, d), vw.reshape(bsz * n_kv, nb, s, d)
-    mf = visible[:, None].expand(nb, g, bl, s).reshape(nb, g * bl, s)
+    mf = visible[:, None].expand(nb, g, bl, s).reshape(1, nb, g * bl, s)
     o = F.scaled_dot_product_attention(qf, kf.to(qf.dtype), vf.to(qf.dtype), attn_mask=mf, scale=1.0)
     return o.reshape(bsz, n_kv, nb, g, bl, d).permute(0, 1, 3, 2, 4, 5).reshape(bsz, h, n, d)
 

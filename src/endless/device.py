@@ -25,6 +25,17 @@ def fused_attention(device: "torch.device") -> bool:
     return device.type == "cuda" and os.environ.get("ENDLESS_FUSED_ATTENTION", "1") != "0"
 
 
+def fused_window_attention() -> bool:
+    """Whether the parallel FAM/BSWA schedule's windowed attention goes through PyTorch's fused
+    ``scaled_dot_product_attention`` on every device: on CUDA as ``fused_attention``, and on the CPU, where
+    PyTorch's flash kernel takes the block mask and keeps no (blocks x window) score tensor for the
+    backward pass (a SmolLM2 training step at 1,024 tokens: steadier and no slower than the einsum
+    products, benchmarks/fam-train-step). ``ENDLESS_FUSED_ATTENTION=0`` gives the einsum products."""
+    import os
+
+    return os.environ.get("ENDLESS_FUSED_ATTENTION", "1") != "0"
+
+
 def resolve_device(device: "str | torch.device | None" = "auto") -> torch.device:
     """A concrete ``torch.device`` for ``auto``/``cpu``/``cuda``/``cuda:N`` (or a device)."""
     import torch

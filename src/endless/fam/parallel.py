@@ -10,8 +10,9 @@ and agrees with this one to float tolerance.
 Memory is O(N x (M+1) x B) for the scores (blocks are windowed with ``unfold``), never N^2.
 ``checkpoint=True`` keeps only each layer's input for the backward pass and recomputes the layer
 (the FAM recurrence included): what long training sequences on a GPU need. ``fused`` (default:
-on CUDA) runs the windowed attention through PyTorch's fused ``scaled_dot_product_attention``
-with the same mask; the CPU keeps its einsum products.
+``endless.device.fused_window_attention``, on CUDA and the CPU) runs the windowed attention
+through PyTorch's fused ``scaled_dot_product_attention`` with the same mask; ``fused=False`` (or
+``ENDLESS_FUSED_ATTENTION=0``) the einsum products with a float32 softmax, the reference.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
 from endless.attention import window_attention
-from endless.device import fused_attention
+from endless.device import fused_window_attention
 from endless.fam.memory import FamPrompt, fam_qkv, fam_update, initial_fam
 from endless.policies.spec import BSWA, FAM
 from endless.rope import rotate, rotate_signed, signed_tables
@@ -64,14 +65,14 @@ def parallel_forward(
     FAM, which get the stream's zero first residual as without ``init_state``; the other rows
     continue a state (a batch that mixes both, ``endless.train.tiny``'s unexplored states).
     ``checkpoint`` recomputes each layer in the backward pass (activation memory of one layer);
-    ``fused`` picks PyTorch's fused attention (default: on CUDA).
+    ``fused`` picks PyTorch's fused attention (default: ``fused_window_attention``).
     """
     if isinstance(policy, BSWA):
         policy = FAM(policy.block, policy.memory, 0)
     dev = model.device
     ids = ids.to(dev)
     if fused is None:
-        fused = fused_attention(dev)
+        fused = fused_window_attention()
     bsz, n = ids.shape
     bl, m, f = policy.block, policy.memory, policy.fam
     nb = -(-n // bl)
