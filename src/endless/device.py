@@ -20,9 +20,7 @@ def fused_attention(device: "torch.device") -> bool:
     """Whether attention on ``device`` goes through PyTorch's fused ``scaled_dot_product_attention``:
     on CUDA, unless ``ENDLESS_FUSED_ATTENTION=0`` (an escape hatch should a driver's fused kernel
     misbehave; the explicit products then run, as on the CPU)."""
-    import os
-
-    return device.type == "cuda" and os.environ.get("ENDLESS_FUSED_ATTENTION", "1") != "0"
+    return device.type == "cuda" and fused_window_attention()
 
 
 def fused_window_attention() -> bool:

@@ -39,12 +39,12 @@ def setup(policy: str, length: int):
 
 def step(module, ids, targets, fused: bool) -> tuple[float, float, torch.Tensor]:
     """(seconds, loss, flat gradient) of one forward and backward pass."""
-    import endless.fam.parallel as parallel
+    from endless.device import fused_window_attention
 
     for p in module.parameters():
         p.grad = None
     os.environ["ENDLESS_FUSED_ATTENTION"] = "1" if fused else "0"  # read by parallel_forward's default
-    assert parallel.fused_window_attention() is fused
+    assert fused_window_attention() is fused
     t = time.perf_counter()
     loss, _ = module(ids, targets)
     loss.backward()
@@ -53,26 +53,14 @@ def step(module, ids, targets, fused: bool) -> tuple[float, float, torch.Tensor]
     return seconds, loss.item(), grad
 
 
-def high_water_gb() -> float:
-    """The process's peak resident memory (VmHWM) since it began or since ``reset_high_water``."""
-    with open("/proc/self/status") as f:
-        kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    return kb / 1e6
-
-
-def reset_high_water() -> None:
-    """Start VmHWM again from the current RSS (Linux: "5" to clear_refs), so that the peak of
-    loading the model (its GGUF dequantised) does not hide the steps'."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def peak(policy: str, length: int, fused: bool, threads: int) -> float:
-    """Peak RSS (GB) of two steps of one form, in a fresh process, after the model is loaded."""
+    """Peak RSS (GB, 1e6 kB) of two steps of one form, in a fresh process, counted from after the model
+    is loaded (its GGUF dequantised would hide the steps' peak otherwise)."""
     code = (f"import sys, torch; torch.set_num_threads({threads}); "
             f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); import step; "
-            f"m, i, t = step.setup({policy!r}, {length}); step.reset_high_water(); "
-            f"step.step(m, i, t, {fused}); step.step(m, i, t, {fused}); print(step.high_water_gb())")
+            f"from endless.bench.timing import memory, reset_peak; "
+            f"m, i, t = step.setup({policy!r}, {length}); assert reset_peak(); "
+            f"step.step(m, i, t, {fused}); step.step(m, i, t, {fused}); print(memory()['peak_rss_mb'] * 1024 / 1e6)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.split()[-1])
 
@@ -95,8 +83,7 @@ def main() -> None:
         step(module, ids, targets, False), step(module, ids, targets, True)  # warm-up
         for _ in range(args.reps):
             for fused in (False, True):
-                s, loss, grad = step(module, ids, targets, fused)
-                times[fused].append(s)
+                times[fused].append(step(module, ids, targets, fused)[0])
         (_, l0, g0), (_, l1, g1) = step(module, ids, targets, False), step(module, ids, targets, True)
         row = {"policy": policy, "length": ids.shape[1],
                "einsum_s": [round(x, 3) for x in times[False]], "fused_s": [round(x, 3) for x in times[True]],
@@ -134,8 +121,8 @@ def plot(result: dict, path: str) -> None:
         ax.bar([i + dx for i in x], med, 0.4, yerr=[lo, hi], capsize=3, label=label)
     ax.set_xticks(list(x), [r["policy"].split(",")[0] for r in rows])
     ax.set_ylabel("seconds per training step (median, min-max)")
-    cpu = result["machine"].get("cpu", "") if isinstance(result["machine"], dict) else ""
-    ax.set_title(f"train fam step, SmolLM2-135M, {rows[0]['length']} tokens, {result['threads']} thread(s)\n{cpu}",
+    ax.set_title(f"train fam step, SmolLM2-135M, {rows[0]['length']} tokens, {result['threads']} thread(s)\n"
+                 f"{result['machine']['cpu']}",
                  fontsize=9)
     ax.legend()
     fig.tight_layout()
