@@ -39,6 +39,13 @@ POLICY=${POLICY:-fam:1024x1+64,firstres,null,gate,skip0}
 # overridable for a CPU smoke run of the script (e.g. DEVICE=cpu FAM_MINUTES=0.3 PK_LENGTHS=300 ...)
 DEVICE=${DEVICE:-cuda}
 BATCH=${BATCH:-24}
+# AdamW moves each weight about LR a step whatever the batch, so at a fixed LR the steps, not the examples,
+# bound what a run learns. On the CPU (fam:64x1+16, gate recipe, 480 PassKey examples of 192-384 tokens, keys
+# outside the window; mean digit loss, chance 2.30): batch 1, 480 steps 1.47; batch 8, 60 steps: 2.21 at 1e-3,
+# 1.91 and 1.92 (two seeds) at 3e-3, diverged at 5e-3 (docs/experiments/fam-notebook.md 7.3, "Steps, not
+# examples"). A GPU run makes a few hundred steps of large batches (less noise than 8): 3e-3
+LR=${LR:-3e-3}
+PROMPT_LR=${PROMPT_LR:-1e-2}
 MAX_LEN=${MAX_LEN:-8192}
 CURRICULUM=${CURRICULUM:-2048,4096,8192}
 # GRAD_CAP (a whole number of blocks, unset: off) back-propagates through the last GRAD_CAP tokens of a
@@ -110,7 +117,7 @@ fi
 say "train FAM ($FAM_MINUTES min)"
 THR=(${THREADS:+--threads "$THREADS"})
 RECIPE=("${THR[@]}" --device "$DEVICE" --min-len 256 --max-len "$MAX_LEN" --curriculum "$CURRICULUM" --curriculum-loss 0.15
-        --batch "$BATCH" --lr 1e-3 --mixed-precision "$MIXED" --grad-checkpoint --no-eval --align "$ALIGN"
+        --batch "$BATCH" --lr "$LR" --prompt-lr "$PROMPT_LR" --mixed-precision "$MIXED" --grad-checkpoint --no-eval --align "$ALIGN"
         ${GRAD_CAP:+--grad-cap "$GRAD_CAP"})
 endless train fam --policy "$POLICY" "${RECIPE[@]}" --steps 100000 --minutes "$FAM_MINUTES" \
   --unexplored "$UNEXPLORED" --unexplored-after "$UNEXPLORED_AFTER" \
