@@ -1,6 +1,7 @@
 """FAM training, checkpoints and the multi-process launch (src/endless/train/, fam/checkpoint.py)."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -585,6 +586,38 @@ def test_tiny_minutes_budget_stops_training_and_drives_the_cosine():
     assert lr_factor(10, cfg, elapsed=90.0) == pytest.approx(0.0)
     run = train_policy("fam:8x1+4", TinyConfig(steps=10_000, batch=2, minutes=1e-4, warmup=1), progress=False)
     assert 1 <= len(run.losses) < 10_000
+
+
+def test_schedule_warmup_cosine_floor_and_clock():
+    """The shared schedule: linear warm-up, constant or cosine to ``floor``, the clock when it ends first."""
+    from endless.train.schedule import lr_factor
+
+    assert [lr_factor(s, steps=10, warmup=4, cosine=False) for s in (0, 1, 3, 4, 9, 50)] == [0.25, 0.5, 1.0, 1.0, 1.0, 1.0]
+    assert lr_factor(4, steps=10, warmup=4) == 1.0 and lr_factor(7, steps=10, warmup=4) == pytest.approx(0.5)
+    assert lr_factor(10, steps=10, warmup=4) == pytest.approx(0.0) and lr_factor(99, steps=10) == pytest.approx(0.0)
+    assert lr_factor(5, steps=10, floor=0.1) == pytest.approx(0.55) and lr_factor(10, steps=10, floor=0.1) == pytest.approx(0.1)
+    assert lr_factor(1, steps=100, minutes=1.0, elapsed=60.0) == pytest.approx(0.0)  # the clock ended first
+
+
+def test_train_fam_warmup_and_cosine_set_both_rates_each_step(folder, monkeypatch):
+    """``warmup``/``cosine`` scale the LoRA and prompt rates together at every optimizer step; the
+    default keeps both constant (the paper's), and a negative --warmup is one line and exit code 2."""
+    seen = []
+    real_step = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        seen.append([g["lr"] for g in self.param_groups])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    base = dict(model=str(folder), policy="fam:32x1+4", steps=6, lr=1e-2, prompt_lr=4e-2, lora_rank=2, min_len=250, max_len=260)
+    train(FamTrainConfig(**base, warmup=2, cosine=True), out=None, progress=False)
+    factors = [0.5, 1.0, 1.0, 0.5 + 0.5 * math.cos(math.pi / 4), 0.5, 0.5 - 0.5 * math.cos(math.pi / 4)]
+    assert [lr for pair in seen for lr in pair] == pytest.approx([lr for f in factors for lr in (1e-2 * f, 4e-2 * f)])
+    seen.clear()
+    train(FamTrainConfig(**{**base, "steps": 2}), out=None, progress=False)
+    assert seen == [[1e-2, 4e-2]] * 2
+    assert main(["train", "fam", "--out", "x", "--warmup", "-1"]) == 2
 
 
 def test_serve_fam_checkpoint_end_to_end(trained):

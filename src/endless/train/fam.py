@@ -5,7 +5,9 @@ LoRA (peft) on the attention and FFN projections plus the F prompt embeddings (*
 initialised from the embeddings of " summary"), trained through the exact parallel schedule
 (``endless.fam.parallel_forward``) on PassKey examples in the paper's format, optionally mixed
 with plain text. Loss on the answer tokens (``all_tokens``: on every token). Constant learning
-rate, as the paper. Random position offset (RPO) and random state passing (RSP) are flags, off
+rate by default, as the paper; ``warmup`` and ``cosine`` add a linear warm-up and a cosine decay to
+zero at the end of the budget (``endless.train.schedule``: steps, or ``minutes`` when the clock ends
+first), the tiny model's schedule. Random position offset (RPO) and random state passing (RSP) are flags, off
 by default (docs/methods.md: RSP destabilised from-scratch training; with our exact float64 RoPE, RPO
 only perturbs float rounding).
 
@@ -52,6 +54,7 @@ from endless.fam import FamPrompt, parallel_forward
 from endless.peft_quiet import quiet_peft
 from endless.policies.spec import BSWA, FAM, parse_policy
 from endless.train.curriculum import Stages
+from endless.train.schedule import lr_factor
 from endless.train.states import UNEXPLORED_SOURCES, graded_cut, passed_state, unexplored_start
 from endless.transformer import Transformer
 from endless.validate import BATCH, BIG, LR, MINUTES, SEED, Rule, check_fields, choice, ordered, probability, rules
@@ -65,7 +68,7 @@ MIXED_PRECISION = ("auto", "no", "bf16")
 # Every number of ``FamTrainConfig``, with its accepted range: ``endless train fam`` parses its flags
 # with these (``RULES[name].arg``) and the config checks itself with them (one wording for both).
 RULES = rules(
-    Rule("steps", int, 1, BIG), BATCH, LR, Rule("prompt_lr", float, 0.0, None, open_low=True),
+    Rule("steps", int, 1, BIG), Rule("warmup", int, 0, BIG), BATCH, LR, Rule("prompt_lr", float, 0.0, None, open_low=True),
     Rule("lora_rank", int, 1, 4096), Rule("lora_alpha", float, 0.0, None, open_low=True),
     Rule("min_len", int, 1, BIG), Rule("max_len", int, 1, BIG), Rule("digits", int, 1, 64),
     probability("max_depth"), probability("text_fraction"), probability("rsp"), SEED, Rule("log_every", int, 1, BIG),
@@ -87,6 +90,8 @@ class FamTrainConfig:
     batch: int = 1  # per process
     lr: float = 1e-3  # 3e-4 learnt nothing in 250 steps; every SmolLM2 run of results 7.3 used 1e-3
     prompt_lr: float = 3e-3
+    warmup: int = 0  # steps of linear warm-up of both rates
+    cosine: bool = False  # cosine decay of both rates to zero at the end of the budget (default: constant)
     lora_rank: int = 16
     lora_alpha: float = 32.0
     min_len: int = 128  # prompt tokens, PassKey examples
@@ -346,6 +351,7 @@ def train(cfg: FamTrainConfig, *, out: "str | Path | None", cpu: bool | None = N
     if module.prompt is not None:
         groups.append({"params": [module.prompt.embeddings], "lr": cfg.prompt_lr})
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    peaks = [g["lr"] for g in groups]
     module, opt = acc.prepare(module, opt)
     sampler = Sampler(cfg, tokenizer, acc.process_index)
     rng = random.Random(cfg.seed * 7919 + acc.process_index)
@@ -357,8 +363,13 @@ def train(cfg: FamTrainConfig, *, out: "str | Path | None", cpu: bool | None = N
     losses: list[float] = []
     curriculum = Stages(cfg.curriculum or (cfg.max_len,), threshold=cfg.curriculum_loss, window=cfg.log_every)
     start = time.perf_counter()
+    elapsed = 0.0  # seconds of training, reduced over the ranks: every rank sets the same rates
     bar = progress_bar(range(cfg.steps), desc="train fam", disable=not (progress and acc.is_main_process), leave=True)
     for step in bar:
+        factor = lr_factor(step, steps=cfg.steps, warmup=cfg.warmup, cosine=cfg.cosine, minutes=cfg.minutes,
+                           elapsed=elapsed)
+        for group, peak in zip(opt.param_groups, peaks, strict=True):
+            group["lr"] = peak * factor
         ids, targets = collate(sampler.batch(curriculum.length), pad=tokenizer.pad_token_id or 0)
         ids, targets = ids.to(acc.device), targets.to(acc.device)
         offset = rng.randrange(RPO_MAX) if cfg.rpo and rng.random() < 0.5 else 0

@@ -31,7 +31,6 @@ that ``endless.load(folder)`` and so every command's ``--model`` reads.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from endless.errors import EndlessError
+from endless.train.schedule import lr_factor
 
 VARIANTS = ("vanilla", "zero-sink", "learnable-sink")
 SINK_TOKEN_NAME = "<extra_id_0>"
@@ -169,10 +169,7 @@ def lm_loss(model: torch.nn.Module, ids: torch.Tensor, sink: int | None) -> torc
 
 def lr_at(step: int, cfg: SinkConfig) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine decay to lr/10 at ``steps``."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+    return cfg.lr * lr_factor(step, steps=cfg.steps, warmup=cfg.warmup, floor=0.1)
 
 
 @torch.no_grad()

@@ -43,6 +43,7 @@ from endless.eval.passkey import PasskeyResult, passkey_accuracy, summarize
 from endless.fam import FamPrompt, parallel_forward
 from endless.policies.spec import FAM, Policy, parse_policy
 from endless.progress import bar as progress_bar
+from endless.train import schedule
 from endless.train.curriculum import Stages
 from endless.train.states import unexplored_start
 from endless.train.tiny_checkpoint import save_tiny
@@ -94,17 +95,10 @@ def _depth(draw: float, cfg: TinyConfig) -> float:
 
 
 def lr_factor(step: int, cfg: TinyConfig, elapsed: float = 0.0) -> float:
-    """Learning-rate multiplier at ``step``: linear warm-up, then constant or cosine to zero.
-    With ``cfg.minutes`` the decay follows whichever budget is nearer its end (``elapsed``:
-    seconds of training so far), so a run stopped by the clock still ends at a low rate."""
-    if step < cfg.warmup:
-        return (step + 1) / cfg.warmup
-    if not cfg.cosine:
-        return 1.0
-    done = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    if cfg.minutes is not None:
-        done = max(done, elapsed / (60 * cfg.minutes))
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, done)))
+    """Learning-rate multiplier at ``step``: ``cfg``'s warm-up, then constant or cosine to zero,
+    following the clock too with ``cfg.minutes`` (``endless.train.schedule.lr_factor``)."""
+    return schedule.lr_factor(step, steps=cfg.steps, warmup=cfg.warmup, cosine=cfg.cosine,
+                              minutes=cfg.minutes, elapsed=elapsed)
 
 
 def carried_batch(model: Transformer, policy: FAM, prompt, n: int, cfg: TinyConfig, rng: random.Random,
