@@ -620,6 +620,22 @@ def test_train_fam_warmup_and_cosine_set_both_rates_each_step(folder, monkeypatc
     assert main(["train", "fam", "--out", "x", "--warmup", "-1"]) == 2
 
 
+def test_save_every_writes_checkpoints_along_the_run(folder, tmp_path):
+    """--save-every N: a loadable checkpoint at CHECKPOINT-stepN recording its steps; the last one
+    equals the final checkpoint."""
+    from safetensors.torch import load_file
+
+    cfg = FamTrainConfig(model=str(folder), policy="fam:32x1+4", steps=4, lr=1e-2, prompt_lr=1e-2, lora_rank=2,
+                         min_len=250, max_len=260, save_every=2)
+    train(cfg, out=tmp_path / "ck", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "ck-step2", "ck-step4"]
+    assert [json.loads((tmp_path / f"ck-step{n}" / "fam.json").read_text())["train"]["steps_done"] for n in (2, 4)] == [2, 4]
+    assert load_fam(tmp_path / "ck-step2")[2].spec == "fam:32x1+4"
+    final, last = (load_file(str(tmp_path / name / "prompt.safetensors")) for name in ("ck", "ck-step4"))
+    assert all(torch.equal(final[k], last[k]) for k in final)
+    assert main(["train", "fam", "--out", "x", "--save-every", "-1"]) == 2
+
+
 def test_serve_fam_checkpoint_end_to_end(trained):
     """`endless serve --fam CKPT`: the flags resolve to the checkpoint's policy and weights, and a
     completion over HTTP scores and continues exactly as a FAM stream of the loaded checkpoint."""

@@ -98,6 +98,9 @@ def _add_fam(tsub) -> None:
                         "can reach lengths a backward pass cannot); a whole number of blocks (default: 0, all)")
     p.add_argument("--minutes", type=RULES["minutes"].arg, default=None, metavar="M",
                    help="stop training after M minutes (the checkpoint is written all the same; set --steps high)")
+    p.add_argument("--save-every", type=RULES["save_every"].arg, default=d.save_every, metavar="N",
+                   help="also write the checkpoint every N steps, to CHECKPOINT-stepN (read a run's progress, "
+                        "or keep what a run had before it diverged) (default: 0, only at the end)")
     p.add_argument("--curriculum", type=number_list(int, what="curriculum lengths"), default=(), metavar="N,N",
                    help="longest training sequence of each stage, ascending (RMT's curriculum over the number "
                         "of memory updates); a stage ends at its share of --steps/--minutes or once learned "
@@ -395,7 +398,7 @@ def run_fam(args: argparse.Namespace) -> int:
         digits=args.digits, max_depth=args.max_depth, queries=args.queries, align=args.align, text=args.text, text_fraction=args.text_fraction,
         all_tokens=args.all_tokens, rpo=args.rpo, rsp=args.rsp, prompt_init=args.prompt_init, init=args.init,
         dtype=args.dtype, seed=args.seed, device=args.device, mixed_precision=args.mixed_precision,
-        grad_checkpoint=args.grad_checkpoint, minutes=args.minutes, curriculum=tuple(args.curriculum),
+        grad_checkpoint=args.grad_checkpoint, minutes=args.minutes, save_every=args.save_every, curriculum=tuple(args.curriculum),
         curriculum_loss=args.curriculum_loss, rsp_shuffle=args.rsp_shuffle, filler=args.filler,
         rsp_after=args.rsp_after, grad_cap=args.grad_cap, unexplored=args.unexplored,
         unexplored_after=args.unexplored_after, unexplored_from=args.unexplored_from,

@@ -43,6 +43,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,10 @@ from endless.train.curriculum import Stages
 from endless.train.schedule import lr_factor
 from endless.train.states import UNEXPLORED_SOURCES, graded_cut, passed_state, unexplored_start
 from endless.transformer import Transformer
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
 from endless.validate import BATCH, BIG, LR, MINUTES, SEED, Rule, check_fields, choice, ordered, probability, rules
 
 log = logging.getLogger(__name__)
@@ -68,7 +73,7 @@ MIXED_PRECISION = ("auto", "no", "bf16")
 # Every number of ``FamTrainConfig``, with its accepted range: ``endless train fam`` parses its flags
 # with these (``RULES[name].arg``) and the config checks itself with them (one wording for both).
 RULES = rules(
-    Rule("steps", int, 1, BIG), Rule("warmup", int, 0, BIG), BATCH, LR, Rule("prompt_lr", float, 0.0, None, open_low=True),
+    Rule("steps", int, 1, BIG), Rule("warmup", int, 0, BIG), Rule("save_every", int, 0, BIG), BATCH, LR, Rule("prompt_lr", float, 0.0, None, open_low=True),
     Rule("lora_rank", int, 1, 4096), Rule("lora_alpha", float, 0.0, None, open_low=True),
     Rule("min_len", int, 1, BIG), Rule("max_len", int, 1, BIG), Rule("digits", int, 1, 64),
     probability("max_depth"), probability("text_fraction"), probability("rsp"), SEED, Rule("log_every", int, 1, BIG),
@@ -118,6 +123,7 @@ class FamTrainConfig:
     mixed_precision: str = "auto"  # auto: none (float32; TF32 products on CUDA); "bf16": autocast
     grad_checkpoint: bool = False  # recompute each layer in the backward pass (long sequences)
     minutes: float | None = None  # stop training after this many minutes (the checkpoint is still written)
+    save_every: int = 0  # also write the checkpoint every this many steps, to ``{out}-step{N}`` (0: only at the end)
     curriculum: tuple[int, ...] = ()  # longest training sequence of each stage (the last: max_len)
     curriculum_loss: float = 0.0  # a stage ends early once its recent answer loss is below this
     rsp_shuffle: bool = False  # RSP from the final FAM of a random sequence of the previous batch
@@ -320,7 +326,6 @@ def train(cfg: FamTrainConfig, *, out: "str | Path | None", cpu: bool | None = N
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
     from endless.device import describe, resolve_device
-    from endless.fam.checkpoint import save_fam
     from endless.models import load, model_identity
     from endless.progress import bar as progress_bar
 
@@ -404,6 +409,8 @@ def train(cfg: FamTrainConfig, *, out: "str | Path | None", cpu: bool | None = N
         budget = 60 * cfg.minutes if cfg.minutes is not None else None
         spent = elapsed >= budget * curriculum.share if budget else step + 1 >= cfg.steps * curriculum.share
         curriculum.record(step, mean, spent=spent)
+        if out is not None and cfg.save_every and (step + 1) % cfg.save_every == 0 and acc.is_main_process:
+            _write(Path(f"{out}-step{step + 1}"), acc, module, cfg, base_identity, elapsed, step + 1, curriculum.began)
         if cfg.minutes is not None and elapsed >= 60 * cfg.minutes:
             log.info("time budget of %.1f min reached after %d steps", cfg.minutes, step + 1)
             break
@@ -414,19 +421,26 @@ def train(cfg: FamTrainConfig, *, out: "str | Path | None", cpu: bool | None = N
     if out is not None:
         path = Path(out)
         if acc.is_main_process:
-            inner = acc.unwrap_model(module)
-            spec = inner.policy if inner.policy.fam else inner.policy.as_bswa()
-            save_fam(path, inner.peft, inner.prompt, spec, base_model=_base_name(cfg.model),
-                     base_identity=base_identity,
-                     train_config={**asdict(cfg), "processes": acc.num_processes, "seconds": round(seconds, 1),
-                                   "steps_done": len(losses), "stages": curriculum.began,
-                                   "device": describe(acc.device)})
-            log.info("rank %d wrote the checkpoint %s", acc.process_index, path)
+            _write(path, acc, module, cfg, base_identity, seconds, len(losses), curriculum.began)
         acc.wait_for_everyone()
     module = acc.unwrap_model(module)
     module.eval()
     return FamTrainResult(path, losses, seconds, acc.num_processes, acc.is_main_process, module, tokenizer,
                           stages=curriculum.began, device=describe(acc.device))
+
+
+def _write(path: Path, acc: Accelerator, module: nn.Module, cfg: FamTrainConfig, base_identity: str, seconds: float,
+           steps_done: int, stages: list) -> None:
+    """Rank 0 writes the checkpoint of the run so far at ``path`` (``save_fam``: atomic, replaces one there)."""
+    from endless.device import describe
+    from endless.fam.checkpoint import save_fam
+
+    inner = acc.unwrap_model(module)
+    spec = inner.policy if inner.policy.fam else inner.policy.as_bswa()
+    save_fam(path, inner.peft, inner.prompt, spec, base_model=_base_name(cfg.model), base_identity=base_identity,
+             train_config={**asdict(cfg), "processes": acc.num_processes, "seconds": round(seconds, 1),
+                           "steps_done": steps_done, "stages": list(stages), "device": describe(acc.device)})
+    log.info("rank %d wrote the checkpoint %s", acc.process_index, path)
 
 
 __all__ = ["FamTrainConfig", "FamTrainResult", "FamModule", "build", "train", "LORA_TARGETS"]
