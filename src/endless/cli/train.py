@@ -41,10 +41,9 @@ def _add_fam(tsub) -> None:
         description=(
             "Fine-tune a model with LoRA (attention and FFN projections) plus the F learned FAM prompt "
             "embeddings, through the exact parallel FAM schedule, on PassKey examples in the paper's format "
-            "(optionally mixed with plain text). Loss on the answer tokens, constant learning rate unless --warmup "
-            "or --cosine. Writes a "
-            "checkpoint folder (adapter, prompt, config) for `--fam CHECKPOINT`. A bswa:BxM policy trains the "
-            "BSWA baseline with the same budget. Several processes: `torchrun --nproc_per_node 2 -m "
+            "(optionally mixed with plain text). Loss on the answer tokens, constant learning rate unless "
+            "--warmup or --cosine. Writes a checkpoint folder (adapter, prompt, config) for `--fam CHECKPOINT`. "
+            "A bswa:BxM policy trains the BSWA baseline with the same budget. Several processes: `torchrun --nproc_per_node 2 -m "
             "endless.cli.main train fam ...` on CPU (each process takes its own data, gradients are "
             "all-reduced, rank 0 writes), `accelerate launch` on GPUs."
         ),
@@ -54,7 +53,7 @@ def _add_fam(tsub) -> None:
     p.add_argument("--policy", default=d.policy, help="fam:BxM+F (or bswa:BxM for the baseline) (default: %(default)s)")
     p.add_argument("--steps", type=RULES["steps"].arg, default=d.steps, help="optimizer steps (default: %(default)s)")
     p.add_argument("--batch", type=RULES["batch"].arg, default=d.batch, help="examples per step per process (default: %(default)s)")
-    p.add_argument("--lr", type=RULES["lr"].arg, default=d.lr, help="LoRA learning rate, constant (default: %(default)s)")
+    p.add_argument("--lr", type=RULES["lr"].arg, default=d.lr, help="LoRA learning rate (the peak with --warmup/--cosine) (default: %(default)s)")
     p.add_argument("--prompt-lr", type=RULES["prompt_lr"].arg, default=d.prompt_lr, help="FAM prompt learning rate (default: %(default)s)")
     p.add_argument("--warmup", type=RULES["warmup"].arg, default=d.warmup, metavar="STEPS",
                    help="raise both rates linearly to --lr and --prompt-lr over the first STEPS steps (default: %(default)s)")
@@ -394,11 +393,13 @@ def run_fam(args: argparse.Namespace) -> int:
     EVAL_EXAMPLES.check(args.eval_examples)  # a Namespace built by hand too
     cfg = FamTrainConfig(  # validates the rest
         model=args.model, policy=args.policy, steps=args.steps, batch=args.batch, lr=args.lr, prompt_lr=args.prompt_lr,
-        warmup=args.warmup, cosine=args.cosine, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, min_len=args.min_len, max_len=args.max_len,
+        warmup=args.warmup, cosine=args.cosine, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        min_len=args.min_len, max_len=args.max_len,
         digits=args.digits, max_depth=args.max_depth, queries=args.queries, align=args.align, text=args.text, text_fraction=args.text_fraction,
         all_tokens=args.all_tokens, rpo=args.rpo, rsp=args.rsp, prompt_init=args.prompt_init, init=args.init,
         dtype=args.dtype, seed=args.seed, device=args.device, mixed_precision=args.mixed_precision,
-        grad_checkpoint=args.grad_checkpoint, minutes=args.minutes, save_every=args.save_every, curriculum=tuple(args.curriculum),
+        grad_checkpoint=args.grad_checkpoint, minutes=args.minutes, save_every=args.save_every,
+        curriculum=tuple(args.curriculum),
         curriculum_loss=args.curriculum_loss, rsp_shuffle=args.rsp_shuffle, filler=args.filler,
         rsp_after=args.rsp_after, grad_cap=args.grad_cap, unexplored=args.unexplored,
         unexplored_after=args.unexplored_after, unexplored_from=args.unexplored_from,

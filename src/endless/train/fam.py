@@ -58,11 +58,10 @@ from endless.train.curriculum import Stages
 from endless.train.schedule import lr_factor
 from endless.train.states import UNEXPLORED_SOURCES, graded_cut, passed_state, unexplored_start
 from endless.transformer import Transformer
+from endless.validate import BATCH, BIG, LR, MINUTES, SEED, Rule, check_fields, choice, ordered, probability, rules
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
-
-from endless.validate import BATCH, BIG, LR, MINUTES, SEED, Rule, check_fields, choice, ordered, probability, rules
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +72,8 @@ MIXED_PRECISION = ("auto", "no", "bf16")
 # Every number of ``FamTrainConfig``, with its accepted range: ``endless train fam`` parses its flags
 # with these (``RULES[name].arg``) and the config checks itself with them (one wording for both).
 RULES = rules(
-    Rule("steps", int, 1, BIG), Rule("warmup", int, 0, BIG), Rule("save_every", int, 0, BIG), BATCH, LR, Rule("prompt_lr", float, 0.0, None, open_low=True),
+    Rule("steps", int, 1, BIG), Rule("warmup", int, 0, BIG), Rule("save_every", int, 0, BIG), BATCH, LR,
+    Rule("prompt_lr", float, 0.0, None, open_low=True),
     Rule("lora_rank", int, 1, 4096), Rule("lora_alpha", float, 0.0, None, open_low=True),
     Rule("min_len", int, 1, BIG), Rule("max_len", int, 1, BIG), Rule("digits", int, 1, 64),
     probability("max_depth"), probability("text_fraction"), probability("rsp"), SEED, Rule("log_every", int, 1, BIG),
