@@ -222,7 +222,8 @@ def test_two_processes_with_torchrun(folder, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "endless.cli.main", "-v", "train", "fam", "--model", str(folder), "--policy", "fam:32x0+2",
            "--steps", "2", "--min-len", "250", "--max-len", "260", "--lora-rank", "2", "--out", str(out),
-           "--eval-examples", "1", "--json", str(tmp_path / "runs" / "train.json")]
+           "--eval-examples", "1", "--json", str(tmp_path / "runs" / "train.json"),
+           "--val-every", "1", "--val-examples", "3", "--val-len", "260", "--keep-best"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "rank 0 of 2: 2 steps" in p.stderr and "rank 1 of 2: 2 steps" in p.stderr
@@ -232,6 +233,10 @@ def test_two_processes_with_torchrun(folder, tmp_path):
     assert data["processes"] == 2 and len(data["loss"]) == 2 and data["results"][0]["policy"] == "fam:32x0+2"
     assert data["results"][0]["loss"] > 0  # the answer loss of the evaluation
     assert load_fam(out)[2].spec == "fam:32x0+2"
+    # validation split 2 + 1 over the ranks, reduced: both ranks keep the same step
+    assert [v["step"] for v in data["validation"]] == [0, 1, 2]
+    assert data["best_step"] == min(data["validation"], key=lambda v: v["loss"])["step"]
+    assert p.stderr.count(f"kept the state of step {data['best_step']}") == 2
 
 
 def test_key_depth_fixes_where_the_key_sits_and_keeps_the_other_draws():
@@ -634,6 +639,67 @@ def test_save_every_writes_checkpoints_along_the_run(folder, tmp_path):
     final, last = (load_file(str(tmp_path / name / "prompt.safetensors")) for name in ("ck", "ck-step4"))
     assert all(torch.equal(final[k], last[k]) for k in final)
     assert main(["train", "fam", "--out", "x", "--save-every", "-1"]) == 2
+
+
+def test_validation_keys_lie_outside_the_answer_window(folder):
+    """Every validation key sentence ends before the first token the answer's first prediction
+    attends to (its block and the M before it), depths ascend, keys come from their own seed; a
+    length with no room for such a key is one clear error."""
+    from endless.data.passkey import KEY_SENTENCE, PasskeyFormat
+    from endless.policies.spec import parse_policy
+    from endless.train.validation import validation_examples
+
+    _, tok = load(str(folder))
+    fmt = PasskeyFormat(tok)
+    policy = parse_policy("fam:32x1+4")
+    examples = validation_examples(fmt, policy, 300, 6, 5)
+    assert len(examples) == 6 and len({e.key for e in examples}) == 6
+    assert [e.depth for e in examples] == sorted(e.depth for e in examples)
+    seen_from = (299 // 32 - 1) * 32
+    for e in examples:
+        sentence = tok(KEY_SENTENCE.format(key=e.key), add_special_tokens=False).input_ids
+        starts = [i for i in range(len(e.prompt)) if e.prompt[i:i + len(sentence)] == sentence]
+        assert len(e.prompt) == 300 and len(starts) == 1 and starts[0] + len(sentence) <= seen_from
+    assert [e.key for e in validation_examples(fmt, policy, 300, 6, 5)] == [e.key for e in examples]
+    with pytest.raises(EndlessError, match="--val-len 300 leaves no room"):
+        validation_examples(fmt, parse_policy("fam:128x1+4"), 300, 2, 5)
+    with pytest.raises(EndlessError, match="--val-len must be at least"):
+        validation_examples(fmt, policy, 100, 2, 5)
+
+
+def test_validation_curve_is_the_answer_loss_and_keep_best_writes_the_lowest(folder, tmp_path, monkeypatch):
+    """--val-every: the recorded loss is the mean answer loss of the validation examples; with
+    --keep-best the checkpoint and the returned module hold the state of the lowest loss, not the last."""
+    from endless.eval.passkey import passkey_answer_loss
+    from endless.train import validation
+
+    base = dict(model=str(folder), policy="fam:32x1+4", lr=1e-2, prompt_lr=1e-2, lora_rank=2, min_len=250, max_len=260,
+                val_examples=3)
+    res = train(FamTrainConfig(**base, steps=2, val_every=2), out=None, progress=False)
+    assert [v["step"] for v in res.validation] == [0, 2] and res.best_step is None
+    examples = validation.validation_examples(validation.PasskeyFormat(res.tokenizer), res.module.policy, 260, 3, 5)
+    res.module.model.fam_prompt = res.module.prompt
+    oracle = sum(passkey_answer_loss(res.module.model, res.module.policy, examples)) / 3
+    assert res.validation[-1]["loss"] == pytest.approx(oracle, abs=1e-4)
+
+    scripted = iter([3.0, 1.0, 2.0])  # step 0, 2, 4: the best is step 2
+    monkeypatch.setattr(validation, "validation_loss", lambda *a, **k: next(scripted))
+    res = train(FamTrainConfig(**base, steps=4, val_every=2, keep_best=True, save_every=2), out=tmp_path / "ck",
+                progress=False)
+    assert res.validation == [{"step": 0, "loss": 3.0}, {"step": 2, "loss": 1.0}, {"step": 4, "loss": 2.0}]
+    assert res.best_step == 2
+    meta = json.loads((tmp_path / "ck" / "fam.json").read_text())["train"]
+    assert (meta["best_step"], meta["val_loss"], meta["steps_done"]) == (2, 1.0, 4)
+    from safetensors.torch import load_file
+
+    for name in ("prompt.safetensors", "adapter/adapter_model.safetensors"):  # the prompt and LoRA alike
+        kept, step2, step4 = (load_file(str(tmp_path / n / name)) for n in ("ck", "ck-step2", "ck-step4"))
+        assert all(torch.equal(kept[k], step2[k]) for k in kept) and not all(torch.equal(kept[k], step4[k]) for k in kept)
+    step2 = load_file(str(tmp_path / "ck-step2" / "prompt.safetensors"))["embeddings"]
+    assert torch.equal(res.module.prompt.embeddings.detach().cpu(), step2)  # the module returned is the kept one
+    with pytest.raises(EndlessError, match="--keep-best needs --val-every"):
+        FamTrainConfig(keep_best=True)
+    assert main(["train", "fam", "--out", "x", "--val-every", "-1"]) == 2
 
 
 def test_serve_fam_checkpoint_end_to_end(trained):

@@ -100,6 +100,15 @@ def _add_fam(tsub) -> None:
     p.add_argument("--save-every", type=RULES["save_every"].arg, default=d.save_every, metavar="N",
                    help="also write the checkpoint every N steps, to CHECKPOINT-stepN (read a run's progress, "
                         "or keep what a run had before it diverged) (default: 0, only at the end)")
+    p.add_argument("--val-every", type=RULES["val_every"].arg, default=d.val_every, metavar="N",
+                   help="held-out PassKey answer loss with every key outside the window (read from the memory or "
+                        "not at all), before the first step, every N steps and after the last (default: 0, off)")
+    p.add_argument("--val-examples", type=RULES["val_examples"].arg, default=d.val_examples, metavar="K",
+                   help="validation prompts, keys from a seed of their own (default: %(default)s)")
+    p.add_argument("--val-len", type=RULES["val_len"].arg, default=d.val_len, metavar="N",
+                   help="tokens of each validation prompt (default: --max-len)")
+    p.add_argument("--keep-best", action="store_true",
+                   help="the checkpoint holds the state at the lowest validation loss, not the last (needs --val-every)")
     p.add_argument("--curriculum", type=number_list(int, what="curriculum lengths"), default=(), metavar="N,N",
                    help="longest training sequence of each stage, ascending (RMT's curriculum over the number "
                         "of memory updates); a stage ends at its share of --steps/--minutes or once learned "
@@ -399,6 +408,7 @@ def run_fam(args: argparse.Namespace) -> int:
         all_tokens=args.all_tokens, rpo=args.rpo, rsp=args.rsp, prompt_init=args.prompt_init, init=args.init,
         dtype=args.dtype, seed=args.seed, device=args.device, mixed_precision=args.mixed_precision,
         grad_checkpoint=args.grad_checkpoint, minutes=args.minutes, save_every=args.save_every,
+        val_every=args.val_every, val_examples=args.val_examples, val_len=args.val_len, keep_best=args.keep_best,
         curriculum=tuple(args.curriculum),
         curriculum_loss=args.curriculum_loss, rsp_shuffle=args.rsp_shuffle, filler=args.filler,
         rsp_after=args.rsp_after, grad_cap=args.grad_cap, unexplored=args.unexplored,
@@ -423,6 +433,11 @@ def run_fam(args: argparse.Namespace) -> int:
     print(f"trained {cfg.policy} for {len(res.losses)} steps on {res.processes} process(es) ({res.device}) "
           f"in {res.seconds:.0f} s; "
           f"final loss {sum(tail) / len(tail):.4f}; checkpoint {res.checkpoint}")
+    if res.validation:
+        low = min(res.validation, key=lambda v: v["loss"])
+        kept = f"; the checkpoint holds step {res.best_step}" if res.best_step is not None else ""
+        print(f"validation loss {res.validation[0]['loss']:.4f} at step 0, {res.validation[-1]['loss']:.4f} at step "
+              f"{res.validation[-1]['step']}, lowest {low['loss']:.4f} at step {low['step']}{kept}")
     if results:
         from endless.eval.passkey import table
 
@@ -438,6 +453,8 @@ def run_fam(args: argparse.Namespace) -> int:
             "device": res.device,
             "steps_done": len(res.losses),
             "stages": res.stages,
+            "validation": res.validation,
+            "best_step": res.best_step,
             "seconds": round(res.seconds, 1),
             "checkpoint": str(res.checkpoint),
         })

@@ -26,6 +26,8 @@ without gradient and hands its FAM on: truncated back-propagation over a long ho
 curriculum can reach holds far longer than what fits a backward pass), ``rsp`` from step
 ``rsp_after`` on, ``unexplored`` states (another sequence's final FAM, or noise), and ``queries``
 (ours: more answered questions after the key, every answer graded; ``PasskeyFormat.example``).
+``val_every`` measures a held-out answer loss of keys outside the window along the run and
+``keep_best`` makes the checkpoint the state at its lowest (``endless.train.validation``).
 
 Runs unchanged under several processes: everything goes through ``accelerate`` (one
 ``Accelerator``, ``prepare`` of the trainable module and optimizer, DDP gradient all-reduce,
@@ -57,6 +59,7 @@ from endless.policies.spec import BSWA, FAM, parse_policy
 from endless.train.curriculum import Stages
 from endless.train.schedule import lr_factor
 from endless.train.states import UNEXPLORED_SOURCES, graded_cut, passed_state, unexplored_start
+from endless.train.validation import Validator, validation_examples
 from endless.transformer import Transformer
 from endless.validate import BATCH, BIG, LR, MINUTES, SEED, Rule, check_fields, choice, ordered, probability, rules
 
@@ -79,7 +82,8 @@ RULES = rules(
     probability("max_depth"), probability("text_fraction"), probability("rsp"), SEED, Rule("log_every", int, 1, BIG),
     MINUTES, Rule("curriculum_loss", float, 0.0, 100.0), Rule("rsp_after", int, 0, BIG), Rule("grad_cap", int, 0, BIG),
     probability("unexplored"), Rule("unexplored_after", int, 0, BIG), Rule("queries", int, 1, 64),
-    probability("align"),
+    probability("align"), Rule("val_every", int, 0, BIG), Rule("val_examples", int, 1, BIG),
+    Rule("val_len", int, 0, BIG),
 )
 
 
@@ -124,6 +128,13 @@ class FamTrainConfig:
     grad_checkpoint: bool = False  # recompute each layer in the backward pass (long sequences)
     minutes: float | None = None  # stop training after this many minutes (the checkpoint is still written)
     save_every: int = 0  # also write the checkpoint every this many steps, to ``{out}-step{N}`` (0: only at the end)
+    # held-out PassKey answer loss, keys outside the window (``endless.train.validation``): before the
+    # first step, every ``val_every`` steps and after the last (0: never), on ``val_examples`` prompts
+    # of ``val_len`` tokens (0: ``max_len``); ``keep_best``: the checkpoint is the state at its lowest
+    val_every: int = 0
+    val_examples: int = 16
+    val_len: int = 0
+    keep_best: bool = False
     curriculum: tuple[int, ...] = ()  # longest training sequence of each stage (the last: max_len)
     curriculum_loss: float = 0.0  # a stage ends early once its recent answer loss is below this
     rsp_shuffle: bool = False  # RSP from the final FAM of a random sequence of the previous batch
@@ -138,6 +149,8 @@ class FamTrainConfig:
         ordered("--min-len", self.min_len, "--max-len", self.max_len)
         choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
         choice("unexplored_from", self.unexplored_from, UNEXPLORED_SOURCES)
+        if self.keep_best and not self.val_every:
+            raise EndlessError("--keep-best needs --val-every: the best state is chosen by the validation loss")
         if self.grad_cap:
             block = parse_policy(self.policy).block
             if self.grad_cap % block:
@@ -162,6 +175,8 @@ class FamTrainResult:
     tokenizer: object = None
     stages: list = field(default_factory=list)  # {"step", "length"}: where each curriculum stage began
     device: str = "cpu"
+    validation: list = field(default_factory=list)  # {"step", "loss"}: the held-out curve (``val_every``)
+    best_step: int | None = None  # the step whose state the checkpoint holds (``keep_best``), else None
 
 
 class _Offset:
@@ -364,6 +379,13 @@ def train(cfg: FamTrainConfig, *, out: "str | Path | None", cpu: bool | None = N
     ux_rng = random.Random(cfg.seed * 7919 + acc.process_index + 5)
     ux_gen = torch.Generator().manual_seed(cfg.seed * 7919 + acc.process_index + 5)
     inner = acc.unwrap_model(module)
+    trainable = [p for g in opt.param_groups for p in g["params"]]
+    validator = None
+    if cfg.val_every:
+        examples = validation_examples(sampler.fmt, inner.policy, cfg.val_len or cfg.max_len, cfg.val_examples,
+                                       cfg.digits)
+        validator = Validator(examples, trainable, acc, batch=cfg.batch)
+        validator(0, inner.model, inner.prompt, inner.policy)  # the starting point, which may stay the best
     carried: list[torch.Tensor] | None = None  # RSP and unexplored states: final FAMs of the last step
     losses: list[float] = []
     curriculum = Stages(cfg.curriculum or (cfg.max_len,), threshold=cfg.curriculum_loss, window=cfg.log_every)
@@ -392,7 +414,7 @@ def train(cfg: FamTrainConfig, *, out: "str | Path | None", cpu: bool | None = N
         loss, state = module(ids, targets, offset, init, fresh)
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
-        acc.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+        acc.clip_grad_norm_(trainable, 1.0)
         opt.step()
         if (cfg.rsp > 0 or cfg.unexplored > 0) and state:
             carried = [s.detach() for s in state]
@@ -409,11 +431,21 @@ def train(cfg: FamTrainConfig, *, out: "str | Path | None", cpu: bool | None = N
         budget = 60 * cfg.minutes if cfg.minutes is not None else None
         spent = elapsed >= budget * curriculum.share if budget else step + 1 >= cfg.steps * curriculum.share
         curriculum.record(step, mean, spent=spent)
+        if validator is not None and (step + 1) % cfg.val_every == 0:
+            validator(step + 1, inner.model, inner.prompt, inner.policy)
         if out is not None and cfg.save_every and (step + 1) % cfg.save_every == 0 and acc.is_main_process:
             _write(Path(f"{out}-step{step + 1}"), acc, module, cfg, base_identity, elapsed, step + 1, curriculum.began)
         if cfg.minutes is not None and elapsed >= 60 * cfg.minutes:
             log.info("time budget of %.1f min reached after %d steps", cfg.minutes, step + 1)
             break
+    best = None
+    if validator is not None:
+        if validator.curve[-1]["step"] != len(losses):  # the final state competes too
+            validator(len(losses), inner.model, inner.prompt, inner.policy)
+        if cfg.keep_best:
+            validator.best.restore(trainable)
+            best = validator.best.step
+            log.info("kept the state of step %d (validation loss %.4f)", best, validator.best.loss)
     seconds = time.perf_counter() - start
     log.info("rank %d of %d: %d steps in %.1f s", acc.process_index, acc.num_processes, len(losses), seconds)
     acc.wait_for_everyone()
@@ -421,17 +453,20 @@ def train(cfg: FamTrainConfig, *, out: "str | Path | None", cpu: bool | None = N
     if out is not None:
         path = Path(out)
         if acc.is_main_process:
-            _write(path, acc, module, cfg, base_identity, seconds, len(losses), curriculum.began)
+            kept = {"best_step": best, "val_loss": validator.best.loss} if best is not None else {}
+            _write(path, acc, module, cfg, base_identity, seconds, len(losses), curriculum.began, kept)
         acc.wait_for_everyone()
     module = acc.unwrap_model(module)
     module.eval()
     return FamTrainResult(path, losses, seconds, acc.num_processes, acc.is_main_process, module, tokenizer,
-                          stages=curriculum.began, device=describe(acc.device))
+                          stages=curriculum.began, device=describe(acc.device),
+                          validation=validator.curve if validator is not None else [], best_step=best)
 
 
 def _write(path: Path, acc: Accelerator, module: nn.Module, cfg: FamTrainConfig, base_identity: str, seconds: float,
-           steps_done: int, stages: list) -> None:
-    """Rank 0 writes the checkpoint of the run so far at ``path`` (``save_fam``: atomic, replaces one there)."""
+           steps_done: int, stages: list, extra: dict | None = None) -> None:
+    """Rank 0 writes the checkpoint of the run so far at ``path`` (``save_fam``: atomic, replaces one
+    there); ``extra`` joins the recorded training config (the kept step of ``keep_best``)."""
     from endless.device import describe
     from endless.fam.checkpoint import save_fam
 
@@ -439,7 +474,8 @@ def _write(path: Path, acc: Accelerator, module: nn.Module, cfg: FamTrainConfig,
     spec = inner.policy if inner.policy.fam else inner.policy.as_bswa()
     save_fam(path, inner.peft, inner.prompt, spec, base_model=_base_name(cfg.model), base_identity=base_identity,
              train_config={**asdict(cfg), "processes": acc.num_processes, "seconds": round(seconds, 1),
-                           "steps_done": steps_done, "stages": list(stages), "device": describe(acc.device)})
+                           "steps_done": steps_done, "stages": list(stages), "device": describe(acc.device),
+                           **(extra or {})})
     log.info("rank %d wrote the checkpoint %s", acc.process_index, path)
 
 
