@@ -53,6 +53,12 @@ PROMPT_LR=${PROMPT_LR:-1e-2}
 WARMUP=${WARMUP:-10}
 COSINE=${COSINE:-1}
 MAX_LEN=${MAX_LEN:-8192}
+# every VAL_EVERY steps (0: off) the answer loss of VAL_EXAMPLES held-out PassKey prompts of VAL_LEN tokens whose
+# keys all lie before the answer's window, and the checkpoint is the state at its lowest (--keep-best; BSWA the
+# same way): a CPU run's training loss kept falling while what it read from memory came and went (notebook 7.3)
+VAL_EVERY=${VAL_EVERY:-20}
+VAL_EXAMPLES=${VAL_EXAMPLES:-16}
+VAL_LEN=${VAL_LEN:-$MAX_LEN}
 CURRICULUM=${CURRICULUM:-2048,4096,8192}
 # GRAD_CAP (a whole number of blocks, unset: off) back-propagates through the last GRAD_CAP tokens of a
 # longer sequence only, so CURRICULUM may grow past what a backward pass holds (the tiny model's recipe)
@@ -126,6 +132,7 @@ RECIPE=("${THR[@]}" --device "$DEVICE" --min-len 256 --max-len "$MAX_LEN" --curr
         --batch "$BATCH" --lr "$LR" --prompt-lr "$PROMPT_LR" --warmup "$WARMUP" $([ "$COSINE" = 1 ] && echo --cosine)
         --mixed-precision "$MIXED" --grad-checkpoint --no-eval --align "$ALIGN"
         ${GRAD_CAP:+--grad-cap "$GRAD_CAP"})
+[ "$VAL_EVERY" != 0 ] && RECIPE+=(--val-every "$VAL_EVERY" --val-examples "$VAL_EXAMPLES" --val-len "$VAL_LEN" --keep-best)
 endless train fam --policy "$POLICY" "${RECIPE[@]}" --steps 100000 --minutes "$FAM_MINUTES" \
   --unexplored "$UNEXPLORED" --unexplored-after "$UNEXPLORED_AFTER" \
   --out "$WORK/smollm2-fam" --json "$WORK/train_fam.json" 2>&1 | grep -v "it/s\]$" | tail -12
