@@ -670,6 +670,7 @@ def test_validation_keys_lie_outside_the_answer_window(folder):
 def test_validation_curve_is_the_answer_loss_and_keep_best_writes_the_lowest(folder, tmp_path, monkeypatch):
     """--val-every: the recorded loss is the mean answer loss of the validation examples; with
     --keep-best the checkpoint and the returned module hold the state of the lowest loss, not the last."""
+    from endless.data.passkey import PasskeyFormat
     from endless.eval.passkey import passkey_answer_loss
     from endless.train import validation
 
@@ -677,7 +678,7 @@ def test_validation_curve_is_the_answer_loss_and_keep_best_writes_the_lowest(fol
                 val_examples=3)
     res = train(FamTrainConfig(**base, steps=2, val_every=2), out=None, progress=False)
     assert [v["step"] for v in res.validation] == [0, 2] and res.best_step is None
-    examples = validation.validation_examples(validation.PasskeyFormat(res.tokenizer), res.module.policy, 260, 3, 5)
+    examples = validation.validation_examples(PasskeyFormat(res.tokenizer), res.module.policy, 260, 3, 5)
     res.module.model.fam_prompt = res.module.prompt
     oracle = sum(passkey_answer_loss(res.module.model, res.module.policy, examples)) / 3
     assert res.validation[-1]["loss"] == pytest.approx(oracle, abs=1e-4)

@@ -55,7 +55,8 @@ COSINE=${COSINE:-1}
 MAX_LEN=${MAX_LEN:-8192}
 # every VAL_EVERY steps (0: off) the answer loss of VAL_EXAMPLES held-out PassKey prompts of VAL_LEN tokens whose
 # keys all lie before the answer's window, and the checkpoint is the state at its lowest (--keep-best; BSWA the
-# same way): a CPU run's training loss kept falling while what it read from memory came and went (notebook 7.3)
+# same way): a CPU run's training loss kept falling while what it read from memory came and went (notebook 7.3).
+# VAL_LEN must leave room for a key before the answer's window ((M + 1) x B tokens): 3,072 or more for 1024x1
 VAL_EVERY=${VAL_EVERY:-20}
 VAL_EXAMPLES=${VAL_EXAMPLES:-16}
 VAL_LEN=${VAL_LEN:-$MAX_LEN}

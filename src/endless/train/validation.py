@@ -42,13 +42,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SEED = "endless train fam validation"  # a string seed: no integer --seed of a run or an eval draws these keys
+VAL_SEED = "endless train fam validation"  # a string seed: no integer --seed of a run or an eval draws these keys
 
 
 def validation_examples(fmt: PasskeyFormat, policy: FAM, length: int, n: int, digits: int) -> list[Example]:
     """``n`` PassKey examples of ``length`` tokens, every key outside the answer's window (module
     docstring). Raises ``EndlessError`` when ``length`` leaves no room for such a key."""
-    rng = random.Random(SEED)
+    rng = random.Random(VAL_SEED)
     keys = [random_key(rng, digits) for _ in range(n)]
     fixed = fmt.fixed_tokens(digits)
     n_fill = length - fixed
@@ -123,4 +123,4 @@ class Validator:
         return loss
 
 
-__all__ = ["validation_examples", "validation_loss", "Best", "Validator", "SEED"]
+__all__ = ["validation_examples", "validation_loss", "Best", "Validator", "VAL_SEED"]
