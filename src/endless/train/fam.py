@@ -384,8 +384,8 @@ def train(cfg: FamTrainConfig, *, out: "str | Path | None", cpu: bool | None = N
     if cfg.val_every:
         examples = validation_examples(sampler.fmt, inner.policy, cfg.val_len or cfg.max_len, cfg.val_examples,
                                        cfg.digits)
-        validator = Validator(examples, trainable, acc, batch=cfg.batch)
-        validator(0, inner.model, inner.prompt, inner.policy)  # the starting point, which may stay the best
+        validator = Validator(examples, inner, acc, batch=cfg.batch)
+        validator(0)  # the starting point, which may stay the best
     carried: list[torch.Tensor] | None = None  # RSP and unexplored states: final FAMs of the last step
     losses: list[float] = []
     curriculum = Stages(cfg.curriculum or (cfg.max_len,), threshold=cfg.curriculum_loss, window=cfg.log_every)
@@ -432,7 +432,7 @@ def train(cfg: FamTrainConfig, *, out: "str | Path | None", cpu: bool | None = N
         spent = elapsed >= budget * curriculum.share if budget else step + 1 >= cfg.steps * curriculum.share
         curriculum.record(step, mean, spent=spent)
         if validator is not None and (step + 1) % cfg.val_every == 0:
-            validator(step + 1, inner.model, inner.prompt, inner.policy)
+            validator(step + 1)
         if out is not None and cfg.save_every and (step + 1) % cfg.save_every == 0 and acc.is_main_process:
             _write(Path(f"{out}-step{step + 1}"), acc, module, cfg, base_identity, elapsed, step + 1, curriculum.began)
         if cfg.minutes is not None and elapsed >= 60 * cfg.minutes:
@@ -441,11 +441,9 @@ def train(cfg: FamTrainConfig, *, out: "str | Path | None", cpu: bool | None = N
     best = None
     if validator is not None:
         if validator.curve[-1]["step"] != len(losses):  # the final state competes too
-            validator(len(losses), inner.model, inner.prompt, inner.policy)
+            validator(len(losses))
         if cfg.keep_best:
-            validator.best.restore(trainable)
-            best = validator.best.step
-            log.info("kept the state of step %d (validation loss %.4f)", best, validator.best.loss)
+            best = validator.keep_best()
     seconds = time.perf_counter() - start
     log.info("rank %d of %d: %d steps in %.1f s", acc.process_index, acc.num_processes, len(losses), seconds)
     acc.wait_for_everyone()

@@ -18,7 +18,7 @@ Contract:
   the parallel schedule), each process scoring its share and the sums reduced over processes: every
   rank gets the same number.
 - ``Validator``: runs ``validation_loss`` at a step, records the curve and offers the state to a
-  ``Best``: a copy of the trainable tensors (LoRA and prompt) at the lowest loss seen; ``restore``
+  ``Best``: a copy of the trainable tensors (LoRA and prompt) at the lowest loss seen; ``keep_best``
   puts them back, so the checkpoint written at the end and the module returned are that state.
 """
 
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from endless.fam import FamPrompt
+    from endless.train.fam import FamModule
     from endless.transformer import Transformer
 
 log = logging.getLogger(__name__)
@@ -106,21 +107,29 @@ class Best:
 
 
 class Validator:
-    """The validation of one run: ``validator(step, model, prompt, policy)`` scores the current
-    state, appends ``{"step", "loss"}`` to ``curve`` and offers ``params`` to ``best``."""
+    """The validation of one run over ``module`` (a ``FamModule``): ``validator(step)`` scores its
+    current state, appends ``{"step", "loss"}`` to ``curve`` and offers its trainable tensors to
+    ``best``; ``keep_best()`` puts the best state back and returns its step."""
 
-    def __init__(self, examples: list[Example], params: list[torch.nn.Parameter], acc: Accelerator,
-                 batch: int) -> None:
-        self.examples, self.params, self.acc, self.batch = examples, params, acc, batch
+    def __init__(self, examples: list[Example], module: FamModule, acc: Accelerator, batch: int) -> None:
+        self.examples, self.module, self.acc, self.batch = examples, module, acc, batch
+        self.params = [p for p in module.parameters() if p.requires_grad]  # LoRA and prompt, a fixed order
         self.curve: list[dict] = []
         self.best = Best()
 
-    def __call__(self, step: int, model: Transformer, prompt: FamPrompt | None, policy: FAM) -> float:
-        loss = validation_loss(model, prompt, policy, self.examples, self.acc, self.batch)
+    def __call__(self, step: int) -> float:
+        m = self.module
+        loss = validation_loss(m.model, m.prompt, m.policy, self.examples, self.acc, self.batch)
         self.curve.append({"step": step, "loss": round(loss, 5)})
         better = self.best.offer(loss, step, self.params)
         log.info("step %d validation loss %.4f%s", step, loss, " (best so far)" if better else "")
         return loss
+
+    def keep_best(self) -> int:
+        """Restore the state of the lowest loss into the module; its step."""
+        self.best.restore(self.params)
+        log.info("kept the state of step %d (validation loss %.4f)", self.best.step, self.best.loss)
+        return self.best.step
 
 
 __all__ = ["validation_examples", "validation_loss", "Best", "Validator", "VAL_SEED"]
